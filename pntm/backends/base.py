@@ -1,0 +1,274 @@
+"""The backend interface: the operations the models need, and nothing else.
+
+A model is written once against :class:`Backend`. Arrays are the backend's native arrays
+(``np.ndarray``, ``torch.Tensor``, ``mx.array``); Python arithmetic (``+ - * /``), ``x[..., None]``
+and basic slicing work on all of them, everything else goes through a method here.
+
+Backends differ in *algorithm* only in the two scan primitives, :meth:`Backend.linear_scan` and
+:meth:`Backend.memory_scan_read`: the NumPy reference runs them as plain loops over time, the
+framework backends as chunked parallel scans (``pntm.backends.parallel``), and the kernel backends
+(Triton, Metal) as fused kernels.
+
+Layout convention: time is axis 1 of every per-step input, ``(B, T, ...)``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+Array = Any
+
+# Added inside the norms of content addressing, ``sqrt(|x|^2 + eps)``, so that the cosine of an
+# all-zero memory slot (every slot at the start) is 0 with a bounded gradient.
+COSINE_EPS = 1e-6
+
+
+class Backend(abc.ABC):
+    """Array operations, autodiff and the two scan primitives of P-NTM."""
+
+    name: str = ""
+    #: whether :meth:`value_and_grad` exists (the NumPy reference has hand-written scan gradients
+    #: only, so it evaluates models but does not train them)
+    trainable: bool = True
+
+    # ------------------------------------------------------------------ creation and conversion
+    float_dtype: Any
+    complex_dtype: Any
+    int_dtype: Any
+
+    @abc.abstractmethod
+    def asarray(self, x: Any, dtype: Any = None) -> Array:
+        """NumPy (or Python) data -> native array; floats become ``float_dtype`` unless given."""
+
+    @abc.abstractmethod
+    def to_numpy(self, x: Array) -> np.ndarray: ...
+
+    def zeros(self, shape: Sequence[int], dtype: Any = None) -> Array:
+        return self.asarray(np.zeros(tuple(shape)), dtype)
+
+    def ones(self, shape: Sequence[int], dtype: Any = None) -> Array:
+        return self.asarray(np.ones(tuple(shape)), dtype)
+
+    @abc.abstractmethod
+    def zeros_like(self, x: Array) -> Array:
+        """Zeros of ``x``'s shape, dtype and device."""
+
+    def ones_like(self, x: Array) -> Array:
+        return self.zeros_like(x) + 1
+
+    # ------------------------------------------------------------------ elementwise math
+    @abc.abstractmethod
+    def exp(self, x: Array) -> Array: ...
+
+    @abc.abstractmethod
+    def log(self, x: Array) -> Array: ...
+
+    @abc.abstractmethod
+    def tanh(self, x: Array) -> Array: ...
+
+    @abc.abstractmethod
+    def sigmoid(self, x: Array) -> Array: ...
+
+    @abc.abstractmethod
+    def softplus(self, x: Array) -> Array: ...
+
+    @abc.abstractmethod
+    def sqrt(self, x: Array) -> Array: ...
+
+    @abc.abstractmethod
+    def gelu(self, x: Array) -> Array:
+        """The tanh approximation, identical on every backend."""
+
+    @abc.abstractmethod
+    def where(self, cond: Array, x: Array, y: Array) -> Array: ...
+
+    @abc.abstractmethod
+    def one_hot(self, indices: Array, depth: int) -> Array:
+        """Float one-hot vectors along a new last axis."""
+
+    # ------------------------------------------------------------------ reductions
+    @abc.abstractmethod
+    def sum(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array: ...
+
+    @abc.abstractmethod
+    def max(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array: ...
+
+    @abc.abstractmethod
+    def argmax(self, x: Array, axis: int = -1) -> Array: ...
+
+    def mean(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
+        count = int(np.prod(x.shape)) if axis is None else x.shape[axis]
+        return self.sum(x, axis, keepdims) / count
+
+    def softmax(self, x: Array, axis: int = -1) -> Array:
+        z = self.exp(x - self.stop_gradient(self.max(x, axis, keepdims=True)))
+        return z / self.sum(z, axis, keepdims=True)
+
+    def log_softmax(self, x: Array, axis: int = -1) -> Array:
+        shifted = x - self.stop_gradient(self.max(x, axis, keepdims=True))
+        return shifted - self.log(self.sum(self.exp(shifted), axis, keepdims=True))
+
+    # ------------------------------------------------------------------ linear algebra and shape
+    @abc.abstractmethod
+    def matmul(self, a: Array, b: Array) -> Array: ...
+
+    @abc.abstractmethod
+    def reshape(self, x: Array, shape: Sequence[int]) -> Array: ...
+
+    @abc.abstractmethod
+    def transpose(self, x: Array, axes: Sequence[int]) -> Array: ...
+
+    @abc.abstractmethod
+    def concat(self, xs: Sequence[Array], axis: int) -> Array: ...
+
+    @abc.abstractmethod
+    def stack(self, xs: Sequence[Array], axis: int) -> Array: ...
+
+    @abc.abstractmethod
+    def take(self, table: Array, indices: Array) -> Array:
+        """Rows of ``table`` (V, H) at integer ``indices`` of any shape -> ``(*indices.shape, H)``."""
+
+    @abc.abstractmethod
+    def roll(self, x: Array, shift: int, axis: int) -> Array:
+        """Circular shift: ``out[i] = x[(i - shift) mod n]`` along ``axis``."""
+
+    @abc.abstractmethod
+    def flip(self, x: Array, axis: int) -> Array:
+        """Reverse ``x`` along ``axis``."""
+
+    # ------------------------------------------------------------------ complex numbers and FFT
+    @abc.abstractmethod
+    def complex(self, real: Array, imag: Array) -> Array: ...
+
+    @abc.abstractmethod
+    def real(self, x: Array) -> Array: ...
+
+    @abc.abstractmethod
+    def imag(self, x: Array) -> Array: ...
+
+    @abc.abstractmethod
+    def rfft(self, x: Array, axis: int = -1) -> Array: ...
+
+    @abc.abstractmethod
+    def irfft(self, x: Array, n: int, axis: int = -1) -> Array: ...
+
+    # ------------------------------------------------------------------ autodiff and evaluation
+    @abc.abstractmethod
+    def stop_gradient(self, x: Array) -> Array: ...
+
+    def value_and_grad(
+        self, fn: Callable[..., Any], has_aux: bool = False
+    ) -> Callable[..., tuple[Any, Any]]:
+        """``fn(params, *args) -> loss`` (or ``(loss, aux)``) into
+        ``g(params, *args) -> (loss or (loss, aux), grads)``, grads shaped like ``params``."""
+        raise NotImplementedError(
+            f"backend {self.name!r} evaluates models but does not differentiate them; "
+            "train with a framework backend (see `pntm backends`)"
+        )
+
+    def eval(self, *arrays: Any) -> None:  # noqa: B027 - only lazy backends (MLX) override it
+        """Force evaluation of lazily computed arrays (no-op on eager backends)."""
+
+    # ------------------------------------------------------------------ the two scan primitives
+    @abc.abstractmethod
+    def linear_scan(self, a: Array, b: Array, h0: Array | None = None) -> Array:
+        """``h_t = a_t * h_{t-1} + b_t`` along axis 1 (time), ``h_0 = h0`` (zeros if None).
+
+        ``a`` and ``b`` are ``(B, T, *rest)``, real or complex; ``a`` may broadcast against
+        ``b`` only if it has the same shape. Returns every ``h_t``, ``(B, T, *rest)``.
+        """
+
+    @abc.abstractmethod
+    def memory_scan_read(
+        self,
+        w: Array,
+        erase: Array,
+        add: Array,
+        rho: Array,
+        m0: Array | None = None,
+        key: Array | None = None,
+        beta: Array | None = None,
+        gamma: Array | None = None,
+    ) -> tuple[Array, Array]:
+        """The memory recurrence of one P-NTM layer with its reads (SPEC §2–3), per head.
+
+        ``M_t = (1 - w_t e_t^T) ⊙ M_{t-1} + w_t a_t^T``, ``M_0 = m0`` (zeros if None), then
+        ``r_t = rho_t^T M_t`` where ``rho_t`` is the location weighting ``rho`` mixed, when
+        ``key``/``beta``/``gamma`` are given, with content addressing (:func:`read_step`).
+
+        Shapes: ``w``, ``rho`` (B, T, K, N); ``erase``, ``add``, ``key`` (B, T, K, D);
+        ``beta``, ``gamma`` (B, T, K); ``m0`` (B, K, N, D).
+        Returns ``r`` (B, T, K, D) and the final memory ``M_T`` (B, K, N, D).
+        """
+
+
+# ---------------------------------------------------------------------- per-step read math
+# Shared by the sequential reference and the parallel path: what one step reads from a memory
+# state. It is pointwise in time, so it is the same in every algorithm; only how the states
+# are produced differs.
+
+
+def read_step(
+    ops: Backend,
+    memory: Array,
+    rho: Array,
+    key: Array | None = None,
+    beta: Array | None = None,
+    gamma: Array | None = None,
+) -> Array:
+    """``r = rho'^T M`` with ``rho' = (1-gamma) rho + gamma softmax_i(beta cos(key, M_i))``.
+
+    ``memory`` (..., N, D), ``rho`` (..., N), ``key`` (..., D), ``beta``/``gamma`` (...).
+    """
+    if key is not None:
+        rho = _content_weights(ops, memory, rho, key, beta, gamma)[0]
+    return ops.sum(rho[..., None] * memory, axis=-2)
+
+
+def _content_weights(ops, memory, rho, key, beta, gamma):
+    dots = ops.sum(memory * key[..., None, :], axis=-1)
+    norm_m = ops.sqrt(ops.sum(memory * memory, axis=-1) + COSINE_EPS)
+    norm_k = ops.sqrt(ops.sum(key * key, axis=-1) + COSINE_EPS)[..., None]
+    cosine = dots / (norm_m * norm_k)
+    content = ops.softmax(beta[..., None] * cosine, axis=-1)
+    mixed = (1 - gamma)[..., None] * rho + gamma[..., None] * content
+    return mixed, cosine, content, norm_m, norm_k
+
+
+def read_step_vjp(
+    ops: Backend,
+    memory: Array,
+    rho: Array,
+    d_read: Array,
+    key: Array | None = None,
+    beta: Array | None = None,
+    gamma: Array | None = None,
+) -> tuple[Array, Array, Array | None, Array | None, Array | None]:
+    """Reverse mode of :func:`read_step`: ``(dM, d_rho, d_key, d_beta, d_gamma)``."""
+    if key is None:
+        d_memory = rho[..., None] * d_read[..., None, :]
+        d_rho = ops.sum(memory * d_read[..., None, :], axis=-1)
+        return d_memory, d_rho, None, None, None
+    mixed, cosine, content, norm_m, norm_k = _content_weights(ops, memory, rho, key, beta, gamma)
+    d_memory = mixed[..., None] * d_read[..., None, :]
+    d_mixed = ops.sum(memory * d_read[..., None, :], axis=-1)
+    g = gamma[..., None]
+    d_rho = (1 - g) * d_mixed
+    d_gamma = ops.sum(d_mixed * (content - rho), axis=-1)
+    d_content = g * d_mixed
+    d_logits = content * (d_content - ops.sum(content * d_content, axis=-1, keepdims=True))
+    d_beta = ops.sum(d_logits * cosine, axis=-1)
+    d_cos = beta[..., None] * d_logits
+    # cos_i = <M_i, k> / (|M_i| |k|) with the eps-regularised norms above
+    inv = d_cos / (norm_m * norm_k)
+    d_key = ops.sum(inv[..., None] * memory, axis=-2) - ops.sum(d_cos * cosine, axis=-1)[
+        ..., None
+    ] * key / (norm_k * norm_k)
+    d_memory = d_memory + inv[..., None] * key[..., None, :] - (d_cos * cosine / (norm_m * norm_m))[
+        ..., None
+    ] * memory
+    return d_memory, d_rho, d_key, d_beta, d_gamma
