@@ -129,6 +129,11 @@ class Backend(abc.ABC):
     def stack(self, xs: Sequence[Array], axis: int) -> Array: ...
 
     @abc.abstractmethod
+    def unstack(self, x: Array, axis: int) -> list[Array]:
+        """Split ``x`` into its slices along ``axis`` (whose gradient is one stack, unlike
+        indexing each slice, which costs a full-size gradient per slice)."""
+
+    @abc.abstractmethod
     def take(self, table: Array, indices: Array) -> Array:
         """Rows of ``table`` (V, H) at integer ``indices`` of any shape -> ``(*indices.shape, H)``."""
 
@@ -143,6 +148,10 @@ class Backend(abc.ABC):
     # ------------------------------------------------------------------ complex numbers and FFT
     @abc.abstractmethod
     def complex(self, real: Array, imag: Array) -> Array: ...
+
+    @abc.abstractmethod
+    def conj(self, x: Array) -> Array:
+        """Complex conjugate (identity on real arrays)."""
 
     @abc.abstractmethod
     def real(self, x: Array) -> Array: ...
@@ -172,6 +181,20 @@ class Backend(abc.ABC):
 
     def eval(self, *arrays: Any) -> None:  # noqa: B027 - only lazy backends (MLX) override it
         """Force evaluation of lazily computed arrays (no-op on eager backends)."""
+
+    # ------------------------------------------------------------------ memory-write arithmetic
+    # Defaults in plain operations; backends may fuse them (they run every step of every scan).
+    def decay_mul(self, x: Array, w: Array, erase: Array) -> Array:
+        """``(1 - w e^T) ⊙ x`` for ``w`` (..., N), ``erase`` (..., D), ``x`` (..., N, D)."""
+        return (1 - w[..., None] * erase[..., None, :]) * x
+
+    def outer_add(self, x: Array, u: Array, v: Array) -> Array:
+        """``x + u v^T`` for ``u`` (..., N), ``v`` (..., D), ``x`` (..., N, D)."""
+        return x + u[..., None] * v[..., None, :]
+
+    def decay_write(self, memory: Array, w: Array, erase: Array, add: Array) -> Array:
+        """One memory write: ``(1 - w e^T) ⊙ M + w a^T``."""
+        return self.outer_add(self.decay_mul(memory, w, erase), w, add)
 
     # ------------------------------------------------------------------ the two scan primitives
     @abc.abstractmethod
@@ -226,11 +249,11 @@ def read_step(
     """
     if key is not None:
         rho = _content_weights(ops, memory, rho, key, beta, gamma)[0]
-    return ops.sum(rho[..., None] * memory, axis=-2)
+    return ops.matmul(rho[..., None, :], memory)[..., 0, :]
 
 
 def _content_weights(ops, memory, rho, key, beta, gamma):
-    dots = ops.sum(memory * key[..., None, :], axis=-1)
+    dots = ops.matmul(memory, key[..., None])[..., 0]
     norm_m = ops.sqrt(ops.sum(memory * memory, axis=-1) + COSINE_EPS)
     norm_k = ops.sqrt(ops.sum(key * key, axis=-1) + COSINE_EPS)[..., None]
     cosine = dots / (norm_m * norm_k)
@@ -251,11 +274,11 @@ def read_step_vjp(
     """Reverse mode of :func:`read_step`: ``(dM, d_rho, d_key, d_beta, d_gamma)``."""
     if key is None:
         d_memory = rho[..., None] * d_read[..., None, :]
-        d_rho = ops.sum(memory * d_read[..., None, :], axis=-1)
+        d_rho = ops.matmul(memory, d_read[..., None])[..., 0]
         return d_memory, d_rho, None, None, None
     mixed, cosine, content, norm_m, norm_k = _content_weights(ops, memory, rho, key, beta, gamma)
     d_memory = mixed[..., None] * d_read[..., None, :]
-    d_mixed = ops.sum(memory * d_read[..., None, :], axis=-1)
+    d_mixed = ops.matmul(memory, d_read[..., None])[..., 0]
     g = gamma[..., None]
     d_rho = (1 - g) * d_mixed
     d_gamma = ops.sum(d_mixed * (content - rho), axis=-1)
@@ -265,7 +288,7 @@ def read_step_vjp(
     d_cos = beta[..., None] * d_logits
     # cos_i = <M_i, k> / (|M_i| |k|) with the eps-regularised norms above
     inv = d_cos / (norm_m * norm_k)
-    d_key = ops.sum(inv[..., None] * memory, axis=-2) - ops.sum(d_cos * cosine, axis=-1)[
+    d_key = ops.matmul(inv[..., None, :], memory)[..., 0, :] - ops.sum(d_cos * cosine, axis=-1)[
         ..., None
     ] * key / (norm_k * norm_k)
     d_memory = d_memory + inv[..., None] * key[..., None, :] - (d_cos * cosine / (norm_m * norm_m))[

@@ -14,17 +14,23 @@ import mlx.core as mx
 import numpy as np
 
 from pntm.backends import parallel
-from pntm.backends.base import Array, Backend
+from pntm.backends.base import Array
+from pntm.backends.parallel import FrameworkBackend
 
 
-class MLXBackend(Backend):
+class MLXBackend(FrameworkBackend):
     name = "mlx"
 
-    def __init__(self, dtype: Any = mx.float32) -> None:
+    def __init__(self, dtype: Any = mx.float32, scan: str = "parallel") -> None:
+        super().__init__(scan)
         self.float_dtype = dtype
         self.complex_dtype = mx.complex64
         self.int_dtype = mx.int32
-        self._memory_scans: dict[bool, Callable[..., Any]] = {}
+        self._memory_scans: dict[tuple[bool, int], Callable[..., Any]] = {}
+        self._linear_scans: dict[int, Callable[..., Any]] = {}
+        # CPUs want few, cache-sized chunks; GPUs as many as the sqrt(T) rule allows
+        on_cpu = mx.default_device() == mx.cpu
+        self.target_step_elements = parallel.CPU_STEP_ELEMENTS if on_cpu else None
 
     # creation and conversion
     def asarray(self, x: Any, dtype: Any = None) -> mx.array:
@@ -109,6 +115,9 @@ class MLXBackend(Backend):
     def stack(self, xs, axis):
         return mx.stack(list(xs), axis=axis)
 
+    def unstack(self, x, axis):
+        return [mx.squeeze(part, axis) for part in mx.split(x, x.shape[axis], axis=axis)]
+
     def take(self, table, indices):
         return mx.take(table, indices, axis=0)
 
@@ -123,6 +132,9 @@ class MLXBackend(Backend):
     # complex and FFT
     def complex(self, real, imag):
         return real.astype(mx.complex64) + mx.array(1j, dtype=mx.complex64) * imag
+
+    def conj(self, x):
+        return mx.conj(x) if x.dtype == mx.complex64 else x
 
     def real(self, x):
         return mx.real(x)
@@ -147,33 +159,47 @@ class MLXBackend(Backend):
     def eval(self, *arrays):
         mx.eval(*arrays)
 
-    # scans
-    def linear_scan(self, a, b, h0=None):
-        return parallel.chunked_linear_scan(self, a, b, h0)
+    def _linear_scan_op(self, a, b, h0, chunk):
+        if chunk not in self._linear_scans:
+            self._linear_scans[chunk] = self._make_linear_scan(chunk)
+        return self._linear_scans[chunk](a, b, h0)
 
-    def memory_scan_read(self, w, erase, add, rho, m0=None, key=None, beta=None, gamma=None):
-        if m0 is None:
-            m0 = mx.zeros((w.shape[0], w.shape[2], w.shape[3], add.shape[-1]), dtype=w.dtype)
-        content = key is not None
-        if content not in self._memory_scans:
-            self._memory_scans[content] = self._make_memory_scan(content)
-        inputs = (w, erase, add, rho, m0) + ((key, beta, gamma) if content else ())
-        reads, final, _, _ = self._memory_scans[content](*inputs)
-        return reads, final
-
-    def _make_memory_scan(self, content: bool) -> Callable[..., Any]:
+    def _make_linear_scan(self, chunk: int) -> Callable[..., Any]:
         ops = self
 
         @mx.custom_function
-        def memory_scan(*inputs):
-            return parallel.memory_scan_forward(ops, *inputs)
+        def linear_scan(a, b, h0):
+            return parallel.scan_forward(ops, a, b, h0, chunk)
+
+        @linear_scan.vjp
+        def linear_scan_vjp(primals, cotangent, output):
+            a, _, h0 = primals
+            return parallel.scan_backward(ops, a, output, h0, cotangent, chunk)
+
+        return linear_scan
+
+    def _memory_scan_op(self, w, erase, add, rho, m0, key, beta, gamma, chunk):
+        content = key is not None
+        if (content, chunk) not in self._memory_scans:
+            self._memory_scans[content, chunk] = self._make_memory_scan(content, chunk)
+        inputs = (w, erase, add, rho, m0) + ((key, beta, gamma) if content else ())
+        reads, final, _, _ = self._memory_scans[content, chunk](*inputs)
+        return reads, final
+
+    def _make_memory_scan(self, content: bool, chunk: int) -> Callable[..., Any]:
+        ops = self
+
+        @mx.custom_function
+        def memory_scan(w, erase, add, rho, m0, *extra):
+            return parallel.memory_scan_forward(ops, w, erase, add, rho, m0, *extra, chunk=chunk)
 
         @memory_scan.vjp
         def memory_scan_vjp(primals, cotangents, outputs):
             w, erase, add, rho, _m0, *extra = primals
+            extra = extra or [None, None, None]
             g = parallel.memory_scan_backward(
                 ops, w, erase, add, rho, outputs[2], outputs[3], cotangents[0], cotangents[1],
-                *extra,
+                *extra, chunk=chunk,
             )
             names = ["w", "erase", "add", "rho", "m0"] + (["key", "beta", "gamma"] if content else [])
             return tuple(g[n] for n in names)

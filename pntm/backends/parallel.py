@@ -1,137 +1,153 @@
 """The framework parallel path (SPEC §4.2), written once against the backend interface.
 
-Used by the MLX and PyTorch backends, which only wire :func:`memory_scan_forward` and
-:func:`memory_scan_backward` into their autodiff as one operation with its own backward.
+Used by the MLX and PyTorch backends, which wire each scan into their autodiff as one operation
+with its own backward (:class:`FrameworkBackend`).
 
-* :func:`chunked_linear_scan` — ``h_t = a_t h_{t-1} + b_t``: a Hillis–Steele scan inside chunks
-  of ``LINEAR_CHUNK`` steps, then the same scan, recursively, over the chunk-end states, and a
-  final ``h = H_local + A_local * carry``. Only products and sums: exact where ``a = 0`` (a reset
-  gate of 1, a zero of a shift spectrum), no logarithm, no division, and since ``|a| <= 1`` in
-  P-NTM nothing can overflow. Works on complex arrays (the head recurrence in Fourier space).
-  Framework autodiff differentiates it; its tensors are ``O(B T K N)``, small.
+Both scans, ``h_t = a_t h_{t-1} + b_t`` (:func:`scan_forward`) and the memory recurrence with
+its reads (:func:`memory_scan_forward`), use one two-level scheme. Time is cut into ``C`` chunks
+of ``L ~ sqrt(T)`` steps and the work is vectorized *across* chunks:
 
-* :func:`memory_scan_forward` / :func:`memory_scan_backward` — the memory recurrence with its
-  reads, whose states are ``N x D`` per head and step and must never all be kept. Time is cut into
-  ``C`` chunks of ``L`` steps (``L ~ sqrt(T)``) and the work is vectorized *across* chunks:
+1. one pass over the ``L`` in-chunk positions, all chunks at once, gives each chunk's summary:
+   the product of its decays and its state started from zero;
+2. the same scan over the ``C`` summaries (recursively) gives the true state at each chunk start;
+3. a second pass recomputes the states from those starts (and, for the memory, reads them).
 
-  1. one pass over the ``L`` in-chunk positions, all chunks at once, gives each chunk's summary:
-     the product ``P_c`` of its decays and its state ``Mloc_c`` started from zero;
-  2. a linear scan over the ``C`` chunk summaries gives the true state at each chunk start;
-  3. a second pass recomputes the states from those starts and reads them.
+Only products and sums appear: exact where ``a = 0`` (a reset gate of 1, a zero of a shift
+spectrum, an erase-times-weight of 1), no logarithm, no division, and with ``|a| <= 1`` nothing
+can overflow, so the scans hold at any length. Complex inputs work unchanged (the head recurrence
+runs in Fourier space). About ``3 sqrt(T)`` Python-level steps instead of ``T``.
 
-  Only the ``C`` chunk-start states (and ``P_c``) are saved for the backward, which recomputes
-  the states inside chunks (in groups of chunks, bounded by ``max_group_elements``), runs the
-  reverse recurrence ``G_t = (read gradient)_t + F_{t+1} ⊙ G_{t+1}`` with the same two-level
-  scheme, and applies SPEC §4.3. Python-level steps: about ``2 L`` forward, ``3 L`` backward.
+The backward of the linear scan is the same scan run backwards in time. The memory scan keeps
+only the ``C`` chunk-start states (and the per-chunk decay products) for its backward, which
+recomputes the states inside chunks (in groups of chunks bounded by ``max_group_elements``), runs
+``G_t = (read gradient)_t + F_{t+1} ⊙ G_{t+1}`` with the same two-level scheme and applies
+SPEC §4.3: peak memory is one group of states, never ``O(T N D log T)``.
 """
 
 from __future__ import annotations
 
+import abc
 import math
-from typing import Any
 
+from pntm.backends import sequential
 from pntm.backends.base import Array, Backend, read_step, read_step_vjp
 
-LINEAR_CHUNK = 64
 #: elements of recomputed memory states one backward group may hold (float32: 4 bytes each)
 MAX_GROUP_ELEMENTS = 1 << 26
-
-
-def _along(axis: int, sl: slice) -> tuple:
-    return (slice(None),) * axis + (sl,)
+#: on a CPU, per-step work (elements) worth one Python-level step: chunks are added only until
+#: each step touches about this much, since more chunks cost extra passes and cache misses
+CPU_STEP_ELEMENTS = 1 << 15
 
 
 # ---------------------------------------------------------------------- linear scan
 
 
-def _hillis_steele(ops: Backend, a: Array, b: Array, axis: int) -> tuple[Array, Array]:
-    """Inclusive scan of the pairs ``(a, b)`` along ``axis``; returns (prod a, h)."""
-    n = a.shape[axis]
-    step = 1
-    while step < n:
-        head, hi, lo = _along(axis, slice(None, step)), _along(axis, slice(step, None)), _along(
-            axis, slice(None, -step)
-        )
-        b = ops.concat([b[head], a[hi] * b[lo] + b[hi]], axis)
-        a = ops.concat([a[head], a[hi] * a[lo]], axis)
-        step *= 2
-    return a, b
+def chunk_len(T: int, step_elements: int = 1, target_step_elements: int | None = None) -> int:
+    """In-chunk length ``L``.
+
+    ``L ~ sqrt(T)`` balances the Python-level steps of the two in-chunk passes against the
+    chunk count: right where every step is cheap to launch many of (GPUs). With
+    ``target_step_elements`` (CPUs), use only as many chunks as it takes for one step over all
+    chunks to touch that many elements (``step_elements`` per chunk): one chunk skips the
+    summary pass altogether.
+    """
+    sqrt_len = max(1, math.isqrt(max(T - 1, 0)) + 1)
+    if target_step_elements is None:
+        return sqrt_len
+    max_chunks = -(-T // sqrt_len)
+    chunks = min(max_chunks, max(1, -(-target_step_elements // max(step_elements, 1))))
+    return -(-T // chunks)
 
 
-def _scan_pairs(ops: Backend, a: Array, b: Array, chunk: int) -> Array:
-    T = b.shape[1]
-    if T <= chunk:
-        return _hillis_steele(ops, a, b, 1)[1]
-    n_chunks = -(-T // chunk)
-    pad = n_chunks * chunk - T
+def _chunk(ops: Backend, x: Array, L: int) -> Array:
+    """(B, T, ...) -> (B, C, L, ...), zero-padded at the end of time to ``C * L`` steps."""
+    T = x.shape[1]
+    n_chunks = -(-T // L)
+    pad = n_chunks * L - T
     if pad:
-        a = ops.concat([a, ops.ones_like(a[:, :pad])], 1)
-        b = ops.concat([b, ops.zeros_like(b[:, :pad])], 1)
-    batch, rest = b.shape[0], tuple(b.shape[2:])
-    a = ops.reshape(a, (batch, n_chunks, chunk, *rest))
-    b = ops.reshape(b, (batch, n_chunks, chunk, *rest))
-    prod_a, local = _hillis_steele(ops, a, b, 2)
-    ends = _scan_pairs(ops, prod_a[:, :, -1], local[:, :, -1], chunk)
-    carry = ops.concat([ops.zeros_like(ends[:, :1]), ends[:, :-1]], 1)
-    h = local + prod_a * carry[:, :, None]
-    return ops.reshape(h, (batch, n_chunks * chunk, *rest))[:, :T]
+        x = ops.concat([x] + [ops.zeros_like(x[:, :1])] * pad, 1)
+    return ops.reshape(x, (x.shape[0], n_chunks, L, *x.shape[2:]))
 
 
-def chunked_linear_scan(
-    ops: Backend, a: Array, b: Array, h0: Array | None = None, chunk: int = LINEAR_CHUNK
+def _unchunk(ops: Backend, per_step: list[Array], T: int) -> Array:
+    """``L`` arrays (B, C, ...) -> (B, T, ...)."""
+    x = ops.stack(per_step, 2)
+    return ops.reshape(x, (x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:]))[:, :T]
+
+
+def _chunk_summaries(steps) -> tuple[Array, Array]:
+    """Fold ``(a_l, b_l)`` over a chunk: the decay product and the state started from zero."""
+    prod = local = None
+    for a_l, b_l in steps:
+        local = b_l if local is None else a_l * local + b_l
+        prod = a_l if prod is None else a_l * prod
+    return prod, local
+
+
+def scan_forward(
+    ops: Backend, a: Array, b: Array, h0: Array | None = None, chunk: int | None = None
 ) -> Array:
-    """``h_t = a_t h_{t-1} + b_t`` along axis 1 (see the module docstring)."""
+    """``h_t = a_t h_{t-1} + b_t`` along axis 1, as plain array operations (no autodiff).
+
+    Chunk summaries in one pass over in-chunk positions (all chunks at once), the chunk-start
+    states by the same scan over the summaries (recursively), then a second pass.
+    """
     if tuple(a.shape) != tuple(b.shape):
         raise ValueError(f"linear_scan needs a and b of one shape, got {a.shape} and {b.shape}")
-    if h0 is not None:  # fold the initial state into the first input
-        b = ops.concat([(a[:, 0] * h0 + b[:, 0])[:, None], b[:, 1:]], 1)
-    return _scan_pairs(ops, a, b, chunk)
+    T = b.shape[1]
+    L = min(chunk or chunk_len(T), T)
+    a_c, b_c = _chunk(ops, a, L), _chunk(ops, b, L)
+    first = ops.zeros_like(b[:, 0]) if h0 is None else h0
+    if a_c.shape[1] > 1:
+        prod, local = _chunk_summaries((a_c[:, :, l], b_c[:, :, l]) for l in range(L))
+        ends = scan_forward(ops, prod, local, first)
+        starts = ops.concat([first[:, None], ends[:, :-1]], 1)
+    else:
+        starts = first[:, None]
+    h, out = starts, []
+    for l in range(L):
+        h = a_c[:, :, l] * h + b_c[:, :, l]
+        out.append(h)
+    return _unchunk(ops, out, T)
+
+
+def scan_backward(
+    ops: Backend, a: Array, h: Array, h0: Array | None, d_h: Array, chunk: int | None = None
+) -> tuple[Array, Array, Array]:
+    """Gradients ``(da, db, dh0)`` of :func:`scan_forward` for the cotangent ``d_h``.
+
+    ``g_t = d_h_t + conj(a_{t+1}) g_{t+1}`` is the same scan run backwards in time; then
+    ``db = g``, ``da_t = g_t conj(h_{t-1})``, ``dh0 = conj(a_1) g_1`` (cotangents of complex
+    values are ``dL/dRe + i dL/dIm``, the convention of both PyTorch and MLX).
+    """
+    a_next = ops.concat([ops.conj(a[:, 1:]), ops.zeros_like(a[:, :1])], 1)
+    g = ops.flip(scan_forward(ops, ops.flip(a_next, 1), ops.flip(d_h, 1), chunk=chunk), 1)
+    first = ops.zeros_like(h[:, :1]) if h0 is None else h0[:, None]
+    prev = ops.concat([first, h[:, :-1]], 1)
+    return g * ops.conj(prev), g, ops.conj(a[:, 0]) * g[:, 0]
 
 
 # ---------------------------------------------------------------------- memory scan with reads
 
 
-def memory_chunk_len(T: int) -> int:
-    """In-chunk length ``L``: ``~sqrt(T)`` balances the two passes against the chunk count."""
-    return max(1, math.isqrt(max(T - 1, 0)) + 1)
-
-
 class _Chunked:
-    """The per-step inputs padded to ``C * L`` steps and viewed as ``(B, C, L, ...)``."""
+    """Per-step inputs cut into (B, C, L, ...) chunks (see :func:`_chunk`), kept as ``L``
+    arrays (B, C, ...) so that a step costs no indexing."""
 
-    def __init__(self, ops: Backend, chunk_len: int, **inputs: Array | None) -> None:
-        T = next(x for x in inputs.values() if x is not None).shape[1]
-        self.T, self.L = T, chunk_len
-        self.C = -(-T // chunk_len)
-        pad = self.C * chunk_len - T
-        self.x: dict[str, Any] = {}
-        for name, x in inputs.items():
-            if x is None:
-                self.x[name] = None
-                continue
-            if pad:  # w = 0 on padded steps: decay 1 and no write, so the state passes through
-                x = ops.concat([x] + [ops.zeros_like(x[:, :1])] * pad, 1)
-            self.x[name] = ops.reshape(x, (x.shape[0], self.C, chunk_len, *x.shape[2:]))
+    def __init__(self, ops: Backend, L: int, **inputs: Array | None) -> None:
+        self.T, self.L = next(x for x in inputs.values() if x is not None).shape[1], L
+        self.x = {n: None if x is None else ops.unstack(_chunk(ops, x, L), 2)
+                  for n, x in inputs.items()}
+        self.C = -(-self.T // L)
 
     def at(self, name: str, l: int, chunks: slice = slice(None)) -> Array | None:
         x = self.x[name]
-        return None if x is None else x[:, chunks, l]
+        if x is None:
+            return None
+        return x[l] if chunks == slice(None) else x[l][:, chunks]
 
     def content(self, l: int, chunks: slice = slice(None)):
         return tuple(self.at(n, l, chunks) for n in ("key", "beta", "gamma"))
-
-    def unchunk(self, ops: Backend, per_step: list[Array]) -> Array:
-        """Stack ``L`` arrays of shape (B, C, ...) to (B, T, ...)."""
-        x = ops.stack(per_step, 2)
-        return ops.reshape(x, (x.shape[0], self.C * self.L, *x.shape[3:]))[:, : self.T]
-
-
-def _decay(w_l: Array, e_l: Array) -> Array:
-    return 1 - w_l[..., None] * e_l[..., None, :]
-
-
-def _write(w_l: Array, a_l: Array) -> Array:
-    return w_l[..., None] * a_l[..., None, :]
 
 
 def memory_scan_forward(
@@ -144,31 +160,30 @@ def memory_scan_forward(
     key: Array | None = None,
     beta: Array | None = None,
     gamma: Array | None = None,
-    chunk_len: int | None = None,
+    chunk: int | None = None,
 ) -> tuple[Array, Array, Array, Array]:
     """Reads ``r`` (B, T, K, D), final state, and what the backward keeps: the chunk-start
     states and the per-chunk decay products, both (B, C, K, N, D)."""
-    L = min(chunk_len or memory_chunk_len(w.shape[1]), w.shape[1])
+    L = min(chunk or chunk_len(w.shape[1]), w.shape[1])
     x = _Chunked(ops, L, w=w, erase=erase, add=add, rho=rho, key=key, beta=beta, gamma=gamma)
-    if x.C > 1:
-        prod = local = None
-        for l in range(L):
-            decay = _decay(x.at("w", l), x.at("erase", l))
-            write = _write(x.at("w", l), x.at("add", l))
-            local = write if local is None else decay * local + write
-            prod = decay if prod is None else decay * prod
-        ends = chunked_linear_scan(ops, prod, local, m0)
+    if x.C > 1:  # w = 0 on the padded steps: decay 1, no write
+        w_0 = x.at("w", 0)[..., None]
+        ones = ops.ones_like(w_0 * x.at("add", 0)[..., None, :])
+        prod, local = _chunk_summaries(
+            (ops.decay_mul(ones, x.at("w", l), x.at("erase", l)),
+             x.at("w", l)[..., None] * x.at("add", l)[..., None, :])
+            for l in range(L)
+        )
+        ends = scan_forward(ops, prod, local, m0)
         starts = ops.concat([m0[:, None], ends[:, :-1]], 1)
     else:
         starts = m0[:, None]
         prod = ops.ones_like(starts)
     memory, reads = starts, []
     for l in range(L):
-        memory = _decay(x.at("w", l), x.at("erase", l)) * memory + _write(
-            x.at("w", l), x.at("add", l)
-        )
+        memory = ops.decay_write(memory, x.at("w", l), x.at("erase", l), x.at("add", l))
         reads.append(read_step(ops, memory, x.at("rho", l), *x.content(l)))
-    return x.unchunk(ops, reads), memory[:, -1], starts, prod
+    return _unchunk(ops, reads, x.T), memory[:, -1], starts, prod
 
 
 def memory_scan_backward(
@@ -184,12 +199,12 @@ def memory_scan_backward(
     key: Array | None = None,
     beta: Array | None = None,
     gamma: Array | None = None,
-    chunk_len: int | None = None,
+    chunk: int | None = None,
     max_group_elements: int = MAX_GROUP_ELEMENTS,
 ) -> dict[str, Array | None]:
     """Gradients of :func:`memory_scan_forward`'s ``(r, M_T)`` for cotangents
     ``(d_read, d_final)``: a dict with ``w, erase, add, rho, m0`` (and ``key, beta, gamma``)."""
-    L = min(chunk_len or memory_chunk_len(w.shape[1]), w.shape[1])
+    L = min(chunk or chunk_len(w.shape[1]), w.shape[1])
     x = _Chunked(
         ops, L, w=w, erase=erase, add=add, rho=rho, key=key, beta=beta, gamma=gamma, d_read=d_read
     )
@@ -210,22 +225,27 @@ def memory_scan_backward(
         states = [starts[:, chunks]]
         for l in range(L):
             w_l, e_l, a_l = step(l)
-            states.append(_decay(w_l, e_l) * states[-1] + _write(w_l, a_l))
+            states.append(ops.decay_write(states[-1], w_l, e_l, a_l))
 
-        def read_grads(l: int, chunks: slice = chunks, states: list = states):
-            return read_step_vjp(
-                ops, states[l + 1], x.at("rho", l, chunks), x.at("d_read", l, chunks),
-                *x.content(l, chunks),
-            )
+        def inject(g: Array | None, l: int, chunks: slice = chunks, states: list = states):
+            """Add the read's gradient at step l to ``g`` (dL/dM_l); the other read grads."""
+            rho_l, d_read_l = x.at("rho", l, chunks), x.at("d_read", l, chunks)
+            if key is None:  # location reads: dM += rho dr^T, fused
+                d_rho = ops.matmul(states[l + 1], d_read_l[..., None])[..., 0]
+                g = rho_l[..., None] * d_read_l[..., None, :] if g is None else ops.outer_add(
+                    g, rho_l, d_read_l)
+                return g, (d_rho, None, None, None)
+            d_mem, *rest = read_step_vjp(ops, states[l + 1], rho_l, d_read_l,
+                                         *x.content(l, chunks))
+            return (d_mem if g is None else g + d_mem), rest
 
         # dL/dM at the end of each chunk of the group, arriving from later chunks
         if c1 - c0 > 1:
             local = None  # reverse pass with no carry-in: what each chunk sends to its start
             for l in reversed(range(L)):
                 w_l, e_l, _ = step(l)
-                injected = read_grads(l)[0]
-                local = _decay(w_l, e_l) * (injected if local is None else local + injected)
-            back = chunked_linear_scan(
+                local = ops.decay_mul(inject(local, l)[0], w_l, e_l)
+            back = scan_forward(
                 ops, ops.flip(prod[:, c0 + 1 : c1], 1), ops.flip(local[:, 1:], 1), carry
             )
             ends = ops.flip(ops.concat([carry[:, None], back], 1), 1)
@@ -236,8 +256,7 @@ def memory_scan_backward(
         grads: dict[str, list[Array]] = {n: [] for n in names}
         for l in reversed(range(L)):
             w_l, e_l, a_l = step(l)
-            d_mem, d_rho, d_key, d_beta, d_gamma = read_grads(l)
-            g = g + d_mem  # G_t
+            g, (d_rho, d_key, d_beta, d_gamma) = inject(g, l)  # G_t
             g_prev = g * states[l]
             grads["w"].append(
                 ops.matmul(g, a_l[..., None])[..., 0] - ops.matmul(g_prev, e_l[..., None])[..., 0]
@@ -249,7 +268,7 @@ def memory_scan_backward(
                 grads["key"].append(d_key)
                 grads["beta"].append(d_beta)
                 grads["gamma"].append(d_gamma)
-            g = _decay(w_l, e_l) * g
+            g = ops.decay_mul(g, w_l, e_l)
         carry = g[:, 0]
         for n in names:
             pieces[n].append(ops.stack(grads[n][::-1], 2))
@@ -259,3 +278,58 @@ def memory_scan_backward(
         out[n] = ops.reshape(full, (batch, C * L, *full.shape[3:]))[:, : x.T]
     out["m0"] = carry
     return out
+
+
+# ---------------------------------------------------------------------- framework backends
+
+SCAN_ALGORITHMS = ("parallel", "sequential")
+
+
+class FrameworkBackend(Backend):
+    """A backend built on an array framework with autodiff (MLX, PyTorch).
+
+    ``scan="parallel"`` (default) runs the chunked scans above; ``scan="sequential"`` runs the
+    plain loops of :mod:`pntm.backends.sequential` through the framework's autodiff, the
+    baseline the parallel path is measured against.
+    """
+
+    def __init__(self, scan: str = "parallel") -> None:
+        if scan not in SCAN_ALGORITHMS:
+            raise ValueError(f"scan must be one of {SCAN_ALGORITHMS}, got {scan!r}")
+        self.scan = scan
+
+    target_step_elements: int | None = None  # see chunk_len
+
+    def _chunk(self, shape) -> int:
+        per_step = shape[0] * math.prod(shape[2:])
+        return chunk_len(shape[1], per_step, self.target_step_elements)
+
+    def linear_scan(self, a, b, h0=None):
+        if self.scan == "sequential":
+            return sequential.linear_scan(self, a, b, h0)
+        if h0 is None:
+            h0 = self.zeros_like(b[:, 0])
+        return self._linear_scan_op(a, b, h0, self._chunk(b.shape))
+
+    def memory_scan_read(self, w, erase, add, rho, m0=None, key=None, beta=None, gamma=None):
+        if self.scan == "sequential":
+            reads, states = sequential.memory_scan_read(
+                self, w, erase, add, rho, m0, key, beta, gamma
+            )
+            return reads, states[-1]
+        if m0 is None:
+            m0 = self.zeros_like(w[:, 0, ..., None] * add[:, 0, :, None, :])
+        chunk = self._chunk((*w.shape, add.shape[-1]))
+        return self._memory_scan_op(w, erase, add, rho, m0, key, beta, gamma, chunk)
+
+    @abc.abstractmethod
+    def _linear_scan_op(self, a, b, h0, chunk: int) -> Array:
+        """:func:`scan_forward` as one differentiable operation whose backward is
+        :func:`scan_backward`."""
+
+    @abc.abstractmethod
+    def _memory_scan_op(
+        self, w, erase, add, rho, m0, key, beta, gamma, chunk: int
+    ) -> tuple[Array, Array]:
+        """:func:`memory_scan_forward` as one differentiable operation whose backward is
+        :func:`memory_scan_backward`."""

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from pntm.backends.base import Array, Backend, read_step, read_step_vjp
+from pntm.backends import sequential
+from pntm.backends.base import Array, Backend, read_step_vjp
 
 
 class NumpyBackend(Backend):
@@ -96,6 +97,9 @@ class NumpyBackend(Backend):
     def stack(self, xs, axis):
         return np.stack(list(xs), axis=axis)
 
+    def unstack(self, x, axis):
+        return list(np.moveaxis(x, axis, 0))
+
     def take(self, table, indices):
         return table[np.asarray(indices)]
 
@@ -108,6 +112,9 @@ class NumpyBackend(Backend):
     # complex and FFT
     def complex(self, real, imag):
         return real + 1j * imag
+
+    def conj(self, x):
+        return np.conj(x)
 
     def real(self, x):
         return np.real(x)
@@ -127,36 +134,25 @@ class NumpyBackend(Backend):
 
     # ------------------------------------------------------------------ scans: plain loops
     def linear_scan(self, a, b, h0=None):
-        return linear_scan_loop(a, b, h0)
+        return sequential.linear_scan(self, a, b, h0)
 
     def memory_scan_read(self, w, erase, add, rho, m0=None, key=None, beta=None, gamma=None):
-        reads, states = memory_scan_read_loop(self, w, erase, add, rho, m0, key, beta, gamma)
+        reads, states = sequential.memory_scan_read(self, w, erase, add, rho, m0, key, beta, gamma)
         return reads, states[-1]
 
 
 # ---------------------------------------------------------------------- linear scan
 
 
-def linear_scan_loop(a: np.ndarray, b: np.ndarray, h0: np.ndarray | None = None) -> np.ndarray:
-    """``h_t = a_t h_{t-1} + b_t`` along axis 1, one step at a time."""
-    a, b = np.broadcast_arrays(a, b)
-    h = np.zeros(b.shape[:1] + b.shape[2:], np.result_type(a, b)) if h0 is None else h0
-    out = np.empty(b.shape, np.result_type(a, b, h))
-    for t in range(b.shape[1]):
-        h = a[:, t] * h + b[:, t]
-        out[:, t] = h
-    return out
-
-
 def linear_scan_vjp(
     a: np.ndarray, b: np.ndarray, h0: np.ndarray | None, d_h: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reverse mode of :func:`linear_scan_loop`: ``(da, db, dh0)`` for cotangent ``d_h``.
+    """Reverse mode of :func:`pntm.backends.sequential.linear_scan`: ``(da, db, dh0)`` for cotangent ``d_h``.
 
     Complex values use the convention of PyTorch: the cotangent of ``z`` is
     ``dL/dRe(z) + i dL/dIm(z)``, so a product ``y = a z`` sends ``conj(a) * dy`` back to ``z``.
     """
-    h = linear_scan_loop(a, b, h0)
+    h = sequential.linear_scan(NumpyBackend(), a, b, h0)
     T = b.shape[1]
     prev = np.concatenate(
         [(np.zeros_like(h[:, :1]) if h0 is None else h0[:, None]).astype(h.dtype), h[:, :-1]],
@@ -176,33 +172,18 @@ def linear_scan_vjp(
 # ---------------------------------------------------------------------- memory scan and reads
 
 
-def memory_scan_read_loop(ops, w, erase, add, rho, m0=None, key=None, beta=None, gamma=None):
-    """Every read ``r_t`` and every state ``M_0..M_T`` (the latter for the gradient)."""
-    B, T, K, N = w.shape
-    D = add.shape[-1]
-    memory = np.zeros((B, K, N, D), np.result_type(w, add)) if m0 is None else m0
-    states = [memory]
-    reads = np.empty((B, T, K, D), memory.dtype)
-    for t in range(T):
-        wt = w[:, t, :, :, None]
-        memory = (1.0 - wt * erase[:, t, :, None, :]) * memory + wt * add[:, t, :, None, :]
-        content = (key[:, t], beta[:, t], gamma[:, t]) if key is not None else (None, None, None)
-        reads[:, t] = read_step(ops, memory, rho[:, t], *content)
-        states.append(memory)
-    return reads, states
-
-
 def memory_scan_read_vjp(
     w, erase, add, rho, m0, d_read, d_final=None, key=None, beta=None, gamma=None
 ) -> dict[str, np.ndarray | None]:
-    """Backpropagation through time of :func:`memory_scan_read_loop` (SPEC §4.3).
+    """Backpropagation through time of :func:`pntm.backends.sequential.memory_scan_read`
+    (SPEC §4.3): gradients of ``(r, M_T)`` for cotangents ``(d_read, d_final)``.
 
     ``G_t = dL/dM_t = (read gradient at t) + F_{t+1} ⊙ G_{t+1}``, then
     ``dw_t(i) = sum_d G_t(i,d) (a_t(d) - e_t(d) M_{t-1}(i,d))``,
     ``de_t(d) = -sum_i G_t(i,d) w_t(i) M_{t-1}(i,d)``, ``da_t(d) = sum_i G_t(i,d) w_t(i)``.
     """
     ops = NumpyBackend()
-    _, states = memory_scan_read_loop(ops, w, erase, add, rho, m0, key, beta, gamma)
+    _, states = sequential.memory_scan_read(ops, w, erase, add, rho, m0, key, beta, gamma)
     T = w.shape[1]
     grads = {name: np.zeros_like(x) for name, x in
              dict(w=w, erase=erase, add=add, rho=rho).items()}

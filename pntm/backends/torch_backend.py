@@ -14,20 +14,26 @@ import torch
 import torch.nn.functional as F
 
 from pntm.backends import parallel
-from pntm.backends.base import Array, Backend
+from pntm.backends.base import Array
+from pntm.backends.parallel import FrameworkBackend
 from pntm.tree import tree_flatten, tree_map, tree_unflatten
 
 
-class TorchBackend(Backend):
+class TorchBackend(FrameworkBackend):
     name = "torch"
 
-    def __init__(self, device: str | None = None, dtype: Any = torch.float32) -> None:
+    def __init__(
+        self, device: str | None = None, dtype: Any = torch.float32, scan: str = "parallel"
+    ) -> None:
+        super().__init__(scan)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.float_dtype = dtype
         self.complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
         self.int_dtype = torch.int64
+        # CPUs want few, cache-sized chunks; GPUs as many as the sqrt(T) rule allows
+        self.target_step_elements = parallel.CPU_STEP_ELEMENTS if self.device.type == "cpu" else None
 
     # creation and conversion
     def asarray(self, x: Any, dtype: Any = None) -> torch.Tensor:
@@ -113,6 +119,9 @@ class TorchBackend(Backend):
     def stack(self, xs, axis):
         return torch.stack(list(xs), dim=axis)
 
+    def unstack(self, x, axis):
+        return list(torch.unbind(x, dim=axis))
+
     def take(self, table, indices):
         return table[indices.long()]
 
@@ -126,6 +135,9 @@ class TorchBackend(Backend):
     def complex(self, real, imag):
         return torch.complex(real, imag)
 
+    def conj(self, x):
+        return torch.conj_physical(x) if x.is_complex() else x
+
     def real(self, x):
         return torch.real(x)
 
@@ -137,6 +149,13 @@ class TorchBackend(Backend):
 
     def irfft(self, x, n, axis=-1):
         return torch.fft.irfft(x, n=n, dim=axis)
+
+    # memory-write arithmetic, fused with addcmul: x - (w e^T) x is exactly 0 where w e = 1
+    def decay_mul(self, x, w, erase):
+        return torch.addcmul(x, w[..., None] * erase[..., None, :], x, value=-1)
+
+    def outer_add(self, x, u, v):
+        return torch.addcmul(x, u[..., None], v[..., None, :])
 
     # autodiff
     def stop_gradient(self, x):
@@ -162,33 +181,46 @@ class TorchBackend(Backend):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    # scans
-    def linear_scan(self, a, b, h0=None):
-        return parallel.chunked_linear_scan(self, a, b, h0)
+    def _linear_scan_op(self, a, b, h0, chunk):
+        return _LinearScan.apply(a, b, h0, self, chunk)
 
-    def memory_scan_read(self, w, erase, add, rho, m0=None, key=None, beta=None, gamma=None):
-        if m0 is None:
-            m0 = w.new_zeros((w.shape[0], w.shape[2], w.shape[3], add.shape[-1]))
-        return _MemoryScanRead.apply(w, erase, add, rho, m0, key, beta, gamma, self)
+    def _memory_scan_op(self, w, erase, add, rho, m0, key, beta, gamma, chunk):
+        return _MemoryScanRead.apply(w, erase, add, rho, m0, key, beta, gamma, self, chunk)
+
+
+class _LinearScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, h0, ops, chunk):
+        h = parallel.scan_forward(ops, a, b, h0, chunk)
+        ctx.save_for_backward(a, h, h0)
+        ctx.ops, ctx.chunk = ops, chunk
+        return h
+
+    @staticmethod
+    def backward(ctx, d_h):
+        a, h, h0 = ctx.saved_tensors
+        d_a, d_b, d_h0 = parallel.scan_backward(ctx.ops, a, h, h0, d_h, ctx.chunk)
+        return d_a, d_b, d_h0, None, None
 
 
 class _MemoryScanRead(torch.autograd.Function):
     """The memory scan and its reads as one operation: only chunk-start states are saved."""
 
     @staticmethod
-    def forward(ctx, w, erase, add, rho, m0, key, beta, gamma, ops):
+    def forward(ctx, w, erase, add, rho, m0, key, beta, gamma, ops, chunk):
         reads, final, starts, prod = parallel.memory_scan_forward(
-            ops, w, erase, add, rho, m0, key, beta, gamma
+            ops, w, erase, add, rho, m0, key, beta, gamma, chunk
         )
         ctx.save_for_backward(w, erase, add, rho, key, beta, gamma, starts, prod)
-        ctx.ops = ops
+        ctx.ops, ctx.chunk = ops, chunk
         return reads, final
 
     @staticmethod
     def backward(ctx, d_read, d_final):
         w, erase, add, rho, key, beta, gamma, starts, prod = ctx.saved_tensors
         g = parallel.memory_scan_backward(
-            ctx.ops, w, erase, add, rho, starts, prod, d_read, d_final, key, beta, gamma
+            ctx.ops, w, erase, add, rho, starts, prod, d_read, d_final, key, beta, gamma,
+            ctx.chunk,
         )
         return (g["w"], g["erase"], g["add"], g["rho"], g["m0"],
-                g.get("key"), g.get("beta"), g.get("gamma"), None)
+                g.get("key"), g.get("beta"), g.get("gamma"), None, None)

@@ -1,0 +1,44 @@
+"""The two scan primitives as plain loops over time, written against the backend interface.
+
+The NumPy reference runs these in float64 (with hand-written gradients). Framework backends run
+them with ``scan="sequential"``, differentiated by their autodiff: the plain-loop baseline that
+the parallel path is benchmarked against (``scripts/bench_scan.py``).
+"""
+
+from __future__ import annotations
+
+from pntm.backends.base import Array, Backend, read_step
+
+
+def linear_scan(ops: Backend, a: Array, b: Array, h0: Array | None = None) -> Array:
+    """``h_t = a_t h_{t-1} + b_t`` along axis 1, one step at a time."""
+    h = ops.zeros_like(b[:, 0]) if h0 is None else h0
+    out = []
+    for a_t, b_t in zip(ops.unstack(a, 1), ops.unstack(b, 1), strict=True):
+        h = a_t * h + b_t
+        out.append(h)
+    return ops.stack(out, 1)
+
+
+def memory_scan_read(
+    ops: Backend,
+    w: Array,
+    erase: Array,
+    add: Array,
+    rho: Array,
+    m0: Array | None = None,
+    key: Array | None = None,
+    beta: Array | None = None,
+    gamma: Array | None = None,
+) -> tuple[Array, list[Array]]:
+    """Every read ``r_t`` (B, T, K, D) and every state ``[M_0, ..., M_T]``."""
+    memory = ops.zeros_like(w[:, 0, ..., None] * add[:, 0, :, None, :]) if m0 is None else m0
+    T = w.shape[1]
+    steps = [ops.unstack(x, 1) if x is not None else [None] * T
+             for x in (w, erase, add, rho, key, beta, gamma)]
+    states, reads = [memory], []
+    for w_t, e_t, a_t, rho_t, key_t, beta_t, gamma_t in zip(*steps, strict=True):
+        memory = ops.decay_write(memory, w_t, e_t, a_t)
+        reads.append(read_step(ops, memory, rho_t, key_t, beta_t, gamma_t))
+        states.append(memory)
+    return ops.stack(reads, 1), states

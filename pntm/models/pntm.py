@@ -1,0 +1,316 @@
+"""The P-NTM model (SPEC §2), written once against the backend interface.
+
+token embedding (no positional encoding) -> ``n_layers`` P-NTM blocks -> RMSNorm -> logits.
+
+Each block has ``n_heads`` memories of ``n_slots x head_dim``, each with one write head and one
+read head. A pointwise controller (one linear map of the normed input) emits, per head and step,
+the shift distributions over ``-max_shift..max_shift`` and reset gates of both heads, the erase
+and add vectors, and (option ``content``) a key, strength and mix for content-addressed reads.
+
+Two entry points compute the same function:
+
+* :meth:`PNTM.forward` — the whole sequence at once: head positions by a linear scan in Fourier
+  space over the slot axis (SPEC §3), memory and reads by ``memory_scan_read``;
+* :meth:`PNTM.step` — one token, carrying per layer the two head positions and the memory:
+  the plain recurrence of SPEC §2 (circular convolution in slot space), O(K N D) per token.
+
+``n_slots`` is a runtime argument: no parameter depends on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from pntm.backends.base import Array, Backend, read_step
+from pntm.tree import tree_map
+
+HEAD_MODES = ("soft", "hard")
+RMS_EPS = 1e-5
+RESET_GATE_BIAS = -2.0  # heads start mostly moving, rarely resetting (prototype setting)
+
+
+@dataclass(frozen=True)
+class PNTMConfig:
+    vocab_size: int
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2  # K: memories (each with a write and a read head) per layer
+    head_dim: int = 16  # D: width of a memory slot
+    max_shift: int = 1  # S: shifts -S..S
+    mlp_ratio: int = 2
+    content: bool = False  # content-addressed reads (SPEC §2), off by default
+    add_activation: str = "tanh"  # "tanh" or "linear"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "mlp_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.max_shift, int) or self.max_shift < 0:
+            raise ValueError(f"max_shift must be an integer >= 0, got {self.max_shift!r}")
+        if self.add_activation not in ("tanh", "linear"):
+            raise ValueError(f"add_activation must be 'tanh' or 'linear', got {self.add_activation!r}")
+
+    @property
+    def n_shifts(self) -> int:
+        return 2 * self.max_shift + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PNTMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown P-NTM config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    def controller_fields(self) -> list[tuple[str, int]]:
+        """Per-head slices of the controller output, in order."""
+        S, D = self.n_shifts, self.head_dim
+        out = [("write_shift", S), ("write_gate", 1), ("erase", D), ("add", D),
+               ("read_shift", S), ("read_gate", 1)]
+        if self.content:
+            out += [("key", D), ("beta", 1), ("gamma", 1)]
+        return out
+
+
+def init_params(config: PNTMConfig, seed: int = 0) -> dict[str, Any]:
+    """Parameters as a nested dict of float64 NumPy arrays: identical for every backend."""
+    rng = np.random.default_rng(seed)
+    H, V, K = config.d_model, config.vocab_size, config.n_heads
+
+    def dense(fan_in: int, fan_out: int) -> np.ndarray:
+        return rng.normal(0.0, 1.0 / np.sqrt(fan_in), (fan_in, fan_out))
+
+    per_head = config.controller_fields()
+    width = sum(n for _, n in per_head)
+    bias = np.zeros((K, width))
+    offset = 0
+    for name, n in per_head:
+        if name in ("write_gate", "read_gate", "gamma"):
+            bias[:, offset : offset + n] = RESET_GATE_BIAS
+        offset += n
+    hidden = config.mlp_ratio * H
+    blocks = [
+        {
+            "norm_ctrl": np.ones(H),
+            "ctrl_w": dense(H, K * width),
+            "ctrl_b": bias.reshape(-1).copy(),
+            "read_out": dense(K * config.head_dim, H),
+            "norm_mlp": np.ones(H),
+            "mlp_w1": dense(H, hidden),
+            "mlp_b1": np.zeros(hidden),
+            "mlp_w2": dense(hidden, H),
+            "mlp_b2": np.zeros(H),
+        }
+        for _ in range(config.n_layers)
+    ]
+    return {
+        "embed": rng.normal(0.0, 1.0, (V, H)),
+        "blocks": blocks,
+        "norm_out": np.ones(H),
+        "unembed": dense(H, V),
+    }
+
+
+class PNTM:
+    """A P-NTM bound to a backend. Parameters are passed in (functional style)."""
+
+    def __init__(self, config: PNTMConfig, ops: Backend) -> None:
+        self.config = config
+        self.ops = ops
+        self._twiddles: dict[int, tuple[Array, Array]] = {}
+        self._delta0: dict[int, Array] = {}
+
+    # ------------------------------------------------------------------ parameters and state
+    def params_from_numpy(self, params: Any) -> Any:
+        return tree_map(lambda p: self.ops.asarray(p), params)
+
+    def init_state(self, batch: int, n_slots: int) -> list[dict[str, Array]]:
+        """Heads on slot 0, memories empty: the state before the first token."""
+        _check_slots(n_slots)
+        c, ops = self.config, self.ops
+        delta = np.zeros((batch, c.n_heads, n_slots))
+        delta[..., 0] = 1.0
+        return [
+            {
+                "write": ops.asarray(delta),
+                "read": ops.asarray(delta),
+                "memory": ops.asarray(np.zeros((batch, c.n_heads, n_slots, c.head_dim))),
+            }
+            for _ in range(c.n_layers)
+        ]
+
+    # ------------------------------------------------------------------ shared pointwise parts
+    def _rms_norm(self, x: Array, gain: Array) -> Array:
+        ops = self.ops
+        return x / ops.sqrt(ops.mean(x * x, axis=-1, keepdims=True) + RMS_EPS) * gain
+
+    def _controls(self, block: dict, x: Array, heads: str, temperature: float) -> dict[str, Array]:
+        """Controller outputs per head for inputs ``x`` (..., H): shapes (..., K, width)."""
+        ops, c = self.ops, self.config
+        raw = ops.matmul(self._rms_norm(x, block["norm_ctrl"]), block["ctrl_w"]) + block["ctrl_b"]
+        raw = ops.reshape(raw, (*x.shape[:-1], c.n_heads, -1))
+        out: dict[str, Array] = {}
+        offset = 0
+        for name, n in c.controller_fields():
+            out[name] = raw[..., offset : offset + n]
+            offset += n
+        for head in ("write", "read"):
+            shift = ops.softmax(out[f"{head}_shift"] / temperature, axis=-1)
+            gate = ops.sigmoid(out[f"{head}_gate"][..., 0] / temperature)
+            if heads == "hard":  # straight-through: exact one-hot / 0-1 forward, soft gradient
+                shift = ops.one_hot(ops.argmax(shift, -1), c.n_shifts) + (
+                    shift - ops.stop_gradient(shift)
+                )
+                gate = ops.where(gate > 0.5, ops.ones_like(gate), ops.zeros_like(gate)) + (
+                    gate - ops.stop_gradient(gate)
+                )
+            out[f"{head}_shift"], out[f"{head}_gate"] = shift, gate
+        out["erase"] = ops.sigmoid(out["erase"])
+        if c.add_activation == "tanh":
+            out["add"] = ops.tanh(out["add"])
+        if c.content:
+            out["beta"] = ops.softplus(out["beta"][..., 0])
+            out["gamma"] = ops.sigmoid(out["gamma"][..., 0])
+        return out
+
+    def _content(self, ctl: dict[str, Array]) -> tuple[Array | None, Array | None, Array | None]:
+        if not self.config.content:
+            return None, None, None
+        return ctl["key"], ctl["beta"], ctl["gamma"]
+
+    def _residual(self, block: dict, x: Array, reads: Array) -> Array:
+        ops, c = self.ops, self.config
+        reads = ops.reshape(reads, (*reads.shape[:-2], c.n_heads * c.head_dim))
+        x = x + ops.matmul(reads, block["read_out"])
+        h = self._rms_norm(x, block["norm_mlp"])
+        h = ops.gelu(ops.matmul(h, block["mlp_w1"]) + block["mlp_b1"])
+        return x + ops.matmul(h, block["mlp_w2"]) + block["mlp_b2"]
+
+    def _logits(self, params: dict, x: Array) -> Array:
+        return self.ops.matmul(self._rms_norm(x, params["norm_out"]), params["unembed"])
+
+    # ------------------------------------------------------------------ parallel form
+    def _spectrum(self, n_slots: int) -> tuple[Array, Array]:
+        """cos and sin of ``2 pi j k / N`` for shifts j = -S..S and frequencies k = 0..N//2."""
+        if n_slots not in self._twiddles:
+            S = self.config.max_shift
+            angle = 2 * np.pi * np.outer(np.arange(-S, S + 1), np.arange(n_slots // 2 + 1)) / n_slots
+            self._twiddles[n_slots] = (self.ops.asarray(np.cos(angle)), self.ops.asarray(np.sin(angle)))
+        return self._twiddles[n_slots]
+
+    def head_positions(
+        self, shift: Array, gate: Array, n_slots: int, start: Array | None = None
+    ) -> Array:
+        """All head distributions ``w_t`` (B, T, K, N) of SPEC §2 by a scan in Fourier space:
+        ``hat w_t(k) = (1 - g_t) hat s_t(k) hat w_{t-1}(k) + g_t`` (SPEC §3)."""
+        ops = self.ops
+        cos, sin = self._spectrum(n_slots)
+        keep = (1 - gate)[..., None]
+        spec_re, spec_im = ops.matmul(shift, cos), -ops.matmul(shift, sin)
+        a = ops.complex(keep * spec_re, keep * spec_im)
+        reset = gate[..., None] + ops.zeros_like(spec_re)
+        b = ops.complex(reset, ops.zeros_like(spec_re))
+        if start is None:
+            h0 = ops.complex(ops.ones_like(spec_re[:, 0]), ops.zeros_like(spec_re[:, 0]))
+        else:
+            h0 = ops.rfft(start, axis=-1)
+        return ops.irfft(ops.linear_scan(a, b, h0), n=n_slots, axis=-1)
+
+    def forward(
+        self,
+        params: dict,
+        tokens: Array,
+        n_slots: int,
+        state: list[dict[str, Array]] | None = None,
+        heads: str = "soft",
+        temperature: float = 1.0,
+        return_state: bool = False,
+    ) -> Array | tuple[Array, list[dict[str, Array]]]:
+        """Logits (B, T, V) for tokens (B, T), all positions at once.
+
+        ``state`` continues from an earlier call (or :meth:`step`); ``return_state`` also returns
+        the state after the last token, so that decoding can go on with :meth:`step`.
+        """
+        _check_slots(n_slots)
+        _check_heads(heads, temperature)
+        ops = self.ops
+        x = ops.take(params["embed"], tokens)
+        new_state = []
+        for i, block in enumerate(params["blocks"]):
+            ctl = self._controls(block, x, heads, temperature)
+            prev = state[i] if state is not None else {}
+            write = self.head_positions(ctl["write_shift"], ctl["write_gate"], n_slots,
+                                        prev.get("write"))
+            read = self.head_positions(ctl["read_shift"], ctl["read_gate"], n_slots,
+                                       prev.get("read"))
+            reads, memory = ops.memory_scan_read(
+                write, ctl["erase"], ctl["add"], read, prev.get("memory"), *self._content(ctl)
+            )
+            x = self._residual(block, x, reads)
+            new_state.append({"write": write[:, -1], "read": read[:, -1], "memory": memory})
+        logits = self._logits(params, x)
+        return (logits, new_state) if return_state else logits
+
+    # ------------------------------------------------------------------ recurrent (step) form
+    def _delta(self, n_slots: int) -> Array:
+        if n_slots not in self._delta0:
+            self._delta0[n_slots] = self.ops.asarray(np.eye(n_slots)[0])
+        return self._delta0[n_slots]
+
+    def move_head(self, position: Array, shift: Array, gate: Array) -> Array:
+        """``w_t = (1 - g) (s ⊛ w_{t-1}) + g delta_0`` in slot space (SPEC §2)."""
+        ops, S = self.ops, self.config.max_shift
+        moved = None
+        for j in range(-S, S + 1):
+            term = shift[..., j + S : j + S + 1] * ops.roll(position, j, axis=-1)
+            moved = term if moved is None else moved + term
+        g = gate[..., None]
+        return (1 - g) * moved + g * self._delta(position.shape[-1])
+
+    def step(
+        self,
+        params: dict,
+        state: list[dict[str, Array]],
+        token: Array,
+        heads: str = "soft",
+        temperature: float = 1.0,
+    ) -> tuple[Array, list[dict[str, Array]]]:
+        """Logits (B, V) for one token per sequence (B,), and the next state."""
+        _check_heads(heads, temperature)
+        ops = self.ops
+        x = ops.take(params["embed"], token)
+        new_state = []
+        for block, prev in zip(params["blocks"], state, strict=True):
+            ctl = self._controls(block, x, heads, temperature)
+            write = self.move_head(prev["write"], ctl["write_shift"], ctl["write_gate"])
+            memory = ops.decay_write(prev["memory"], write, ctl["erase"], ctl["add"])
+            read = self.move_head(prev["read"], ctl["read_shift"], ctl["read_gate"])
+            reads = read_step(ops, memory, read, *self._content(ctl))
+            x = self._residual(block, x, reads)
+            new_state.append({"write": write, "read": read, "memory": memory})
+        return self._logits(params, x), new_state
+
+
+def _check_slots(n_slots: int) -> None:
+    if not isinstance(n_slots, (int, np.integer)) or n_slots < 1:
+        raise ValueError(f"n_slots must be a positive integer, got {n_slots!r}")
+
+
+def _check_heads(heads: str, temperature: float) -> None:
+    if heads not in HEAD_MODES:
+        raise ValueError(f"heads must be one of {HEAD_MODES}, got {heads!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+
+
+def cross_entropy(ops: Backend, logits: Array, targets: Array, mask: Array) -> Array:
+    """Mean negative log-likelihood of ``targets`` over positions where ``mask`` is 1."""
+    logp = ops.sum(ops.log_softmax(logits, -1) * ops.one_hot(targets, logits.shape[-1]), axis=-1)
+    return -ops.sum(logp * mask) / ops.sum(mask)
