@@ -38,10 +38,13 @@ def tree_flatten(tree: Tree, prefix: str = "") -> dict[str, Any]:
 def tree_unflatten(flat: dict[str, Any], like: Tree, prefix: str = "") -> Tree:
     """Inverse of :func:`tree_flatten`, using ``like`` for the structure."""
     if isinstance(like, dict):
-        return {k: tree_unflatten(flat, v, f"{prefix}.{k}" if prefix else k) for k, v in like.items()}
+        return {
+            k: tree_unflatten(flat, v, f"{prefix}.{k}" if prefix else k) for k, v in like.items()
+        }
     if isinstance(like, (list, tuple)):
         return type(like)(
-            tree_unflatten(flat, v, f"{prefix}.{i}" if prefix else str(i)) for i, v in enumerate(like)
+            tree_unflatten(flat, v, f"{prefix}.{i}" if prefix else str(i))
+            for i, v in enumerate(like)
         )
     return flat[prefix]
 

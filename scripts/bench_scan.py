@@ -22,8 +22,16 @@ from pntm import backends
 from pntm.models.pntm import PNTM, PNTMConfig, cross_entropy, init_params
 
 
-def time_fwd_bwd(backend: str, scan: str, config: PNTMConfig, batch: int, length: int,
-                 slots: int, repeats: int, seed: int = 0) -> float:
+def time_fwd_bwd(
+    backend: str,
+    scan: str,
+    config: PNTMConfig,
+    batch: int,
+    length: int,
+    slots: int,
+    repeats: int,
+    seed: int = 0,
+) -> float:
     ops = backends.get(backend, scan=scan)
     model = PNTM(config, ops)
     params = model.params_from_numpy(init_params(config, seed))
@@ -45,15 +53,25 @@ def time_fwd_bwd(backend: str, scan: str, config: PNTMConfig, batch: int, length
 
 
 @click.command()
-@click.option("--backend", "backend_names", multiple=True, default=("torch", "mlx"),
-              show_default=True, help="Backends to time (repeatable).")
+@click.option(
+    "--backend",
+    "backend_names",
+    multiple=True,
+    default=("torch", "mlx"),
+    show_default=True,
+    help="Backends to time (repeatable).",
+)
 @click.option("--batch", default=2, show_default=True)
 @click.option("--length", default=512, show_default=True, help="Sequence length T.")
 @click.option("--slots", default=512, show_default=True, help="Memory slots N.")
 @click.option("--threads", default=0, help="CPU threads for PyTorch (0: its default).")
 @click.option("--repeats", default=3, show_default=True)
-@click.option("--json-out", type=click.Path(dir_okay=False), default=None,
-              help="Also write the results as JSON here.")
+@click.option(
+    "--json-out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the results as JSON here.",
+)
 def main(backend_names, batch, length, slots, threads, repeats, json_out):
     """Time parallel vs sequential P-NTM forward+backward (model of the prototype)."""
     config = PNTMConfig(vocab_size=8, d_model=64, n_layers=2, n_heads=2, head_dim=16)
@@ -67,11 +85,22 @@ def main(backend_names, batch, length, slots, threads, repeats, json_out):
     for name in backend_names:
         parallel = time_fwd_bwd(name, "parallel", config, batch, length, slots, repeats)
         loop = time_fwd_bwd(name, "sequential", config, batch, length, slots, repeats)
-        results.append(dict(backend=name, batch=batch, length=length, slots=slots,
-                            threads=threads, parallel_s=parallel, sequential_s=loop,
-                            speedup=loop / parallel))
-        click.echo(f"{name:6s} parallel {parallel:7.3f} s   sequential loop {loop:7.3f} s   "
-                   f"loop/parallel {loop / parallel:5.2f}x")
+        results.append(
+            dict(
+                backend=name,
+                batch=batch,
+                length=length,
+                slots=slots,
+                threads=threads,
+                parallel_s=parallel,
+                sequential_s=loop,
+                speedup=loop / parallel,
+            )
+        )
+        click.echo(
+            f"{name:6s} parallel {parallel:7.3f} s   sequential loop {loop:7.3f} s   "
+            f"loop/parallel {loop / parallel:5.2f}x"
+        )
     if json_out:
         with open(json_out, "w") as fh:
             json.dump(results, fh, indent=2)

@@ -24,8 +24,13 @@ NP = NumpyBackend()
 # (B, T, rest) for the linear scan; decays include exact zeros and ones
 LINEAR_SHAPES = [(1, 1, (1,)), (2, 7, (3,)), (3, 64, (2, 5)), (2, 129, (4,)), (1, 1000, (3,))]
 # (B, T, K, N, D) for the memory scan: T=1, N=1, odd D, K>1, batch>1, T not a square
-MEMORY_SHAPES = [(1, 1, 1, 1, 1), (2, 5, 1, 1, 3), (1, 17, 3, 4, 5), (3, 40, 2, 7, 1),
-                 (2, 130, 2, 5, 3)]
+MEMORY_SHAPES = [
+    (1, 1, 1, 1, 1),
+    (2, 5, 1, 1, 3),
+    (1, 17, 3, 4, 5),
+    (3, 40, 2, 7, 1),
+    (2, 130, 2, 5, 3),
+]
 
 
 def linear_inputs(rng, B, T, rest, complex_):
@@ -55,8 +60,11 @@ def memory_inputs(rng, B, T, K, N, D, content):
         w[:, T // 3 + 1, -1] = 0.0
     inputs = dict(w=w, erase=erase, add=add, rho=rho, m0=rng.normal(size=(B, K, N, D)))
     if content:
-        inputs.update(key=rng.normal(size=(B, T, K, D)), beta=rng.uniform(0, 4, (B, T, K)),
-                      gamma=rng.uniform(0, 1, (B, T, K)))
+        inputs.update(
+            key=rng.normal(size=(B, T, K, D)),
+            beta=rng.uniform(0, 4, (B, T, K)),
+            gamma=rng.uniform(0, 1, (B, T, K)),
+        )
     return inputs
 
 
@@ -69,8 +77,9 @@ def backend_grads(ops, fn, inputs: dict, cotangents: list):
         outs = outs if isinstance(outs, tuple) else (outs,)
         total = 0
         for out, cot in zip(outs, cotangents, strict=True):
-            total = total + ops.sum(ops.real(out * ops.asarray(cot)) if np.iscomplexobj(cot)
-                                    else out * ops.asarray(cot))
+            total = total + ops.sum(
+                ops.real(out * ops.asarray(cot)) if np.iscomplexobj(cot) else out * ops.asarray(cot)
+            )
         return total
 
     _, grads = ops.value_and_grad(loss)({n: ops.asarray(x) for n, x in inputs.items()})
@@ -154,7 +163,8 @@ def test_memory_scan_read_matches_reference(ops, B, T, K, N, D, content):
     assert rel_err(ops.to_numpy(final), states[-1]) <= FWD_RTOL
     no_m0 = {n: x for n, x in native.items() if n != "m0"}
     want_reads0, _ = sequential.memory_scan_read(
-        NP, **{n: x for n, x in inputs.items() if n != "m0"})
+        NP, **{n: x for n, x in inputs.items() if n != "m0"}
+    )
     assert rel_err(ops.to_numpy(ops.memory_scan_read(**no_m0)[0]), want_reads0) <= FWD_RTOL
     if not ops.trainable:
         return
@@ -183,9 +193,16 @@ def test_memory_scan_chunking_and_backward_groups(chunk, max_group):
     d_read, d_final = rng.normal(size=reads.shape), rng.normal(size=final.shape)
     want = memory_scan_read_vjp(**inputs, d_read=d_read, d_final=d_final)
     args = {n: x for n, x in inputs.items() if n != "m0"}
-    got = parallel.memory_scan_backward(NP, starts=starts, prod=prod, d_read=d_read,
-                                        d_final=d_final, chunk=chunk,
-                                        max_group_elements=max_group, **args)
+    got = parallel.memory_scan_backward(
+        NP,
+        starts=starts,
+        prod=prod,
+        d_read=d_read,
+        d_final=d_final,
+        chunk=chunk,
+        max_group_elements=max_group,
+        **args,
+    )
     for name in inputs:
         assert rel_err(got[name], want[name]) <= 1e-12, name
 
@@ -198,8 +215,11 @@ def test_linear_scan_chunking(chunk):
     h = parallel.scan_forward(NP, a, b, h0, chunk)
     assert rel_err(h, want) <= 1e-12
     d_h = rng.normal(size=b.shape) + 1j * rng.normal(size=b.shape)
-    for got, ref_grad in zip(parallel.scan_backward(NP, a, h, h0, d_h, chunk),
-                             linear_scan_vjp(a, b, h0, d_h), strict=True):
+    for got, ref_grad in zip(
+        parallel.scan_backward(NP, a, h, h0, d_h, chunk),
+        linear_scan_vjp(a, b, h0, d_h),
+        strict=True,
+    ):
         assert rel_err(got, ref_grad) <= 1e-12
 
 
@@ -216,8 +236,9 @@ def test_scans_stable_at_65536_steps(ops):
     a = a * 0.5 + 0.5 * np.exp(1j * rng.uniform(-np.pi, np.pi, a.shape))  # |a| up to 1
     a[0, ::997] = 0.0
     want = sequential.linear_scan(NP, a, b, h0)
-    assert rel_err(ops.to_numpy(ops.linear_scan(*map(ops.asarray, (a, b, h0)))), want) \
-        <= LONG_T_RTOL
+    assert (
+        rel_err(ops.to_numpy(ops.linear_scan(*map(ops.asarray, (a, b, h0)))), want) <= LONG_T_RTOL
+    )
     inputs = memory_inputs(rng, 1, T, 1, 4, 3, content=False)
     inputs["erase"] *= 0.05  # slots keep content over long stretches
     want_reads, states = sequential.memory_scan_read(NP, **inputs)

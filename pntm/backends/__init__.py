@@ -96,4 +96,6 @@ def best_available() -> str:
         return "torch"
     if "mlx" in runs:
         return "mlx"
-    raise RuntimeError("no trainable backend is installed: pip install 'pntm[torch]' or 'pntm[mlx]'")
+    raise RuntimeError(
+        "no trainable backend is installed: pip install 'pntm[torch]' or 'pntm[mlx]'"
+    )

@@ -291,7 +291,9 @@ def read_step_vjp(
     d_key = ops.matmul(inv[..., None, :], memory)[..., 0, :] - ops.sum(d_cos * cosine, axis=-1)[
         ..., None
     ] * key / (norm_k * norm_k)
-    d_memory = d_memory + inv[..., None] * key[..., None, :] - (d_cos * cosine / (norm_m * norm_m))[
-        ..., None
-    ] * memory
+    d_memory = (
+        d_memory
+        + inv[..., None] * key[..., None, :]
+        - (d_cos * cosine / (norm_m * norm_m))[..., None] * memory
+    )
     return d_memory, d_rho, d_key, d_beta, d_gamma

@@ -198,10 +198,21 @@ class MLXBackend(FrameworkBackend):
             w, erase, add, rho, _m0, *extra = primals
             extra = extra or [None, None, None]
             g = parallel.memory_scan_backward(
-                ops, w, erase, add, rho, outputs[2], outputs[3], cotangents[0], cotangents[1],
-                *extra, chunk=chunk,
+                ops,
+                w,
+                erase,
+                add,
+                rho,
+                outputs[2],
+                outputs[3],
+                cotangents[0],
+                cotangents[1],
+                *extra,
+                chunk=chunk,
             )
-            names = ["w", "erase", "add", "rho", "m0"] + (["key", "beta", "gamma"] if content else [])
+            names = ["w", "erase", "add", "rho", "m0"] + (
+                ["key", "beta", "gamma"] if content else []
+            )
             return tuple(g[n] for n in names)
 
         return memory_scan

@@ -136,8 +136,9 @@ class _Chunked:
 
     def __init__(self, ops: Backend, L: int, **inputs: Array | None) -> None:
         self.T, self.L = next(x for x in inputs.values() if x is not None).shape[1], L
-        self.x = {n: None if x is None else ops.unstack(_chunk(ops, x, L), 2)
-                  for n, x in inputs.items()}
+        self.x = {
+            n: None if x is None else ops.unstack(_chunk(ops, x, L), 2) for n, x in inputs.items()
+        }
         self.C = -(-self.T // L)
 
     def at(self, name: str, l: int, chunks: slice = slice(None)) -> Array | None:
@@ -170,8 +171,10 @@ def memory_scan_forward(
         w_0 = x.at("w", 0)[..., None]
         ones = ops.ones_like(w_0 * x.at("add", 0)[..., None, :])
         prod, local = _chunk_summaries(
-            (ops.decay_mul(ones, x.at("w", l), x.at("erase", l)),
-             x.at("w", l)[..., None] * x.at("add", l)[..., None, :])
+            (
+                ops.decay_mul(ones, x.at("w", l), x.at("erase", l)),
+                x.at("w", l)[..., None] * x.at("add", l)[..., None, :],
+            )
             for l in range(L)
         )
         ends = scan_forward(ops, prod, local, m0)
@@ -232,11 +235,13 @@ def memory_scan_backward(
             rho_l, d_read_l = x.at("rho", l, chunks), x.at("d_read", l, chunks)
             if key is None:  # location reads: dM += rho dr^T, fused
                 d_rho = ops.matmul(states[l + 1], d_read_l[..., None])[..., 0]
-                g = rho_l[..., None] * d_read_l[..., None, :] if g is None else ops.outer_add(
-                    g, rho_l, d_read_l)
+                g = (
+                    rho_l[..., None] * d_read_l[..., None, :]
+                    if g is None
+                    else ops.outer_add(g, rho_l, d_read_l)
+                )
                 return g, (d_rho, None, None, None)
-            d_mem, *rest = read_step_vjp(ops, states[l + 1], rho_l, d_read_l,
-                                         *x.content(l, chunks))
+            d_mem, *rest = read_step_vjp(ops, states[l + 1], rho_l, d_read_l, *x.content(l, chunks))
             return (d_mem if g is None else g + d_mem), rest
 
         # dL/dM at the end of each chunk of the group, arriving from later chunks

@@ -185,8 +185,7 @@ def memory_scan_read_vjp(
     ops = NumpyBackend()
     _, states = sequential.memory_scan_read(ops, w, erase, add, rho, m0, key, beta, gamma)
     T = w.shape[1]
-    grads = {name: np.zeros_like(x) for name, x in
-             dict(w=w, erase=erase, add=add, rho=rho).items()}
+    grads = {name: np.zeros_like(x) for name, x in dict(w=w, erase=erase, add=add, rho=rho).items()}
     if key is not None:
         grads.update(key=np.zeros_like(key), beta=np.zeros_like(beta), gamma=np.zeros_like(gamma))
     carry = np.zeros_like(states[-1]) if d_final is None else d_final.copy()
@@ -202,7 +201,9 @@ def memory_scan_read_vjp(
             grads["key"][:, t], grads["beta"][:, t], grads["gamma"][:, t] = d_key, d_beta, d_gamma
         wt, et, at = w[:, t], erase[:, t], add[:, t]
         g_prev = g * prev
-        grads["w"][:, t] = np.einsum("bknd,bkd->bkn", g, at) - np.einsum("bknd,bkd->bkn", g_prev, et)
+        grads["w"][:, t] = np.einsum("bknd,bkd->bkn", g, at) - np.einsum(
+            "bknd,bkd->bkn", g_prev, et
+        )
         grads["erase"][:, t] = -np.einsum("bkn,bknd->bkd", wt, g_prev)
         grads["add"][:, t] = np.einsum("bkn,bknd->bkd", wt, g)
         carry = (1.0 - wt[..., None] * et[..., None, :]) * g  # F_t ⊙ G_t -> dL/dM_{t-1}

@@ -34,8 +34,10 @@ def memory_scan_read(
     """Every read ``r_t`` (B, T, K, D) and every state ``[M_0, ..., M_T]``."""
     memory = ops.zeros_like(w[:, 0, ..., None] * add[:, 0, :, None, :]) if m0 is None else m0
     T = w.shape[1]
-    steps = [ops.unstack(x, 1) if x is not None else [None] * T
-             for x in (w, erase, add, rho, key, beta, gamma)]
+    steps = [
+        ops.unstack(x, 1) if x is not None else [None] * T
+        for x in (w, erase, add, rho, key, beta, gamma)
+    ]
     states, reads = [memory], []
     for w_t, e_t, a_t, rho_t, key_t, beta_t, gamma_t in zip(*steps, strict=True):
         memory = ops.decay_write(memory, w_t, e_t, a_t)

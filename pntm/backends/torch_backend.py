@@ -33,7 +33,9 @@ class TorchBackend(FrameworkBackend):
         self.complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
         self.int_dtype = torch.int64
         # CPUs want few, cache-sized chunks; GPUs as many as the sqrt(T) rule allows
-        self.target_step_elements = parallel.CPU_STEP_ELEMENTS if self.device.type == "cpu" else None
+        self.target_step_elements = (
+            parallel.CPU_STEP_ELEMENTS if self.device.type == "cpu" else None
+        )
 
     # creation and conversion
     def asarray(self, x: Any, dtype: Any = None) -> torch.Tensor:
@@ -219,8 +221,29 @@ class _MemoryScanRead(torch.autograd.Function):
     def backward(ctx, d_read, d_final):
         w, erase, add, rho, key, beta, gamma, starts, prod = ctx.saved_tensors
         g = parallel.memory_scan_backward(
-            ctx.ops, w, erase, add, rho, starts, prod, d_read, d_final, key, beta, gamma,
+            ctx.ops,
+            w,
+            erase,
+            add,
+            rho,
+            starts,
+            prod,
+            d_read,
+            d_final,
+            key,
+            beta,
+            gamma,
             ctx.chunk,
         )
-        return (g["w"], g["erase"], g["add"], g["rho"], g["m0"],
-                g.get("key"), g.get("beta"), g.get("gamma"), None, None)
+        return (
+            g["w"],
+            g["erase"],
+            g["add"],
+            g["rho"],
+            g["m0"],
+            g.get("key"),
+            g.get("beta"),
+            g.get("gamma"),
+            None,
+            None,
+        )

@@ -52,7 +52,9 @@ class PNTMConfig:
         if not isinstance(self.max_shift, int) or self.max_shift < 0:
             raise ValueError(f"max_shift must be an integer >= 0, got {self.max_shift!r}")
         if self.add_activation not in ("tanh", "linear"):
-            raise ValueError(f"add_activation must be 'tanh' or 'linear', got {self.add_activation!r}")
+            raise ValueError(
+                f"add_activation must be 'tanh' or 'linear', got {self.add_activation!r}"
+            )
 
     @property
     def n_shifts(self) -> int:
@@ -72,8 +74,14 @@ class PNTMConfig:
     def controller_fields(self) -> list[tuple[str, int]]:
         """Per-head slices of the controller output, in order."""
         S, D = self.n_shifts, self.head_dim
-        out = [("write_shift", S), ("write_gate", 1), ("erase", D), ("add", D),
-               ("read_shift", S), ("read_gate", 1)]
+        out = [
+            ("write_shift", S),
+            ("write_gate", 1),
+            ("erase", D),
+            ("add", D),
+            ("read_shift", S),
+            ("read_gate", 1),
+        ]
         if self.content:
             out += [("key", D), ("beta", 1), ("gamma", 1)]
         return out
@@ -201,8 +209,13 @@ class PNTM:
         """cos and sin of ``2 pi j k / N`` for shifts j = -S..S and frequencies k = 0..N//2."""
         if n_slots not in self._twiddles:
             S = self.config.max_shift
-            angle = 2 * np.pi * np.outer(np.arange(-S, S + 1), np.arange(n_slots // 2 + 1)) / n_slots
-            self._twiddles[n_slots] = (self.ops.asarray(np.cos(angle)), self.ops.asarray(np.sin(angle)))
+            angle = (
+                2 * np.pi * np.outer(np.arange(-S, S + 1), np.arange(n_slots // 2 + 1)) / n_slots
+            )
+            self._twiddles[n_slots] = (
+                self.ops.asarray(np.cos(angle)),
+                self.ops.asarray(np.sin(angle)),
+            )
         return self._twiddles[n_slots]
 
     def head_positions(
@@ -246,10 +259,12 @@ class PNTM:
         for i, block in enumerate(params["blocks"]):
             ctl = self._controls(block, x, heads, temperature)
             prev = state[i] if state is not None else {}
-            write = self.head_positions(ctl["write_shift"], ctl["write_gate"], n_slots,
-                                        prev.get("write"))
-            read = self.head_positions(ctl["read_shift"], ctl["read_gate"], n_slots,
-                                       prev.get("read"))
+            write = self.head_positions(
+                ctl["write_shift"], ctl["write_gate"], n_slots, prev.get("write")
+            )
+            read = self.head_positions(
+                ctl["read_shift"], ctl["read_gate"], n_slots, prev.get("read")
+            )
             reads, memory = ops.memory_scan_read(
                 write, ctl["erase"], ctl["add"], read, prev.get("memory"), *self._content(ctl)
             )

@@ -1,0 +1,189 @@
+"""The model: parallel form against the float64 step-by-step reference on every backend,
+step form against parallel form, state hand-over, and gradients against finite differences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pntm.models.pntm import PNTM, PNTMConfig, cross_entropy, init_params
+from pntm.tree import tree_flatten
+from tests.tolerances import (
+    EXACT_RTOL,
+    FD_RTOL_FLOAT32,
+    FWD_RTOL,
+    GRAD_RTOL,
+    central_difference,
+    grad_errors,
+    rel_err,
+)
+
+CONFIGS = {
+    "default": dict(d_model=16, n_layers=2, n_heads=2, head_dim=4),
+    "content": dict(d_model=16, n_layers=2, n_heads=2, head_dim=4, content=True),
+    "shift2-odd": dict(d_model=12, n_layers=1, n_heads=3, head_dim=5, max_shift=2),
+    "one-head-linear-add": dict(
+        d_model=8, n_layers=3, n_heads=1, head_dim=3, add_activation="linear"
+    ),
+}
+# (batch, T, n_slots): T=1, N=1, N < 2S+1, N > T, odd everything
+SHAPES = [(1, 1, 1), (2, 9, 1), (3, 11, 4), (2, 13, 13), (1, 24, 31)]
+VOCAB = 7
+
+
+def make(ops, name, seed=0):
+    config = PNTMConfig(vocab_size=VOCAB, **CONFIGS[name])
+    model = PNTM(config, ops)
+    return model, init_params(config, seed)
+
+
+def step_logits(model, params, tokens, n_slots, heads="soft"):
+    """Logits of the recurrent form, one token at a time (the plain loop of SPEC §2)."""
+    ops = model.ops
+    state = model.init_state(tokens.shape[0], n_slots)
+    out = []
+    for t in range(tokens.shape[1]):
+        logits, state = model.step(params, state, tokens[:, t], heads=heads)
+        out.append(ops.to_numpy(logits))
+    return np.stack(out, 1)
+
+
+@pytest.mark.parametrize("heads", ["soft", "hard"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-T{}-N{}".format(*s))
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_forward_matches_float64_step_reference(ops, ref, config, shape, heads):
+    batch, T, n_slots = shape
+    tokens = np.random.default_rng(T).integers(0, VOCAB, (batch, T))
+    ref_model, params = make(ref, config)
+    want = step_logits(ref_model, ref_model.params_from_numpy(params), tokens, n_slots, heads)
+    model = PNTM(ref_model.config, ops)
+    native = model.params_from_numpy(params)
+    got = ops.to_numpy(model.forward(native, ops.asarray(tokens), n_slots, heads=heads))
+    tol = EXACT_RTOL if ops.name == "numpy" else FWD_RTOL
+    assert rel_err(got, want) <= tol
+    # the step form on this backend, position by position
+    assert rel_err(step_logits(model, native, ops.asarray(tokens), n_slots, heads), want) <= tol
+
+
+@pytest.mark.parametrize("config", ["default", "content"])
+def test_state_hand_over_between_forms(ops, config):
+    """forward(prefix) -> state -> forward(rest) and -> step(...) give forward(all)."""
+    model, params = make(ops, config)
+    params = model.params_from_numpy(params)
+    tokens = np.random.default_rng(3).integers(0, VOCAB, (2, 15))
+    n_slots = 16
+    full = ops.to_numpy(model.forward(params, ops.asarray(tokens), n_slots))
+    head, state = model.forward(params, ops.asarray(tokens[:, :6]), n_slots, return_state=True)
+    tail = model.forward(params, ops.asarray(tokens[:, 6:]), n_slots, state=state)
+    joined = np.concatenate([ops.to_numpy(head), ops.to_numpy(tail)], 1)
+    tol = EXACT_RTOL if ops.name == "numpy" else FWD_RTOL
+    assert rel_err(joined, full) <= tol
+    _, state = model.forward(params, ops.asarray(tokens[:, :6]), n_slots, return_state=True)
+    stepped = []
+    for t in range(6, 15):
+        logits, state = model.step(params, state, ops.asarray(tokens[:, t]))
+        stepped.append(ops.to_numpy(logits))
+    assert rel_err(np.stack(stepped, 1), full[:, 6:]) <= tol
+
+
+def test_hard_heads_are_exactly_one_hot(ops):
+    """Straight-through heads: the forward pass sees exact one-hot shifts and 0/1 gates, so
+    head positions stay exactly one-hot over a long sequence."""
+    model, params = make(ops, "default")
+    params = model.params_from_numpy(params)
+    tokens = ops.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, 300)))
+    x = ops.take(params["embed"], tokens)
+    ctl = model._controls(params["blocks"][0], x, "hard", 1.0)
+    positions = ops.to_numpy(model.head_positions(ctl["write_shift"], ctl["write_gate"], 37))
+    assert np.allclose(positions.max(-1), 1.0, atol=1e-5)
+    assert np.allclose(positions.sum(-1), 1.0, atol=1e-5)
+
+
+def _loss_and_data(model, seed=5, batch=2, T=8):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, VOCAB, (batch, T))
+    targets = rng.integers(0, VOCAB, (batch, T))
+    mask = (rng.uniform(size=(batch, T)) < 0.7).astype(float)
+    mask[:, -1] = 1.0
+    return tokens, targets, mask
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_gradients_match_finite_differences_of_reference(trainable_ops, ref, config):
+    """Every parameter's gradient on this backend (float32 autodiff through the parallel path)
+    against central differences of the float64 NumPy forward, on a sample of coordinates."""
+    ops = trainable_ops
+    ref_model, params = make(ref, config, seed=1)
+    tokens, targets, mask = _loss_and_data(ref_model)
+    n_slots = 7
+
+    def ref_loss():
+        logits = ref_model.forward(params, tokens, n_slots)
+        return float(cross_entropy(ref, logits, targets, mask))
+
+    model = PNTM(ref_model.config, ops)
+    native_tokens, native_targets, native_mask = (ops.asarray(x) for x in (tokens, targets, mask))
+
+    def loss_fn(p):
+        return cross_entropy(
+            ops, model.forward(p, native_tokens, n_slots), native_targets, native_mask
+        )
+
+    _, grads = ops.value_and_grad(loss_fn)(model.params_from_numpy(params))
+    grads = {k: ops.to_numpy(v) for k, v in tree_flatten(grads).items()}
+    flat_params = tree_flatten(params)
+    rng = np.random.default_rng(0)
+    checked = 0
+    for name, value in flat_params.items():
+        for k in rng.choice(value.size, size=min(3, value.size), replace=False):
+            index = np.unravel_index(k, value.shape)
+            want = central_difference(ref_loss, value, index)
+            got = grads[name][index]
+            assert abs(got - want) <= FD_RTOL_FLOAT32 * max(abs(want), 1e-2), (name, got, want)
+            checked += 1
+    assert checked >= 3 * len(flat_params) - 2
+
+
+@pytest.mark.parametrize("config", ["default", "content"])
+def test_gradients_agree_across_backends(trainable_ops, config):
+    """Full gradients on this backend against the same computation run in PyTorch float64
+    sequential mode when PyTorch is installed (a second, independent autodiff)."""
+    torch_backend = pytest.importorskip("pntm.backends.torch_backend")
+    import torch
+
+    ops = trainable_ops
+    reference_ops = torch_backend.TorchBackend(device="cpu", dtype=torch.float64, scan="sequential")
+    results = []
+    for backend in (ops, reference_ops):
+        model, params = make(backend, config, seed=2)
+        tokens, targets, mask = (backend.asarray(x) for x in _loss_and_data(model, T=20))
+
+        def loss_fn(p, model=model, backend=backend, tokens=tokens, targets=targets, mask=mask):
+            return cross_entropy(backend, model.forward(p, tokens, 11), targets, mask)
+
+        _, grads = backend.value_and_grad(loss_fn)(model.params_from_numpy(params))
+        results.append({k: backend.to_numpy(v) for k, v in tree_flatten(grads).items()})
+    errors = grad_errors(*results)
+    assert max(errors.values()) <= GRAD_RTOL, errors
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(n_slots=0), dict(n_slots=2.5), dict(heads="sharp"), dict(temperature=0.0)]
+)
+def test_bad_arguments_are_named(bad):
+    from pntm import backends
+
+    ops = backends.get("numpy")
+    model, params = make(ops, "default")
+    kwargs = dict(n_slots=4) | bad
+    with pytest.raises(ValueError, match=str(next(iter(bad.values())))):
+        model.forward(params, np.zeros((1, 3), int), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("d_model", 0), ("max_shift", -1), ("add_activation", "relu"), ("vocab_size", 2.0)],
+)
+def test_bad_config_is_named(field, value):
+    with pytest.raises(ValueError, match=field):
+        PNTMConfig(**(dict(vocab_size=5) | {field: value}))
