@@ -21,12 +21,12 @@ def test_available_lists_every_backend_with_a_reason():
 
 
 def test_unknown_backend_is_named():
-    with pytest.raises(ValueError, match="'cuda'.*known backends: numpy, mlx, torch"):
+    with pytest.raises(ValueError, match=r"'cuda'.*known backends: numpy, mlx, torch"):
         backends.get("cuda")
 
 
 def test_unimplemented_backend_says_why():
-    with pytest.raises(RuntimeError, match="triton.*not implemented yet"):
+    with pytest.raises(RuntimeError, match=r"triton.*not implemented yet"):
         backends.get("triton")
 
 

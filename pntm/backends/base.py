@@ -135,7 +135,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def take(self, table: Array, indices: Array) -> Array:
-        """Rows of ``table`` (V, H) at integer ``indices`` of any shape -> ``(*indices.shape, H)``."""
+        """Rows of ``table`` (V, H) at integer ``indices``: ``(*indices.shape, H)``."""
 
     @abc.abstractmethod
     def roll(self, x: Array, shift: int, axis: int) -> Array:

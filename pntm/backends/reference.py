@@ -147,7 +147,7 @@ class NumpyBackend(Backend):
 def linear_scan_vjp(
     a: np.ndarray, b: np.ndarray, h0: np.ndarray | None, d_h: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reverse mode of :func:`pntm.backends.sequential.linear_scan`: ``(da, db, dh0)`` for cotangent ``d_h``.
+    """Reverse mode of :func:`pntm.backends.sequential.linear_scan`: ``(da, db, dh0)``.
 
     Complex values use the convention of PyTorch: the cotangent of ``z`` is
     ``dL/dRe(z) + i dL/dIm(z)``, so a product ``y = a z`` sends ``conj(a) * dy`` back to ``z``.
