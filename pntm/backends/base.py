@@ -201,8 +201,8 @@ class Backend(abc.ABC):
     def linear_scan(self, a: Array, b: Array, h0: Array | None = None) -> Array:
         """``h_t = a_t * h_{t-1} + b_t`` along axis 1 (time), ``h_0 = h0`` (zeros if None).
 
-        ``a`` and ``b`` are ``(B, T, *rest)``, real or complex; ``a`` may broadcast against
-        ``b`` only if it has the same shape. Returns every ``h_t``, ``(B, T, *rest)``.
+        ``a`` and ``b`` are ``(B, T, *rest)`` of one shape, real or complex.
+        Returns every ``h_t``, ``(B, T, *rest)``.
         """
 
     @abc.abstractmethod
