@@ -45,8 +45,8 @@ class AdamW:
 
 def clip_by_global_norm(ops: Backend, grads: Any, max_norm: float) -> tuple[Any, float]:
     """Scale ``grads`` so that their joint L2 norm is at most ``max_norm``; returns the norm."""
-    total = sum(float(ops.to_numpy(ops.sum(g * g))) for g in tree_leaves(grads))
-    norm = math.sqrt(total)
+    total = sum(ops.sum(g * g) for g in tree_leaves(grads))  # on the device: one sync below
+    norm = math.sqrt(float(ops.to_numpy(total)))
     if norm > max_norm:
         scale = max_norm / (norm + 1e-12)
         grads = tree_map(lambda g: g * scale, grads)
