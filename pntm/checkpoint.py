@@ -1,0 +1,157 @@
+"""Checkpoints: one safetensors file with the weights, the optimizer state and, as metadata, the
+model and training configs, the step and the data RNG state.
+
+Tensors are stored as float32 NumPy arrays under dotted names (``params.blocks.0.ctrl_w``,
+``optimizer.m.embed``, ...), so a checkpoint written by one backend loads in any other. Files are
+written to a temporary name in the same directory and renamed: a crash never leaves a
+half-written checkpoint under the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pntm import models
+from pntm.tree import tree_flatten, tree_unflatten
+
+FORMAT = "pntm-checkpoint"
+FORMAT_VERSION = "1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or does not match what it claims to hold."""
+
+
+@dataclass
+class Checkpoint:
+    model: str
+    model_config: dict[str, Any]
+    train_config: dict[str, Any]
+    step: int
+    params: dict[str, Any]  # nested dict of float32 NumPy arrays
+    optimizer: dict[str, Any] | None  # {"step", "m", "v"} or None
+    rng_state: dict[str, Any] | None
+    backend: str  # the backend that wrote it (informational)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
+    from safetensors.numpy import save_file
+
+    tensors = {
+        f"params.{k}": np.ascontiguousarray(v, dtype=np.float32)
+        for k, v in tree_flatten(ckpt.params).items()
+    }
+    if ckpt.optimizer is not None:
+        for moment in ("m", "v"):
+            for k, v in tree_flatten(ckpt.optimizer[moment]).items():
+                tensors[f"optimizer.{moment}.{k}"] = np.ascontiguousarray(v, dtype=np.float32)
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": ckpt.model,
+        "model_config": json.dumps(ckpt.model_config),
+        "train_config": json.dumps(ckpt.train_config),
+        "step": str(ckpt.step),
+        "optimizer_step": str(ckpt.optimizer["step"]) if ckpt.optimizer is not None else "",
+        "rng_state": json.dumps(ckpt.rng_state) if ckpt.rng_state is not None else "",
+        "backend": ckpt.backend,
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read and validate a checkpoint; every problem is a :class:`CheckpointError`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        with safe_open(str(path), framework="np") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except Exception as exc:  # safetensors raises its own error types for bad headers/sizes
+        raise CheckpointError(
+            f"cannot read checkpoint {str(path)!r} (truncated or not a safetensors file): {exc}"
+        ) from exc
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is a safetensors file but not a pntm checkpoint")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has format version {metadata.get('format_version')!r}; "
+            f"this pntm reads version {FORMAT_VERSION}"
+        )
+    try:
+        spec = models.get(metadata["model"])
+        model_config = json.loads(metadata["model_config"])
+        config = spec.config_class.from_dict(model_config)
+        train_config = json.loads(metadata["train_config"])
+        step = int(metadata["step"])
+        rng_state = json.loads(metadata["rng_state"]) if metadata.get("rng_state") else None
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} has invalid metadata: {exc}") from exc
+
+    # the tensors must be exactly the parameters this config defines, with their shapes
+    like = spec.init(config, 0)
+    expected = {k: v.shape for k, v in tree_flatten(like).items()}
+    params = _section(tensors, "params.", expected, path)
+    optimizer = None
+    if any(k.startswith("optimizer.") for k in tensors):
+        optimizer = {
+            "step": int(metadata.get("optimizer_step") or 0),
+            "m": tree_unflatten(_section(tensors, "optimizer.m.", expected, path), like),
+            "v": tree_unflatten(_section(tensors, "optimizer.v.", expected, path), like),
+        }
+    return Checkpoint(
+        model=spec.name,
+        model_config=config.to_dict(),
+        train_config=train_config,
+        step=step,
+        params=tree_unflatten(params, like),
+        optimizer=optimizer,
+        rng_state=rng_state,
+        backend=metadata.get("backend", "?"),
+    )
+
+
+def _section(
+    tensors: dict[str, np.ndarray], prefix: str, expected: dict[str, tuple], path: Path
+) -> dict[str, np.ndarray]:
+    found = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    if missing or extra:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match its model config: "
+            f"missing tensors {[prefix + k for k in missing]}, "
+            f"unexpected tensors {[prefix + k for k in extra]}"
+        )
+    for name, shape in expected.items():
+        if found[name].shape != shape:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} does not match its model config: tensor "
+                f"{prefix + name} has shape {found[name].shape}, the config gives {shape}"
+            )
+    return found

@@ -1,0 +1,165 @@
+"""Length generalization by greedy autoregressive decoding (SPEC §6).
+
+For each length L: draw ``samples`` examples (seeded by ``(seed, L)``, so a length's samples do
+not depend on which other lengths are evaluated), prefill the prompt (input and SEP) with the
+parallel form, then decode with the step form, feeding each emitted token back, for the target
+length plus END. A sample is exact when every target token and END are right; token accuracy
+counts the same positions. Memory slots: N = the whole sequence length at each L (as in
+training, where N = T of the padded batch), unless a fixed N is given.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pntm.checkpoint import atomic_write
+from pntm.tasks.base import Task
+
+
+@dataclass(frozen=True)
+class LengthResult:
+    length: int
+    n_slots: int
+    samples: int
+    exact_match: float
+    token_accuracy: float
+
+
+def default_lengths(train_length: int, task: Task, factors: tuple[int, ...] = (1, 2, 4, 8)):
+    """L_train, 2x, 4x, 8x, capped at the task's limit."""
+    return sorted({min(f * train_length, task.max_length) for f in factors})
+
+
+def check_slots(task: Task, lengths: list[int], n_slots: int | None) -> None:
+    """A fixed ``n_slots`` must hold the longest prompt (input and SEP)."""
+    for length in lengths:
+        task.check_length(length)
+    if n_slots is None:
+        return
+    longest = max(lengths)
+    need = task.prompt_length(longest)
+    if n_slots < need:
+        raise ValueError(
+            f"--slots {n_slots} is too small for task {task.name!r} at length {longest}: "
+            f"its input and separator take {need} tokens, so N must be >= {need}"
+        )
+
+
+def greedy_decode(
+    model: Any,
+    params: Any,
+    prompts: np.ndarray,
+    n_new: int,
+    n_slots: int,
+    heads: str,
+    temperature: float = 1.0,
+) -> np.ndarray:
+    """``n_new`` greedily decoded tokens (B, n_new) after ``prompts`` (B, P)."""
+    ops = model.ops
+    logits, state = model.forward(
+        params,
+        ops.asarray(prompts),
+        n_slots,
+        heads=heads,
+        temperature=temperature,
+        return_state=True,
+    )
+    token = ops.argmax(logits[:, -1], -1)
+    out = [ops.to_numpy(token)]
+    for _ in range(n_new - 1):
+        logits, state = model.step(params, state, token, heads=heads, temperature=temperature)
+        token = ops.argmax(logits, -1)
+        out.append(ops.to_numpy(token))
+    return np.stack(out, axis=1).astype(np.int64)
+
+
+def evaluate(
+    model: Any,
+    params: Any,
+    task: Task,
+    lengths: list[int],
+    samples: int = 64,
+    seed: int = 0,
+    heads: str = "hard",
+    n_slots: int | None = None,
+    batch_size: int = 64,
+    temperature: float = 1.0,
+    on_length: Any = None,
+) -> list[LengthResult]:
+    check_slots(task, lengths, n_slots)
+    results = []
+    for length in lengths:
+        rng = np.random.default_rng([seed, length])
+        seqs = np.array([task.sequence(rng, length) for _ in range(samples)])
+        prompt_len = task.prompt_length(length)
+        slots = n_slots or task.sequence_length(length)
+        predicted = np.concatenate(
+            [
+                greedy_decode(
+                    model,
+                    params,
+                    seqs[i : i + batch_size, :prompt_len],
+                    seqs.shape[1] - prompt_len,
+                    slots,
+                    heads,
+                    temperature,
+                )
+                for i in range(0, samples, batch_size)
+            ]
+        )
+        correct = predicted == seqs[:, prompt_len:]
+        result = LengthResult(
+            length=length,
+            n_slots=slots,
+            samples=samples,
+            exact_match=float(correct.all(axis=1).mean()),
+            token_accuracy=float(correct.mean()),
+        )
+        results.append(result)
+        if on_length is not None:
+            on_length(result)
+    return results
+
+
+def format_table(results: list[LengthResult], train_length: int) -> str:
+    header = ("length", "x train", "slots", "samples", "exact", "token acc")
+    lines = [" ".join(f"{h:>{w}}" for h, w in zip(header, (8, 8, 6, 8, 7, 9), strict=True))]
+    for r in results:
+        lines.append(
+            f"{r.length:>8d} {r.length / train_length:>7.3g}x {r.n_slots:>6d} {r.samples:>8d} "
+            f"{r.exact_match:>7.3f} {r.token_accuracy:>9.3f}"
+        )
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, info: dict[str, Any], results: list[LengthResult]) -> None:
+    payload = {**info, "results": [asdict(r) for r in results]}
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
+
+
+def plot(path: str | Path, title: str, results: list[LengthResult], train_length: int) -> None:
+    """Exact match and token accuracy against length (log2 axis), training length marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = [r.length for r in results]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), layout="constrained")
+    ax.plot(lengths, [r.exact_match for r in results], "o-", label="exact match")
+    ax.plot(lengths, [r.token_accuracy for r in results], "s--", label="token accuracy")
+    ax.axvline(train_length, color="grey", lw=0.8, ls=":", label=f"L_train = {train_length}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("length")
+    ax.set_ylabel("accuracy (greedy decoding)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="lower left")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
