@@ -55,24 +55,3 @@ def test_cli_backends_lists_all():
     assert result.exit_code == 0
     for name in backends.NAMES:
         assert name in result.output
-
-
-def test_cli_demo_loss_falls(backend_name):
-    if backend_name not in ("torch", "mlx"):
-        pytest.skip(f"{backend_name} does not train")
-    result = CliRunner().invoke(
-        main, ["demo", "--backend", backend_name, "--steps", "60", "--length", "4"]
-    )
-    assert result.exit_code == 0, result.output
-    losses = [
-        float(line.split("loss")[1].split()[0])
-        for line in result.output.splitlines()
-        if line.startswith("step")
-    ]
-    assert losses[-1] < 0.6 * losses[0]
-
-
-def test_cli_demo_rejects_reference_backend():
-    result = CliRunner().invoke(main, ["demo", "--backend", "numpy"])
-    assert result.exit_code != 0
-    assert "does not train" in result.output

@@ -1,0 +1,155 @@
+"""Training loop, schedules, checkpoints: exact resume, and portability between backends."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from pntm import backends, checkpoint, tasks
+from pntm.evaluate import greedy_decode
+from pntm.models.pntm import PNTM, PNTMConfig
+from pntm.train import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, Trainer, fit
+from pntm.tree import tree_flatten
+from tests.tolerances import FWD_RTOL, rel_err
+
+TRAINABLE = [i.name for i in backends.available() if i.runs and i.trainable]
+needs_two = pytest.mark.skipif(
+    len(TRAINABLE) < 2, reason=f"needs two trainable backends, found {TRAINABLE}"
+)
+
+
+def tiny(task: str = "copy", **train) -> tuple[PNTMConfig, TrainConfig]:
+    model = PNTMConfig(tasks.get(task).vocab_size, d_model=16, n_layers=1, n_heads=1, head_dim=4)
+    options = {"task": task, "train_length": 4, "steps": 40, "batch_size": 8, "warmup_steps": 5}
+    return model, TrainConfig(**{**options, **train})
+
+
+def make_trainer(name: str, resume_from=None, **train) -> Trainer:
+    model, config = tiny(**train)
+    return Trainer("pntm", model, config, backends.get(name), name, resume_from)
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(steps=1000, warmup_steps=100, lr=1e-3, min_lr_ratio=0.1)
+    assert cfg.lr_at(0) == pytest.approx(1e-5)
+    assert cfg.lr_at(99) == pytest.approx(1e-3)
+    assert cfg.lr_at(100) == pytest.approx(1e-3)
+    assert cfg.lr_at(550) == pytest.approx(0.55e-3)  # half-way through the cosine
+    assert cfg.lr_at(999) == pytest.approx(1e-4, rel=1e-4)
+    lrs = [cfg.lr_at(s) for s in range(100, 1000)]
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
+
+
+def test_head_schedule():
+    cfg = TrainConfig(steps=10, hard_from=0.4)
+    assert [cfg.heads_at(s) for s in range(10)] == ["soft"] * 4 + ["hard"] * 6
+    assert cfg.final_heads == "hard"
+    assert TrainConfig(steps=10, hard_from=1.0).final_heads == "soft"
+    assert TrainConfig(steps=10, hard_from=0.0).heads_at(0) == "hard"
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"task": "nope"}, "unknown task 'nope'"),
+        ({"train_length": 0}, "length 0 is out of range"),
+        ({"task": "associative_recall", "train_length": 65}, r"allowed 1\.\.64"),
+        ({"hard_from": 1.5}, "hard_from must be in"),
+        ({"steps": 0}, "steps must be >= 1"),
+    ],
+)
+def test_train_config_refuses_bad_values(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**bad)
+
+
+def test_numpy_backend_does_not_train():
+    model, config = tiny()
+    with pytest.raises(ValueError, match="does not train"):
+        Trainer("pntm", model, config, backends.get("numpy"), "numpy")
+
+
+def test_training_lowers_the_loss(trainable_ops, backend_name):
+    trainer = make_trainer(backend_name, steps=60, hard_from=1.0, lr=1e-2)
+    losses = [trainer.train_step()["loss"] for _ in range(60)]
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10])
+    assert np.isfinite(losses).all()
+
+
+def test_resume_is_exact(trainable_ops, backend_name, tmp_path):
+    """Six steps straight equal three, a checkpoint, a new process-like Trainer, three more:
+    parameters, optimizer state and data stream are all restored (hard heads from step 3)."""
+    straight = make_trainer(backend_name, steps=6, hard_from=0.5)
+    for _ in range(6):
+        straight.train_step()
+
+    first = make_trainer(backend_name, steps=6, hard_from=0.5)
+    for _ in range(3):
+        first.train_step()
+    checkpoint.save(tmp_path / "c.safetensors", first.to_checkpoint())
+    resumed = make_trainer(
+        backend_name, checkpoint.load(tmp_path / "c.safetensors"), steps=6, hard_from=0.5
+    )
+    assert resumed.step == 3
+    for _ in range(3):
+        resumed.train_step()
+    a, b = straight.to_checkpoint(), resumed.to_checkpoint()
+    for tree_a, tree_b in ((a.params, b.params), (a.optimizer["m"], b.optimizer["m"])):
+        for key, value in tree_flatten(tree_a).items():
+            np.testing.assert_array_equal(value, tree_flatten(tree_b)[key], err_msg=key)
+    assert a.rng_state == b.rng_state and a.optimizer["step"] == b.optimizer["step"] == 6
+
+
+def test_fit_writes_metrics_and_checkpoint(tmp_path):
+    trainer = make_trainer(TRAINABLE[0], steps=12)
+    last = fit(trainer, tmp_path, log_every=5, save_every=5, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / METRICS_NAME).read_text().splitlines()]
+    assert [m["step"] for m in lines] == [5, 10, 12]
+    assert last == lines[-1]
+    assert {"loss", "accuracy", "lr", "grad_norm", "heads", "tokens_per_s"} <= set(last)
+    ckpt = checkpoint.load(tmp_path / CHECKPOINT_NAME)
+    assert ckpt.step == 12 and ckpt.backend == TRAINABLE[0]
+    assert not list(tmp_path.glob("*.tmp")), "no temporary file is left behind"
+
+
+def test_resumed_fit_drops_metrics_logged_after_the_checkpoint(tmp_path):
+    trainer = make_trainer(TRAINABLE[0], steps=10)
+    fit(trainer, tmp_path, log_every=2, save_every=4, progress=False)
+    ckpt = checkpoint.load(tmp_path / CHECKPOINT_NAME)
+    # pretend the run died after step 8's checkpoint: lines for steps 9..10 must go on resume
+    ckpt.step = 8
+    resumed = make_trainer(TRAINABLE[0], ckpt, steps=10)
+    fit(resumed, tmp_path, log_every=2, save_every=4, progress=False)
+    steps = [json.loads(x)["step"] for x in (tmp_path / METRICS_NAME).read_text().splitlines()]
+    assert steps == [2, 4, 6, 8, 10]
+
+
+@needs_two
+@pytest.mark.parametrize("trained_on", TRAINABLE)
+def test_checkpoint_is_portable_across_backends(trained_on, tmp_path):
+    """Trained on one backend, a checkpoint gives the same logits (float32 vs float32 and vs
+    the float64 reference, to FWD_RTOL) and the same greedy decodes on every backend."""
+    trainer = make_trainer(trained_on, steps=25)
+    for _ in range(25):
+        trainer.train_step()
+    path = tmp_path / "ckpt.safetensors"
+    checkpoint.save(path, trainer.to_checkpoint())
+    ckpt = checkpoint.load(path)
+    task = tasks.get("copy")
+    rng = np.random.default_rng(1)
+    prompts = np.array([task.sequence(rng, 6)[: task.prompt_length(6)] for _ in range(5)])
+    config = PNTMConfig.from_dict(ckpt.model_config)
+    logits, decodes = {}, {}
+    for name in (*TRAINABLE, "numpy"):
+        model = PNTM(config, backends.get(name))
+        params = model.params_from_numpy(ckpt.params)
+        logits[name] = model.ops.to_numpy(
+            model.forward(params, model.ops.asarray(prompts), 16, heads="hard")
+        )
+        decodes[name] = greedy_decode(model, params, prompts, 8, 16, "hard")
+    for name in TRAINABLE:
+        assert rel_err(logits[name], logits["numpy"]) < FWD_RTOL, name
+        np.testing.assert_array_equal(decodes[name], decodes["numpy"], err_msg=name)
