@@ -96,7 +96,13 @@ def backends_command() -> None:
     type=click.IntRange(min=1),
     help="Length of the examples shown (default: the task's training length, at most 8).",
 )
-@click.option("--count", default=3, show_default=True, type=click.IntRange(1, 100))
+@click.option(
+    "--count",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1, 100),
+    help="Number of examples shown.",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the examples shown.")
 def tasks_command(show: str | None, length: int | None, count: int, seed: int) -> None:
     """List the tasks, or show decoded examples of one (``--show NAME``).
@@ -186,7 +192,13 @@ TRAIN_OPTIONS = (
     type=int,
     help="Training lengths are drawn uniformly from 1..this (default: the task's).",
 )
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--batch-size",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Sequences per step.",
+)
 @click.option(
     "--lr",
     default=2e-3,
@@ -208,7 +220,13 @@ TRAIN_OPTIONS = (
     type=click.FloatRange(0, 1),
     help="The cosine decays to lr x this.",
 )
-@click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option(
+    "--weight-decay",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Decoupled (AdamW) weight decay.",
+)
 @click.option(
     "--clip-norm",
     default=1.0,
@@ -259,7 +277,13 @@ TRAIN_OPTIONS = (
     type=click.IntRange(min=0),
     help="Heads move by -S..S slots per step.",
 )
-@click.option("--mlp-ratio", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--mlp-ratio",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Hidden width of the MLP, in multiples of --d-model.",
+)
 @click.option(
     "--content/--no-content",
     default=None,

@@ -135,6 +135,8 @@ def test_every_command_has_help():
     for command in ("train", "eval", "tasks", "backends"):
         result = run(command, "--help")
         assert result.exit_code == 0 and "Usage:" in result.output
+        options = [p for p in main.commands[command].params if p.param_type_name == "option"]
+        assert all(p.help for p in options), [p.name for p in options if not p.help]
 
 
 # ------------------------------------------------------------------------------ bad input
