@@ -16,6 +16,7 @@ import numpy as np
 from click.core import ParameterSource
 
 from pntm import backends, checkpoint, models, tasks
+from pntm.tree import tree_leaves
 
 BACKEND_CHOICES = ("auto", *backends.NAMES)
 EVAL_FACTORS = (1, 2, 4, 8)
@@ -394,7 +395,7 @@ def train_command(ctx: click.Context, **opts: Any) -> None:
 
     backend_name, ops = _ops(opts["backend"], train=True)
     trainer = Trainer(opts["model"], model_config, train_config, ops, backend_name, resume_from)
-    n_params = sum(int(np.prod(p.shape)) for p in _leaves(trainer.params))
+    n_params = sum(int(np.prod(p.shape)) for p in tree_leaves(trainer.params))
     hard_step = int(np.ceil(train_config.hard_from * train_config.steps))
     click.echo(
         f"{opts['model']} ({model_config.n_layers} blocks x {model_config.n_heads} memories, "
@@ -427,12 +428,6 @@ def train_command(ctx: click.Context, **opts: Any) -> None:
         plot_path=run_dir / "eval.png",
         info={"checkpoint": str(run_dir / CHECKPOINT_NAME), "backend": backend_name},
     )
-
-
-def _leaves(tree: Any) -> list[Any]:
-    from pntm.tree import tree_leaves
-
-    return tree_leaves(tree)
 
 
 def _default_eval_lengths(task: tasks.Task, train_length: int) -> list[int]:

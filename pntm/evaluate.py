@@ -160,6 +160,6 @@ def plot(path: str | Path, title: str, results: list[LengthResult], train_length
     ax.set_xlabel("length")
     ax.set_ylabel("accuracy (greedy decoding)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="best")
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)

@@ -119,6 +119,8 @@ class Trainer:
             self.params = self.model.params_from_numpy(self.spec.init(model_config, config.seed))
             self.opt_state = self.optimizer.init(ops, self.params)
         else:
+            if resume_from.optimizer is None or resume_from.rng_state is None:
+                raise ValueError("the checkpoint holds no optimizer or RNG state to resume from")
             self.step = resume_from.step
             self.params = self.model.params_from_numpy(resume_from.params)
             self.opt_state = {
