@@ -496,7 +496,7 @@ def _check_resume(ckpt: checkpoint.Checkpoint, model: str, model_config: Any, tr
     default="auto",
     show_default=True,
     type=click.Choice(("auto", "soft", "hard")),
-    help="Head mode: auto = the mode of the last training steps.",
+    help="Head mode: auto = the mode the checkpoint's last training step used.",
 )
 @click.option(
     "--temperature",
@@ -564,7 +564,7 @@ def eval_command(
     spec = models.get(ckpt.model)
     model = spec.model_class(spec.config_class.from_dict(ckpt.model_config), ops)
     params = model.params_from_numpy(ckpt.params)
-    heads = train_config.final_heads if heads == "auto" else heads
+    heads = train_config.heads_at(max(ckpt.step - 1, 0)) if heads == "auto" else heads
     click.echo(
         f"{ckpt.model} checkpoint at step {ckpt.step} (trained on {ckpt.backend}, lengths "
         f"1..{train_config.train_length}) evaluated on {backend_name}, {heads} heads"

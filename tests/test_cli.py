@@ -79,6 +79,24 @@ def test_eval_prints_the_table_on_every_backend(run_dir, tmp_path):
         assert "exact" in result.output and "token acc" in result.output
         rows = json.loads(json_path.read_text())["results"]
         assert [(r["length"], r["samples"]) for r in rows] == [(3, 5), (6, 5)]
+    fixed = run(
+        "eval",
+        run_dir,
+        "--lengths",
+        "3,6",
+        "--samples",
+        "2",
+        "--slots",
+        "20",
+        "--json",
+        tmp_path / "fixed.json",
+        "--plot",
+        tmp_path / "fixed.png",
+    )
+    assert fixed.exit_code == 0, fixed.output
+    rows = json.loads((tmp_path / "fixed.json").read_text())["results"]
+    assert [r["n_slots"] for r in rows] == [20, 20]
+    (tmp_path / "fixed.json").unlink()
     # the same checkpoint decodes to the same accuracies everywhere
     results = {p.stem: json.loads(p.read_text())["results"] for p in tmp_path.glob("*.json")}
     assert len({json.dumps(r) for r in results.values()}) == 1, results
@@ -106,6 +124,20 @@ def test_resume_from_a_middle_checkpoint(tmp_path):
         trainer.train_step()
     checkpoint.save(tmp_path / "r" / "checkpoint.safetensors", trainer.to_checkpoint())
 
+    # step 5 of 12 is still in the soft phase (hard from step 4.8): eval's auto mode says so
+    early = run(
+        "eval",
+        tmp_path / "r",
+        "--lengths",
+        "3",
+        "--samples",
+        "2",
+        "--json",
+        tmp_path / "e.json",
+        "--plot",
+        tmp_path / "e.png",
+    )
+    assert early.exit_code == 0 and "soft heads" in early.output, early.output
     result = run("train", "--resume", tmp_path / "r", "--backend", name, "--quiet")
     assert result.exit_code == 0, result.output
     assert "resumed at step 5" in result.output and "exact" in result.output

@@ -153,3 +153,18 @@ def test_checkpoint_is_portable_across_backends(trained_on, tmp_path):
     for name in TRAINABLE:
         assert rel_err(logits[name], logits["numpy"]) < FWD_RTOL, name
         np.testing.assert_array_equal(decodes[name], decodes["numpy"], err_msg=name)
+
+
+def test_interrupted_fit_saves_the_last_finished_step(tmp_path, monkeypatch):
+    trainer = make_trainer(TRAINABLE[0], steps=10)
+    real_step = trainer.train_step
+
+    def step_then_interrupt():
+        if trainer.step == 3:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(trainer, "train_step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fit(trainer, tmp_path, save_every=100, progress=False)
+    assert checkpoint.load(tmp_path / CHECKPOINT_NAME).step == 3
