@@ -147,6 +147,7 @@ MODEL_OPTIONS = {
     "content": "content",
     "add_activation": "add_activation",
 }
+OPTION_OF_MODEL_FIELD = {f: o for o, f in MODEL_OPTIONS.items()}
 TRAIN_OPTIONS = (
     "task",
     "train_length",
@@ -350,10 +351,7 @@ def train_command(ctx: click.Context, **opts: Any) -> None:
 
     resume_from = None
     if opts["resume"] is not None:
-        ckpt_path = opts["resume"]
-        if ckpt_path.is_dir():
-            ckpt_path = ckpt_path / CHECKPOINT_NAME
-        resume_from = _load_checkpoint(ckpt_path)
+        ckpt_path, resume_from = _load_checkpoint(opts["resume"])
         run_dir = ckpt_path.parent
         if opts["out"] is not None and opts["out"].resolve() != run_dir.resolve():
             raise click.ClickException(
@@ -394,7 +392,10 @@ def train_command(ctx: click.Context, **opts: Any) -> None:
             )
 
     backend_name, ops = _ops(opts["backend"], train=True)
-    trainer = Trainer(opts["model"], model_config, train_config, ops, backend_name, resume_from)
+    try:
+        trainer = Trainer(opts["model"], model_config, train_config, ops, backend_name, resume_from)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
     n_params = sum(int(np.prod(p.shape)) for p in tree_leaves(trainer.params))
     hard_step = int(np.ceil(train_config.hard_from * train_config.steps))
     click.echo(
@@ -436,9 +437,14 @@ def _default_eval_lengths(task: tasks.Task, train_length: int) -> list[int]:
     return default_lengths(train_length, task, EVAL_FACTORS)
 
 
-def _load_checkpoint(path: Path) -> checkpoint.Checkpoint:
+def _load_checkpoint(path: Path) -> tuple[Path, checkpoint.Checkpoint]:
+    """The checkpoint file (``path`` itself, or the one in run directory ``path``), loaded."""
+    from pntm.train import CHECKPOINT_NAME
+
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
     try:
-        return checkpoint.load(path)
+        return path, checkpoint.load(path)
     except checkpoint.CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -456,13 +462,11 @@ def _merge_resumed_options(
 
 
 def _check_resume(ckpt: checkpoint.Checkpoint, model: str, model_config: Any, train_config: Any):
-    if ckpt.optimizer is None or ckpt.rng_state is None:
-        raise click.ClickException("the checkpoint holds no optimizer or RNG state to resume")
     given = {"model": model, **model_config.to_dict(), **train_config.to_dict()}
     saved = {"model": ckpt.model, **ckpt.model_config, **ckpt.train_config}
     for key, value in given.items():
         if saved.get(key) != value:
-            option = "--" + {v: k for k, v in MODEL_OPTIONS.items()}.get(key, key).replace("_", "-")
+            option = "--" + OPTION_OF_MODEL_FIELD.get(key, key).replace("_", "-")
             raise click.ClickException(
                 f"cannot resume: {option} {value!r} differs from the checkpoint's "
                 f"{saved.get(key)!r}; drop it or pass the checkpoint's value"
@@ -543,11 +547,10 @@ def eval_command(
     CHECKPOINT is a checkpoint file or a run directory. The prompt is prefilled with the
     parallel form, then each emitted token is fed back through the step form. Prints a table
     and writes a JSON file and a PNG plot of accuracy against length."""
-    from pntm.train import CHECKPOINT_NAME, TrainConfig
+    from pntm.evaluate import check_slots
+    from pntm.train import TrainConfig
 
-    if checkpoint_path.is_dir():
-        checkpoint_path = checkpoint_path / CHECKPOINT_NAME
-    ckpt = _load_checkpoint(checkpoint_path)
+    checkpoint_path, ckpt = _load_checkpoint(checkpoint_path)
     try:
         train_config = TrainConfig.from_dict(ckpt.train_config)
     except (ValueError, TypeError) as exc:
@@ -555,8 +558,6 @@ def eval_command(
     task = tasks.get(train_config.task)
     lengths = lengths or _default_eval_lengths(task, train_config.train_length)
     try:
-        from pntm.evaluate import check_slots
-
         check_slots(task, lengths, slots)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc

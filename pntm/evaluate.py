@@ -89,7 +89,6 @@ def evaluate(
     n_slots: int | None = None,
     batch_size: int = 64,
     temperature: float = 1.0,
-    on_length: Any = None,
 ) -> list[LengthResult]:
     check_slots(task, lengths, n_slots)
     results = []
@@ -113,16 +112,15 @@ def evaluate(
             ]
         )
         correct = predicted == seqs[:, prompt_len:]
-        result = LengthResult(
-            length=length,
-            n_slots=slots,
-            samples=samples,
-            exact_match=float(correct.all(axis=1).mean()),
-            token_accuracy=float(correct.mean()),
+        results.append(
+            LengthResult(
+                length=length,
+                n_slots=slots,
+                samples=samples,
+                exact_match=float(correct.all(axis=1).mean()),
+                token_accuracy=float(correct.mean()),
+            )
         )
-        results.append(result)
-        if on_length is not None:
-            on_length(result)
     return results
 
 

@@ -14,7 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import numpy as np
 
 from pntm import checkpoint, models, tasks
 from pntm.backends.base import Backend
+from pntm.config import config_from_dict
 from pntm.models.pntm import cross_entropy
 from pntm.optim import AdamW, clip_by_global_norm
 from pntm.tree import tree_map
@@ -66,11 +67,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown training config keys {sorted(unknown)}")
-        return cls(**data)
+        return config_from_dict(cls, data, "training config")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of update ``step`` (0-based): linear warm-up, then cosine decay."""
@@ -237,9 +234,9 @@ def fit(
                     checkpoint.save(ckpt_path, trainer.to_checkpoint())
     except KeyboardInterrupt:
         checkpoint.save(ckpt_path, trainer.to_checkpoint())
-        bar.close()
         raise
-    bar.close()
+    finally:
+        bar.close()
     checkpoint.save(ckpt_path, trainer.to_checkpoint())
     return last
 

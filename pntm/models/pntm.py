@@ -19,12 +19,13 @@ Two entry points compute the same function:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from pntm.backends.base import Array, Backend, read_step
+from pntm.config import config_from_dict
 from pntm.tree import tree_map
 
 HEAD_MODES = ("soft", "hard")
@@ -65,11 +66,7 @@ class PNTMConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PNTMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown P-NTM config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data, "P-NTM config")
 
     def controller_fields(self) -> list[tuple[str, int]]:
         """Per-head slices of the controller output, in order."""
