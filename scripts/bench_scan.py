@@ -1,7 +1,7 @@
 """Forward+backward time of one P-NTM, parallel scans against the plain sequential loop.
 
 Both variants are the same model, weights and tokens on the same backend; the only difference
-is ``scan="parallel"`` (chunked scans, the memory scan with its own backward) or
+is ``scan="chunked"`` (chunked scans, the memory scan with its own backward) or
 ``scan="sequential"`` (the recurrences as plain loops over time, differentiated by the framework).
 Reported: median seconds over ``--repeats`` after one warm-up, and the ratio loop / parallel.
 
@@ -83,7 +83,7 @@ def main(backend_names, batch, length, slots, threads, repeats, json_out):
     click.echo(f"# B={batch} T={length} N={slots}, model {config}, {machine}")
     results = []
     for name in backend_names:
-        parallel = time_fwd_bwd(name, "parallel", config, batch, length, slots, repeats)
+        parallel = time_fwd_bwd(name, "chunked", config, batch, length, slots, repeats)
         loop = time_fwd_bwd(name, "sequential", config, batch, length, slots, repeats)
         results.append(
             dict(

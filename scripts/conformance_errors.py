@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from pntm import backends
-from pntm.backends import sequential
-from pntm.backends.reference import NumpyBackend, linear_scan_vjp, memory_scan_read_vjp
+from pntm.backends.scans import sequential
+from pntm.backends.numpy_backend import NumpyBackend
+from pntm.backends.scans.reference import linear_scan_vjp, memory_scan_read_vjp
 from pntm.models.pntm import PNTM, PNTMConfig, init_params
 
 NP = NumpyBackend()
@@ -72,7 +73,7 @@ def main() -> None:
         else:
             row.append(float("nan"))
         reads, _ = ops.memory_scan_read(**{k: A(v) for k, v in mem.items()})
-        ref_reads, _ = sequential.memory_scan_read(NP, **mem)
+        ref_reads, _ = sequential.memory_scan_states(NP, **mem)
         row.append(err(ops.to_numpy(reads), ref_reads))
         if ops.trainable:
             d_r = rng.normal(size=ref_reads.shape)
@@ -98,7 +99,7 @@ def main() -> None:
             )
         )
         long_reads, _ = ops.memory_scan_read(**{k: A(v) for k, v in long_mem.items()})
-        row.append(err(ops.to_numpy(long_reads), sequential.memory_scan_read(NP, **long_mem)[0]))
+        row.append(err(ops.to_numpy(long_reads), sequential.memory_scan_states(NP, **long_mem)[0]))
         print(f"{info.name:8s} " + " ".join(f"{x:9.1e}" for x in row))
 
 

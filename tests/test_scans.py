@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pntm.backends import parallel, sequential
-from pntm.backends.reference import NumpyBackend, linear_scan_vjp, memory_scan_read_vjp
+from pntm.backends.scans import chunked, sequential
+from pntm.backends.numpy_backend import NumpyBackend
+from pntm.backends.scans.reference import linear_scan_vjp, memory_scan_read_vjp
 from tests.tolerances import (
     FD_EPS,
     FD_RTOL_REFERENCE,
@@ -117,7 +118,7 @@ def test_reference_memory_scan_gradient_matches_finite_differences(content):
     d_final = rng.normal(size=(2, 2, 4, 3))
 
     def loss():
-        reads, states = sequential.memory_scan_read(NP, **inputs)
+        reads, states = sequential.memory_scan_states(NP, **inputs)
         return float(np.sum(reads * d_read) + np.sum(states[-1] * d_final))
 
     grads = memory_scan_read_vjp(**inputs, d_read=d_read, d_final=d_final)
@@ -156,13 +157,13 @@ def test_linear_scan_matches_reference(ops, B, T, rest, complex_):
 def test_memory_scan_read_matches_reference(ops, B, T, K, N, D, content):
     rng = np.random.default_rng(T * N + D)
     inputs = memory_inputs(rng, B, T, K, N, D, content)
-    want_reads, states = sequential.memory_scan_read(NP, **inputs)
+    want_reads, states = sequential.memory_scan_states(NP, **inputs)
     native = {n: ops.asarray(x) for n, x in inputs.items()}
     reads, final = ops.memory_scan_read(**native)
     assert rel_err(ops.to_numpy(reads), want_reads) <= FWD_RTOL
     assert rel_err(ops.to_numpy(final), states[-1]) <= FWD_RTOL
     no_m0 = {n: x for n, x in native.items() if n != "m0"}
-    want_reads0, _ = sequential.memory_scan_read(
+    want_reads0, _ = sequential.memory_scan_states(
         NP, **{n: x for n, x in inputs.items() if n != "m0"}
     )
     assert rel_err(ops.to_numpy(ops.memory_scan_read(**no_m0)[0]), want_reads0) <= FWD_RTOL
@@ -186,14 +187,14 @@ def test_memory_scan_chunking_and_backward_groups(chunk, max_group):
     chunk, uneven last chunk) and backward group sizes (one chunk per group, several chunks)."""
     rng = np.random.default_rng(chunk)
     inputs = memory_inputs(rng, 2, 23, 2, 3, 2, content=True)
-    want_reads, states = sequential.memory_scan_read(NP, **inputs)
-    reads, final, starts, prod = parallel.memory_scan_forward(NP, **inputs, chunk=chunk)
+    want_reads, states = sequential.memory_scan_states(NP, **inputs)
+    reads, final, starts, prod = chunked.memory_scan_forward(NP, **inputs, chunk=chunk)
     assert rel_err(reads, want_reads) <= 1e-12
     assert rel_err(final, states[-1]) <= 1e-12
     d_read, d_final = rng.normal(size=reads.shape), rng.normal(size=final.shape)
     want = memory_scan_read_vjp(**inputs, d_read=d_read, d_final=d_final)
     args = {n: x for n, x in inputs.items() if n != "m0"}
-    got = parallel.memory_scan_backward(
+    got = chunked.memory_scan_backward(
         NP,
         starts=starts,
         prod=prod,
@@ -212,11 +213,11 @@ def test_linear_scan_chunking(chunk):
     rng = np.random.default_rng(chunk)
     a, b, h0 = linear_inputs(rng, 2, 37, (3,), complex_=True)
     want = sequential.linear_scan(NP, a, b, h0)
-    h = parallel.scan_forward(NP, a, b, h0, chunk)
+    h = chunked.scan_forward(NP, a, b, h0, chunk)
     assert rel_err(h, want) <= 1e-12
     d_h = rng.normal(size=b.shape) + 1j * rng.normal(size=b.shape)
     for got, ref_grad in zip(
-        parallel.scan_backward(NP, a, h, h0, d_h, chunk),
+        chunked.scan_backward(NP, a, h, h0, d_h, chunk),
         linear_scan_vjp(a, b, h0, d_h),
         strict=True,
     ):
@@ -241,7 +242,7 @@ def test_scans_stable_at_65536_steps(ops):
     )
     inputs = memory_inputs(rng, 1, T, 1, 4, 3, content=False)
     inputs["erase"] *= 0.05  # slots keep content over long stretches
-    want_reads, states = sequential.memory_scan_read(NP, **inputs)
+    want_reads, states = sequential.memory_scan_states(NP, **inputs)
     reads, final = ops.memory_scan_read(**{n: ops.asarray(x) for n, x in inputs.items()})
     assert rel_err(ops.to_numpy(reads), want_reads) <= LONG_T_RTOL
     assert rel_err(ops.to_numpy(final), states[-1]) <= LONG_T_RTOL

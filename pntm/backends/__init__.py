@@ -1,20 +1,54 @@
-"""Backend registry: ``get(name)`` and ``available()``.
+"""The backend table: ``get(name)``, ``available()`` and ``best_available()``.
 
-Every backend implements :class:`pntm.backends.base.Backend`. A backend that cannot run on this
-machine (its framework is missing, or it is not written yet) is still listed by ``available()``
-with the reason, so that tests and the CLI can say why instead of silently skipping it.
+A backend is a framework (arrays and autodiff) and a scan implementation
+(:mod:`pntm.backends.scans`); each row of :data:`BACKENDS` names the pair and declares, in one
+place, what ``pntm backends`` and ``--backend auto`` need to know about it. A backend that cannot
+run on this machine (its framework or kernels are missing, it needs a GPU that is not here) is
+still listed by ``available()`` with the reason, so that tests and the CLI say why instead of
+silently skipping it.
 """
 
 from __future__ import annotations
 
 import importlib
-import platform
 from dataclasses import dataclass
 from typing import Any
 
 from pntm.backends.base import Backend
 
-__all__ = ["NAMES", "Backend", "BackendInfo", "available", "best_available", "get"]
+__all__ = ["BACKENDS", "NAMES", "Backend", "BackendInfo", "BackendSpec", "available", "get"]
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    framework: str  # "module:Class" of the framework
+    scan: str  # module of pntm.backends.scans
+    extra: str | None  # the pip extra that installs what it needs: pip install 'pntm[extra]'
+    #: ``--backend auto`` takes the runnable, trainable backend of highest priority: ``priority``
+    #: where the framework's accelerator (CUDA, Metal) is present, else ``priority_without``
+    #: (None: never chosen without it)
+    priority: int = 0
+    priority_without: int | None = None
+    planned: str | None = None  # not written yet: what it will be
+
+
+BACKENDS: tuple[BackendSpec, ...] = (
+    BackendSpec("numpy", "pntm.backends.numpy_backend:NumpyBackend", "sequential", None),
+    BackendSpec("mlx", "pntm.backends.mlx_backend:MLXBackend", "chunked", "mlx", 30, 10),
+    BackendSpec("torch", "pntm.backends.torch_backend:TorchBackend", "chunked", "torch", 20, 20),
+    BackendSpec("triton", "pntm.backends.torch_backend:TorchBackend", "triton", "torch", 40),
+    BackendSpec(
+        "metal",
+        "pntm.backends.mlx_backend:MLXBackend",
+        "metal",
+        "mlx",
+        50,
+        planned="the fused Metal kernels for MLX on Apple GPUs",
+    ),
+)
+NAMES: tuple[str, ...] = tuple(spec.name for spec in BACKENDS)
+_SPECS = {spec.name: spec for spec in BACKENDS}
 
 
 @dataclass(frozen=True)
@@ -23,79 +57,77 @@ class BackendInfo:
     runs: bool
     reason: str  # why it does not run here, or what it runs on
     trainable: bool = False
+    priority: int | None = None  # for ``auto`` on this machine (None: never)
 
 
-# name -> (module, class) or the reason it does not exist yet
-_IMPLEMENTATIONS: dict[str, tuple[str, str] | str] = {
-    "numpy": ("pntm.backends.reference", "NumpyBackend"),
-    "mlx": ("pntm.backends.mlx_backend", "MLXBackend"),
-    "torch": ("pntm.backends.torch_backend", "TorchBackend"),
-    "triton": "not implemented yet: the fused Triton kernels are a planned backend",
-    "metal": "not implemented yet: the fused Metal kernels are a planned backend",
-}
-NAMES: tuple[str, ...] = tuple(_IMPLEMENTATIONS)
-
-
-def _load(name: str) -> type[Backend]:
-    if name not in _IMPLEMENTATIONS:
+def _spec(name: str) -> BackendSpec:
+    if name not in _SPECS:
         raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(NAMES)}")
-    impl = _IMPLEMENTATIONS[name]
-    if isinstance(impl, str):
-        raise RuntimeError(f"backend {name!r} cannot run: {impl}")
-    module, cls = impl
-    try:
-        return getattr(importlib.import_module(module), cls)
-    except ImportError as exc:
-        extra = {"mlx": "mlx", "torch": "torch"}.get(name, name)
+    return _SPECS[name]
+
+
+def _load(spec: BackendSpec) -> tuple[type[Backend], Any]:
+    """The framework class and the scan module, or RuntimeError saying why they cannot run."""
+    if spec.planned:
         raise RuntimeError(
-            f"backend {name!r} cannot run: {exc.name or exc} is not installed "
-            f"(pip install 'pntm[{extra}]')"
+            f"backend {spec.name!r} cannot run: not implemented yet: {spec.planned} are planned"
+        )
+    module, cls = spec.framework.split(":")
+    try:
+        framework = getattr(importlib.import_module(module), cls)
+        scans = importlib.import_module(f"pntm.backends.scans.{spec.scan}")
+    except ImportError as exc:
+        raise RuntimeError(
+            f"backend {spec.name!r} cannot run: {exc.name or exc} is not installed "
+            f"(pip install 'pntm[{spec.extra}]')"
         ) from exc
+    check = getattr(scans, "unavailable_reason", None)
+    reason = check() if check else None
+    if reason:
+        raise RuntimeError(f"backend {spec.name!r} cannot run: {reason}")
+    return framework, scans
 
 
 def get(name: str, **options: Any) -> Backend:
-    """An instance of backend ``name`` (``options`` go to its constructor, e.g. ``device``)."""
-    return _load(name)(**options)
-
-
-def _describe(name: str) -> str:
-    if name == "numpy":
-        return "NumPy float64 sequential reference (evaluates; does not train)"
-    if name == "mlx":
-        import mlx.core as mx
-
-        return f"MLX {mx.__version__} on {mx.default_device()}"
-    if name == "torch":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return f"PyTorch {torch.__version__} on {device}"
-    return name
+    """An instance of backend ``name`` (``options`` go to its framework's constructor, e.g.
+    ``device``; ``scan`` overrides the row's scan implementation)."""
+    spec = _spec(name)
+    framework, _ = _load(spec)
+    ops = framework(**{"scan": spec.scan, **options})
+    ops.name = name
+    return ops
 
 
 def available() -> list[BackendInfo]:
-    """Every registered backend, with whether it runs here and, if not, why."""
+    """Every backend of the table, with whether it runs here and, if not, why."""
     infos = []
-    for name in NAMES:
+    for spec in BACKENDS:
         try:
-            cls = _load(name)
+            framework, scans = _load(spec)
         except RuntimeError as exc:
-            infos.append(BackendInfo(name, False, str(exc).split(": ", 1)[-1]))
+            infos.append(BackendInfo(spec.name, False, str(exc).split(": ", 1)[-1]))
             continue
-        infos.append(BackendInfo(name, True, _describe(name), cls.trainable))
+        priority = spec.priority if framework.accelerator() else spec.priority_without
+        describe = getattr(scans, "describe", lambda: scans.DESCRIPTION)
+        infos.append(
+            BackendInfo(
+                spec.name,
+                True,
+                f"{framework.describe()}; scans: {describe()}",
+                framework.trainable,
+                priority if framework.trainable else None,
+            )
+        )
     return infos
 
 
 def best_available() -> str:
-    """``auto``: MLX on Apple silicon, PyTorch on CUDA, else the best CPU backend."""
-    runs = {info.name for info in available() if info.runs and info.trainable}
-    apple = platform.system() == "Darwin" and platform.machine() == "arm64"
-    if apple and "mlx" in runs:
-        return "mlx"
-    if "torch" in runs:
-        return "torch"
-    if "mlx" in runs:
-        return "mlx"
-    raise RuntimeError(
-        "no trainable backend is installed: pip install 'pntm[torch]' or 'pntm[mlx]'"
-    )
+    """``auto``: the runnable, trainable backend of highest priority on this machine (Metal
+    kernels, then MLX, on Apple silicon; Triton kernels, then PyTorch, on CUDA; else PyTorch,
+    then MLX, on the CPU)."""
+    candidates = [info for info in available() if info.runs and info.priority is not None]
+    if not candidates:
+        raise RuntimeError(
+            "no trainable backend is installed: pip install 'pntm[torch]' or 'pntm[mlx]'"
+        )
+    return max(candidates, key=lambda info: info.priority).name

@@ -4,10 +4,11 @@ A model is written once against :class:`Backend`. Arrays are the backend's nativ
 (``np.ndarray``, ``torch.Tensor``, ``mx.array``); Python arithmetic (``+ - * /``), ``x[..., None]``
 and basic slicing work on all of them, everything else goes through a method here.
 
-Backends differ in *algorithm* only in the two scan primitives, :meth:`Backend.linear_scan` and
-:meth:`Backend.memory_scan_read`: the NumPy reference runs them as plain loops over time, the
-framework backends as chunked parallel scans (``pntm.backends.parallel``), and the kernel backends
-(Triton, Metal) as fused kernels.
+A backend is a *framework* (this class: arrays, math, autodiff) and a *scan implementation*
+(a module of :mod:`pntm.backends.scans`). Backends differ in algorithm only in the two scan
+primitives, :meth:`Backend.linear_scan` and :meth:`Backend.memory_scan_read`, which every
+framework delegates to the scan module it was built with: plain loops (``sequential``), chunked
+parallel scans in framework operations (``chunked``), or fused kernels (``triton``, ``metal``).
 
 Layout convention: time is axis 1 of every per-step input, ``(B, T, ...)``.
 """
@@ -15,7 +16,9 @@ Layout convention: time is axis 1 of every per-step input, ``(B, T, ...)``.
 from __future__ import annotations
 
 import abc
+import importlib
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -31,9 +34,27 @@ class Backend(abc.ABC):
     """Array operations, autodiff and the two scan primitives of P-NTM."""
 
     name: str = ""
+    #: the framework's name, as scan modules list it in their ``FRAMEWORKS``
+    framework: str = ""
     #: whether :meth:`value_and_grad` exists (the NumPy reference has hand-written scan gradients
     #: only, so it evaluates models but does not train them)
     trainable: bool = True
+    #: whether arrays live on a CPU (scan implementations size their work by it)
+    on_cpu: bool = True
+
+    def __init__(self, scan: str) -> None:
+        self.scan = scan
+        self.scans = load_scans(scan, self.framework)
+
+    @classmethod
+    @abc.abstractmethod
+    def describe(cls) -> str:
+        """Framework, version and device, e.g. ``PyTorch 2.13.0 on cuda``."""
+
+    @classmethod
+    def accelerator(cls) -> str | None:
+        """The accelerator this framework would use here (``cuda``, ``metal``), if any."""
+        return None
 
     # ------------------------------------------------------------------ creation and conversion
     float_dtype: Any
@@ -196,16 +217,37 @@ class Backend(abc.ABC):
         """One memory write: ``(1 - w e^T) ⊙ M + w a^T``."""
         return self.outer_add(self.decay_mul(memory, w, erase), w, add)
 
+    def custom_vjp(
+        self, forward: Callable[..., Any], backward: Callable[..., Any], n_outputs: int, **static
+    ) -> Callable[..., Any]:
+        """One differentiable operation from a forward and a backward written by hand.
+
+        ``forward(ops, *inputs, **static)`` returns the ``n_outputs`` outputs followed by the
+        residuals the backward needs; ``backward(ops, inputs, residuals, cotangents, **static)``
+        returns one gradient per input (None for an input that is None). Inputs may be None.
+        The operation returns the outputs only (one array if ``n_outputs`` is 1, else a tuple).
+        This default runs the forward alone: right for a framework without autodiff.
+        """
+
+        def op(*inputs):
+            outputs = tuple(forward(self, *inputs, **static))[:n_outputs]
+            return outputs[0] if n_outputs == 1 else outputs
+
+        return op
+
     # ------------------------------------------------------------------ the two scan primitives
-    @abc.abstractmethod
     def linear_scan(self, a: Array, b: Array, h0: Array | None = None) -> Array:
         """``h_t = a_t * h_{t-1} + b_t`` along axis 1 (time), ``h_0 = h0`` (zeros if None).
 
         ``a`` and ``b`` are ``(B, T, *rest)`` of one shape, real or complex.
         Returns every ``h_t``, ``(B, T, *rest)``.
         """
+        if tuple(a.shape) != tuple(b.shape):
+            raise ValueError(f"linear_scan needs a and b of one shape, got {a.shape} and {b.shape}")
+        if h0 is None:
+            h0 = self.zeros_like(b[:, 0])
+        return self.scans.linear_scan(self, a, b, h0)
 
-    @abc.abstractmethod
     def memory_scan_read(
         self,
         w: Array,
@@ -227,6 +269,22 @@ class Backend(abc.ABC):
         ``beta``, ``gamma`` (B, T, K); ``m0`` (B, K, N, D).
         Returns ``r`` (B, T, K, D) and the final memory ``M_T`` (B, K, N, D).
         """
+        if m0 is None:
+            m0 = self.zeros_like(w[:, 0, ..., None] * add[:, 0, :, None, :])
+        return self.scans.memory_scan_read(self, w, erase, add, rho, m0, key, beta, gamma)
+
+
+def load_scans(scan: str, framework: str) -> ModuleType:
+    """The scan module ``pntm.backends.scans.<scan>``, checked to run on ``framework``."""
+    from pntm.backends import scans
+
+    if scan not in scans.NAMES:
+        raise ValueError(f"unknown scan {scan!r}; scans: {', '.join(scans.NAMES)}")
+    module = importlib.import_module(f"pntm.backends.scans.{scan}")
+    if framework not in module.FRAMEWORKS:
+        runs_on = ", ".join(module.FRAMEWORKS)
+        raise ValueError(f"scan {scan!r} runs on {runs_on}, not on {framework!r}")
+    return module
 
 
 # ---------------------------------------------------------------------- per-step read math

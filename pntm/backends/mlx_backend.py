@@ -1,8 +1,6 @@
-"""MLX backend: MLX operations only (Metal GPU on Apple silicon, CPU elsewhere), float32.
+"""The MLX framework (Metal GPU on Apple silicon, CPU elsewhere), float32.
 
-The scans are the framework parallel path of :mod:`pntm.backends.parallel`; the memory scan is
-one ``mx.custom_function`` whose VJP is SPEC §4.3 in MLX operations. Its forward returns the
-chunk-start states as extra outputs so that the VJP receives them without recomputing.
+With the ``chunked`` scans (MLX operations) this is the ``mlx`` backend.
 """
 
 from __future__ import annotations
@@ -13,24 +11,28 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from pntm.backends import parallel
-from pntm.backends.base import Array
-from pntm.backends.parallel import FrameworkBackend
+from pntm.backends.base import Array, Backend
 
 
-class MLXBackend(FrameworkBackend):
+class MLXBackend(Backend):
     name = "mlx"
+    framework = "mlx"
 
-    def __init__(self, dtype: Any = mx.float32, scan: str = "parallel") -> None:
-        super().__init__(scan)
+    def __init__(self, dtype: Any = mx.float32, scan: str = "chunked") -> None:
         self.float_dtype = dtype
         self.complex_dtype = mx.complex64
         self.int_dtype = mx.int32
-        self._memory_scans: dict[tuple[bool, int], Callable[..., Any]] = {}
-        self._linear_scans: dict[int, Callable[..., Any]] = {}
-        # CPUs want few, cache-sized chunks; GPUs as many as the sqrt(T) rule allows
-        on_cpu = mx.default_device() == mx.cpu
-        self.target_step_elements = parallel.CPU_STEP_ELEMENTS if on_cpu else None
+        self.on_cpu = mx.default_device() == mx.cpu
+        self._custom: dict[tuple, Callable[..., Any]] = {}
+        super().__init__(scan)
+
+    @classmethod
+    def describe(cls) -> str:
+        return f"MLX {mx.__version__} on {mx.default_device()}"
+
+    @classmethod
+    def accelerator(cls) -> str | None:
+        return "metal" if mx.metal.is_available() else None
 
     # creation and conversion
     def asarray(self, x: Any, dtype: Any = None) -> mx.array:
@@ -159,60 +161,35 @@ class MLXBackend(FrameworkBackend):
     def eval(self, *arrays):
         mx.eval(*arrays)
 
-    def _linear_scan_op(self, a, b, h0, chunk):
-        if chunk not in self._linear_scans:
-            self._linear_scans[chunk] = self._make_linear_scan(chunk)
-        return self._linear_scans[chunk](a, b, h0)
+    def custom_vjp(self, forward, backward, n_outputs, **static):
+        def op(*inputs):
+            present = tuple(x is not None for x in inputs)
+            key = (forward, backward, n_outputs, present, tuple(sorted(static.items())))
+            if key not in self._custom:
+                self._custom[key] = self._make_custom(forward, backward, n_outputs, present, static)
+            outputs = self._custom[key](*(x for x in inputs if x is not None))[:n_outputs]
+            return outputs[0] if n_outputs == 1 else tuple(outputs)
 
-    def _make_linear_scan(self, chunk: int) -> Callable[..., Any]:
+        return op
+
+    def _make_custom(self, forward, backward, n_outputs, present, static):
+        """An ``mx.custom_function`` over the inputs that are not None; the residuals are extra
+        outputs, so that the VJP receives them without recomputing."""
         ops = self
 
-        @mx.custom_function
-        def linear_scan(a, b, h0):
-            return parallel.scan_forward(ops, a, b, h0, chunk)
-
-        @linear_scan.vjp
-        def linear_scan_vjp(primals, cotangent, output):
-            a, _, h0 = primals
-            return parallel.scan_backward(ops, a, output, h0, cotangent, chunk)
-
-        return linear_scan
-
-    def _memory_scan_op(self, w, erase, add, rho, m0, key, beta, gamma, chunk):
-        content = key is not None
-        if (content, chunk) not in self._memory_scans:
-            self._memory_scans[content, chunk] = self._make_memory_scan(content, chunk)
-        inputs = (w, erase, add, rho, m0) + ((key, beta, gamma) if content else ())
-        reads, final, _, _ = self._memory_scans[content, chunk](*inputs)
-        return reads, final
-
-    def _make_memory_scan(self, content: bool, chunk: int) -> Callable[..., Any]:
-        ops = self
+        def full(arrays):
+            it = iter(arrays)
+            return [next(it) if p else None for p in present]
 
         @mx.custom_function
-        def memory_scan(w, erase, add, rho, m0, *extra):
-            return parallel.memory_scan_forward(ops, w, erase, add, rho, m0, *extra, chunk=chunk)
+        def fn(*arrays):
+            return tuple(forward(ops, *full(arrays), **static))
 
-        @memory_scan.vjp
-        def memory_scan_vjp(primals, cotangents, outputs):
-            w, erase, add, rho, _m0, *extra = primals
-            extra = extra or [None, None, None]
-            g = parallel.memory_scan_backward(
-                ops,
-                w,
-                erase,
-                add,
-                rho,
-                outputs[2],
-                outputs[3],
-                cotangents[0],
-                cotangents[1],
-                *extra,
-                chunk=chunk,
+        @fn.vjp
+        def fn_vjp(primals, cotangents, outputs):
+            grads = backward(
+                ops, full(primals), outputs[n_outputs:], cotangents[:n_outputs], **static
             )
-            names = ["w", "erase", "add", "rho", "m0"] + (
-                ["key", "beta", "gamma"] if content else []
-            )
-            return tuple(g[n] for n in names)
+            return tuple(g for g, p in zip(grads, present, strict=True) if p)
 
-        return memory_scan
+        return fn

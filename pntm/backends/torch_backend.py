@@ -1,7 +1,7 @@
-"""PyTorch backend: PyTorch operations only (CPU, CUDA or MPS), float32.
+"""The PyTorch framework (CPU, CUDA or MPS), float32.
 
-The scans are the framework parallel path of :mod:`pntm.backends.parallel`; the memory scan is
-one ``torch.autograd.Function`` whose backward is SPEC §4.3 in PyTorch operations.
+With the ``chunked`` scans (PyTorch operations) this is the ``torch`` backend; with the ``triton``
+scans (fused kernels on the same tensors), the ``triton`` backend.
 """
 
 from __future__ import annotations
@@ -13,29 +13,35 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pntm.backends import parallel
-from pntm.backends.base import Array
-from pntm.backends.parallel import FrameworkBackend
+from pntm.backends.base import Array, Backend
 from pntm.tree import tree_flatten, tree_map, tree_unflatten
 
 
-class TorchBackend(FrameworkBackend):
+class TorchBackend(Backend):
     name = "torch"
+    framework = "torch"
 
     def __init__(
-        self, device: str | None = None, dtype: Any = torch.float32, scan: str = "parallel"
+        self, device: str | None = None, dtype: Any = torch.float32, scan: str = "chunked"
     ) -> None:
-        super().__init__(scan)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        self.on_cpu = self.device.type == "cpu"
         self.float_dtype = dtype
         self.complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
         self.int_dtype = torch.int64
-        # CPUs want few, cache-sized chunks; GPUs as many as the sqrt(T) rule allows
-        self.target_step_elements = (
-            parallel.CPU_STEP_ELEMENTS if self.device.type == "cpu" else None
-        )
+        super().__init__(scan)
+
+    @classmethod
+    def describe(cls) -> str:
+        if torch.cuda.is_available():
+            return f"PyTorch {torch.__version__} on cuda ({torch.cuda.get_device_name()})"
+        return f"PyTorch {torch.__version__} on cpu"
+
+    @classmethod
+    def accelerator(cls) -> str | None:
+        return "cuda" if torch.cuda.is_available() else None
 
     # creation and conversion
     def asarray(self, x: Any, dtype: Any = None) -> torch.Tensor:
@@ -183,67 +189,28 @@ class TorchBackend(FrameworkBackend):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _linear_scan_op(self, a, b, h0, chunk):
-        return _LinearScan.apply(a, b, h0, self, chunk)
+    def custom_vjp(self, forward, backward, n_outputs, **static):
+        def op(*inputs):
+            outputs = _CustomVJP.apply(self, forward, backward, n_outputs, static, *inputs)
+            return outputs[0] if n_outputs == 1 else outputs
 
-    def _memory_scan_op(self, w, erase, add, rho, m0, key, beta, gamma, chunk):
-        return _MemoryScanRead.apply(w, erase, add, rho, m0, key, beta, gamma, self, chunk)
+        return op
 
 
-class _LinearScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b, h0, ops, chunk):
-        h = parallel.scan_forward(ops, a, b, h0, chunk)
-        ctx.save_for_backward(a, h, h0)
-        ctx.ops, ctx.chunk = ops, chunk
-        return h
+class _CustomVJP(torch.autograd.Function):
+    """``Backend.custom_vjp``: the residuals are saved, never returned."""
 
     @staticmethod
-    def backward(ctx, d_h):
-        a, h, h0 = ctx.saved_tensors
-        d_a, d_b, d_h0 = parallel.scan_backward(ctx.ops, a, h, h0, d_h, ctx.chunk)
-        return d_a, d_b, d_h0, None, None
-
-
-class _MemoryScanRead(torch.autograd.Function):
-    """The memory scan and its reads as one operation: only chunk-start states are saved."""
+    def forward(ctx, ops, forward, backward, n_outputs, static, *inputs):
+        results = tuple(forward(ops, *inputs, **static))
+        outputs, residuals = results[:n_outputs], results[n_outputs:]
+        ctx.save_for_backward(*inputs, *residuals)
+        ctx.ops, ctx.backward_fn, ctx.static, ctx.n_inputs = ops, backward, static, len(inputs)
+        return outputs
 
     @staticmethod
-    def forward(ctx, w, erase, add, rho, m0, key, beta, gamma, ops, chunk):
-        reads, final, starts, prod = parallel.memory_scan_forward(
-            ops, w, erase, add, rho, m0, key, beta, gamma, chunk
-        )
-        ctx.save_for_backward(w, erase, add, rho, key, beta, gamma, starts, prod)
-        ctx.ops, ctx.chunk = ops, chunk
-        return reads, final
-
-    @staticmethod
-    def backward(ctx, d_read, d_final):
-        w, erase, add, rho, key, beta, gamma, starts, prod = ctx.saved_tensors
-        g = parallel.memory_scan_backward(
-            ctx.ops,
-            w,
-            erase,
-            add,
-            rho,
-            starts,
-            prod,
-            d_read,
-            d_final,
-            key,
-            beta,
-            gamma,
-            ctx.chunk,
-        )
-        return (
-            g["w"],
-            g["erase"],
-            g["add"],
-            g["rho"],
-            g["m0"],
-            g.get("key"),
-            g.get("beta"),
-            g.get("gamma"),
-            None,
-            None,
-        )
+    def backward(ctx, *cotangents):
+        saved = ctx.saved_tensors
+        inputs, residuals = saved[: ctx.n_inputs], saved[ctx.n_inputs :]
+        grads = ctx.backward_fn(ctx.ops, inputs, residuals, cotangents, **ctx.static)
+        return (None, None, None, None, None, *grads)

@@ -1,26 +1,29 @@
 """The two scan primitives as plain loops over time, written against the backend interface.
 
-The NumPy reference runs these in float64 (with hand-written gradients). Framework backends run
-them with ``scan="sequential"``, differentiated by their autodiff: the plain-loop baseline that
-the parallel path is benchmarked against (``scripts/bench_scan.py``).
+The ``numpy`` backend runs these in float64 (their hand-written reverse mode is
+:mod:`pntm.backends.scans.reference`); framework backends run them with ``scan="sequential"``,
+differentiated by their own autodiff: the plain-loop baseline the parallel scans are measured
+against (``scripts/bench_scan.py``, ``scripts/bench_kernels.py``).
 """
 
 from __future__ import annotations
 
 from pntm.backends.base import Array, Backend, read_step
 
+FRAMEWORKS = ("numpy", "torch", "mlx")
+DESCRIPTION = "plain loops over time"
+
 
 def linear_scan(ops: Backend, a: Array, b: Array, h0: Array | None = None) -> Array:
-    """``h_t = a_t h_{t-1} + b_t`` along axis 1, one step at a time."""
-    h = ops.zeros_like(b[:, 0]) if h0 is None else h0
-    out = []
+    """``h_t = a_t h_{t-1} + b_t`` along axis 1, one step at a time (``h_0`` zeros if None)."""
+    h, out = (ops.zeros_like(b[:, 0]) if h0 is None else h0), []
     for a_t, b_t in zip(ops.unstack(a, 1), ops.unstack(b, 1), strict=True):
         h = a_t * h + b_t
         out.append(h)
     return ops.stack(out, 1)
 
 
-def memory_scan_read(
+def memory_scan_states(
     ops: Backend,
     w: Array,
     erase: Array,
@@ -44,3 +47,19 @@ def memory_scan_read(
         reads.append(read_step(ops, memory, rho_t, key_t, beta_t, gamma_t))
         states.append(memory)
     return ops.stack(reads, 1), states
+
+
+def memory_scan_read(
+    ops: Backend,
+    w: Array,
+    erase: Array,
+    add: Array,
+    rho: Array,
+    m0: Array,
+    key: Array | None = None,
+    beta: Array | None = None,
+    gamma: Array | None = None,
+) -> tuple[Array, Array]:
+    """Reads ``r`` (B, T, K, D) and the final memory (B, K, N, D)."""
+    reads, states = memory_scan_states(ops, w, erase, add, rho, m0, key, beta, gamma)
+    return reads, states[-1]

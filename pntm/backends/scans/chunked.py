@@ -1,7 +1,8 @@
-"""The framework parallel path (SPEC §4.2), written once against the backend interface.
+"""The framework parallel path (SPEC §4.2): chunked scans in framework operations, written once
+against the backend interface (the ``mlx`` and ``torch`` backends).
 
-Used by the MLX and PyTorch backends, which wire each scan into their autodiff as one operation
-with its own backward (:class:`FrameworkBackend`).
+Each scan is one differentiable operation with its own backward (``Backend.custom_vjp``: an
+``mx.custom_function`` on MLX, a ``torch.autograd.Function`` on PyTorch).
 
 Both scans, ``h_t = a_t h_{t-1} + b_t`` (:func:`scan_forward`) and the memory recurrence with
 its reads (:func:`memory_scan_forward`), use one two-level scheme. Time is cut into ``C`` chunks
@@ -26,11 +27,12 @@ SPEC §4.3: peak memory is one group of states, never ``O(T N D log T)``.
 
 from __future__ import annotations
 
-import abc
 import math
 
-from pntm.backends import sequential
 from pntm.backends.base import Array, Backend, read_step, read_step_vjp
+
+FRAMEWORKS = ("torch", "mlx", "numpy")
+DESCRIPTION = "chunked parallel scans in framework operations"
 
 #: elements of recomputed memory states one backward group may hold (float32: 4 bytes each)
 MAX_GROUP_ELEMENTS = 1 << 26
@@ -285,56 +287,57 @@ def memory_scan_backward(
     return out
 
 
-# ---------------------------------------------------------------------- framework backends
-
-SCAN_ALGORITHMS = ("parallel", "sequential")
+# ---------------------------------------------------------------------- the two primitives
 
 
-class FrameworkBackend(Backend):
-    """A backend built on an array framework with autodiff (MLX, PyTorch).
+def _chunk_for(ops: Backend, shape) -> int:
+    """CPUs want few, cache-sized chunks; accelerators as many as the sqrt(T) rule allows."""
+    per_step = shape[0] * math.prod(shape[2:])
+    return chunk_len(shape[1], per_step, CPU_STEP_ELEMENTS if ops.on_cpu else None)
 
-    ``scan="parallel"`` (default) runs the chunked scans above; ``scan="sequential"`` runs the
-    plain loops of :mod:`pntm.backends.sequential` through the framework's autodiff, the
-    baseline the parallel path is measured against.
-    """
 
-    def __init__(self, scan: str = "parallel") -> None:
-        if scan not in SCAN_ALGORITHMS:
-            raise ValueError(f"scan must be one of {SCAN_ALGORITHMS}, got {scan!r}")
-        self.scan = scan
+def linear_scan(ops: Backend, a: Array, b: Array, h0: Array) -> Array:
+    """:func:`scan_forward` as one operation whose backward is :func:`scan_backward`."""
+    op = ops.custom_vjp(_linear_forward, _linear_backward, 1, chunk=_chunk_for(ops, b.shape))
+    return op(a, b, h0)
 
-    target_step_elements: int | None = None  # see chunk_len
 
-    def _chunk(self, shape) -> int:
-        per_step = shape[0] * math.prod(shape[2:])
-        return chunk_len(shape[1], per_step, self.target_step_elements)
+def _linear_forward(ops, a, b, h0, *, chunk):
+    h = scan_forward(ops, a, b, h0, chunk)
+    return h, h  # the output, and the residual the backward needs
 
-    def linear_scan(self, a, b, h0=None):
-        if self.scan == "sequential":
-            return sequential.linear_scan(self, a, b, h0)
-        if h0 is None:
-            h0 = self.zeros_like(b[:, 0])
-        return self._linear_scan_op(a, b, h0, self._chunk(b.shape))
 
-    def memory_scan_read(self, w, erase, add, rho, m0=None, key=None, beta=None, gamma=None):
-        if self.scan == "sequential":
-            reads, states = sequential.memory_scan_read(
-                self, w, erase, add, rho, m0, key, beta, gamma
-            )
-            return reads, states[-1]
-        if m0 is None:
-            m0 = self.zeros_like(w[:, 0, ..., None] * add[:, 0, :, None, :])
-        chunk = self._chunk((*w.shape, add.shape[-1]))
-        return self._memory_scan_op(w, erase, add, rho, m0, key, beta, gamma, chunk)
+def _linear_backward(ops, inputs, residuals, cotangents, *, chunk):
+    a, _, h0 = inputs
+    return scan_backward(ops, a, residuals[0], h0, cotangents[0], chunk)
 
-    @abc.abstractmethod
-    def _linear_scan_op(self, a, b, h0, chunk: int) -> Array:
-        """:func:`scan_forward` as one differentiable operation whose backward is
-        :func:`scan_backward`."""
 
-    @abc.abstractmethod
-    def _memory_scan_op(
-        self, w, erase, add, rho, m0, key, beta, gamma, chunk: int
-    ) -> tuple[Array, Array]:
-        """:func:`memory_scan_forward` as one differentiable operation whose backward is
-        :func:`memory_scan_backward`."""
+def memory_scan_read(
+    ops: Backend,
+    w: Array,
+    erase: Array,
+    add: Array,
+    rho: Array,
+    m0: Array,
+    key: Array | None = None,
+    beta: Array | None = None,
+    gamma: Array | None = None,
+) -> tuple[Array, Array]:
+    """:func:`memory_scan_forward` as one operation whose backward is
+    :func:`memory_scan_backward`: only the chunk-start states are kept between the two."""
+    chunk = _chunk_for(ops, (*w.shape, add.shape[-1]))
+    op = ops.custom_vjp(_memory_forward, _memory_backward, 2, chunk=chunk)
+    return op(w, erase, add, rho, m0, key, beta, gamma)
+
+
+def _memory_forward(ops, w, erase, add, rho, m0, key, beta, gamma, *, chunk):
+    return memory_scan_forward(ops, w, erase, add, rho, m0, key, beta, gamma, chunk)
+
+
+def _memory_backward(ops, inputs, residuals, cotangents, *, chunk):
+    w, erase, add, rho, _, key, beta, gamma = inputs
+    starts, prod = residuals
+    g = memory_scan_backward(
+        ops, w, erase, add, rho, starts, prod, *cotangents, key, beta, gamma, chunk
+    )
+    return tuple(g.get(n) for n in ("w", "erase", "add", "rho", "m0", "key", "beta", "gamma"))
