@@ -81,11 +81,15 @@ def main() -> None:
 
 @main.command("backends")
 def backends_command() -> None:
-    """List every backend, whether it runs on this machine, and why not."""
-    for info in backends.available():
+    """List every backend, whether it runs on this machine, and why not; `auto` marks the one
+    `--backend auto` takes."""
+    infos = backends.available()
+    auto = backends.best_available() if any(i.priority is not None for i in infos) else None
+    for info in infos:
         status = "runs" if info.runs else "no"
         role = "train+eval" if info.trainable else ("eval" if info.runs else "-")
-        click.echo(f"{info.name:7s} {status:5s} {role:11s} {info.reason}")
+        mark = "auto" if info.name == auto else ""
+        click.echo(f"{info.name:7s} {status:5s} {role:11s} {mark:4s} {info.reason}")
 
 
 @main.command("tasks")
@@ -183,8 +187,8 @@ TRAIN_OPTIONS = (
     default="auto",
     show_default=True,
     type=click.Choice(BACKEND_CHOICES),
-    help="Where to train: auto = MLX on Apple silicon, else PyTorch (CUDA if present), "
-    "else MLX on CPU. See `pntm backends`.",
+    help="Where to train: auto = the Triton kernels on a CUDA GPU, MLX on Apple silicon, "
+    "else PyTorch, else MLX on CPU. See `pntm backends`.",
 )
 @click.option(
     "--steps", default=1500, show_default=True, type=click.IntRange(min=1), help="Optimizer steps."

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from pntm import backends
-from pntm.backends.scans import sequential
 from pntm.backends.numpy_backend import NumpyBackend
+from pntm.backends.scans import sequential
 from pntm.backends.scans.reference import linear_scan_vjp, memory_scan_read_vjp
 from pntm.models.pntm import PNTM, PNTMConfig, init_params
 

@@ -15,9 +15,61 @@ def test_available_lists_every_backend_with_a_reason():
     infos = {info.name: info for info in backends.available()}
     assert set(infos) == {"numpy", "mlx", "torch", "triton", "metal"}
     assert infos["numpy"].runs and not infos["numpy"].trainable
-    for name in ("triton", "metal"):
-        assert not infos[name].runs
-        assert "not implemented yet" in infos[name].reason
+    assert not infos["metal"].runs
+    assert "not implemented yet" in infos["metal"].reason
+    for info in infos.values():
+        assert info.reason
+
+
+def test_each_backend_is_a_framework_and_a_scan_module():
+    for spec in backends.BACKENDS:
+        info = next(i for i in backends.available() if i.name == spec.name)
+        if not info.runs:
+            continue
+        ops = backends.get(spec.name)
+        assert ops.name == spec.name
+        assert ops.scans.__name__ == f"pntm.backends.scans.{spec.scan}"
+        assert ops.framework in ops.scans.FRAMEWORKS
+
+
+def test_a_scan_module_refuses_a_framework_it_does_not_run_on():
+    with pytest.raises(ValueError, match=r"scan 'triton' runs on torch, not on 'numpy'"):
+        backends.get("numpy", scan="triton")
+    with pytest.raises(ValueError, match=r"unknown scan 'fft'"):
+        backends.get("torch", scan="fft")
+
+
+def test_auto_takes_the_highest_priority_backend_that_runs(monkeypatch):
+    """On a CUDA machine the Triton kernels win; on a CPU machine PyTorch, then MLX; Metal (and
+    MLX) only where Metal is."""
+
+    def machine(infos):
+        monkeypatch.setattr(backends, "available", lambda: infos)
+        return backends.best_available()
+
+    info = backends.BackendInfo
+    cuda = [
+        info("numpy", True, "", False, None),
+        info("mlx", True, "", True, 10),
+        info("torch", True, "", True, 20),
+        info("triton", True, "", True, 40),
+        info("metal", False, "not implemented yet"),
+    ]
+    assert machine(cuda) == "triton"
+    cpu = [*cuda[:3], info("triton", True, "", True, None), cuda[4]]
+    assert machine(cpu) == "torch"
+    apple = [cuda[0], info("mlx", True, "", True, 30), cuda[2], cuda[4]]
+    assert machine(apple) == "mlx"
+    with pytest.raises(RuntimeError, match="no trainable backend"):
+        machine(cuda[:1])
+
+
+def test_priorities_follow_the_accelerator():
+    """The rows' priorities: Triton only with CUDA, MLX above PyTorch only with Metal."""
+    spec = {s.name: s for s in backends.BACKENDS}
+    assert spec["triton"].priority > spec["torch"].priority > spec["mlx"].priority_without
+    assert spec["triton"].priority_without is None and spec["metal"].priority_without is None
+    assert spec["mlx"].priority > spec["torch"].priority_without
 
 
 def test_unknown_backend_is_named():
@@ -26,8 +78,8 @@ def test_unknown_backend_is_named():
 
 
 def test_unimplemented_backend_says_why():
-    with pytest.raises(RuntimeError, match=r"triton.*not implemented yet"):
-        backends.get("triton")
+    with pytest.raises(RuntimeError, match=r"metal.*not implemented yet"):
+        backends.get("metal")
 
 
 def test_reference_backend_does_not_pretend_to_train():

@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pntm.backends.scans import chunked, sequential
 from pntm.backends.numpy_backend import NumpyBackend
+from pntm.backends.scans import chunked, sequential
 from pntm.backends.scans.reference import linear_scan_vjp, memory_scan_read_vjp
 from tests.tolerances import (
+    CONDITION_MARGIN,
     FD_EPS,
     FD_RTOL_REFERENCE,
     FWD_RTOL,
@@ -17,6 +18,7 @@ from tests.tolerances import (
     LONG_T_RTOL,
     central_difference,
     grad_errors,
+    input_rounding_sensitivity,
     rel_err,
 )
 
@@ -178,7 +180,13 @@ def test_memory_scan_read_matches_reference(ops, B, T, K, N, D, content):
 
     got = backend_grads(ops, scan, inputs, [d_read, d_final])
     errors = grad_errors(got, {n: want[n] for n in inputs})
-    assert max(errors.values()) <= GRAD_RTOL, errors
+
+    def reference_grads(x):
+        g = memory_scan_read_vjp(**x, d_read=d_read, d_final=d_final)
+        return {n: g[n] for n in inputs}
+
+    conditioned = CONDITION_MARGIN * input_rounding_sensitivity(reference_grads, inputs)
+    assert max(errors.values()) <= max(GRAD_RTOL, conditioned), (errors, conditioned)
 
 
 @pytest.mark.parametrize("chunk,max_group", [(1, 1 << 26), (3, 1 << 26), (4, 1), (5, 40)])
@@ -227,20 +235,34 @@ def test_linear_scan_chunking(chunk):
 # ---------------------------------------------------------------------- long sequences
 
 
+LONG_T = 65_536
+
+
 @pytest.mark.slow
-def test_scans_stable_at_65536_steps(ops):
-    """T = 65,536 with decays of exactly 0 and 1 inside: float32 within 1e-4 of float64, no
-    NaN/Inf, gradients included."""
-    T = 65_536
+def test_linear_scan_stable_at_65536_steps(ops):
+    """T = 65,536 with decays of exactly 0 and |a| up to 1: float32 within 1e-4 of float64, no
+    NaN/Inf."""
     rng = np.random.default_rng(7)
-    a, b, h0 = linear_inputs(rng, 1, T, (3,), complex_=True)
+    a, b, h0 = linear_inputs(rng, 1, LONG_T, (3,), complex_=True)
     a = a * 0.5 + 0.5 * np.exp(1j * rng.uniform(-np.pi, np.pi, a.shape))  # |a| up to 1
     a[0, ::997] = 0.0
     want = sequential.linear_scan(NP, a, b, h0)
-    assert (
-        rel_err(ops.to_numpy(ops.linear_scan(*map(ops.asarray, (a, b, h0)))), want) <= LONG_T_RTOL
-    )
-    inputs = memory_inputs(rng, 1, T, 1, 4, 3, content=False)
+    got = ops.to_numpy(ops.linear_scan(*map(ops.asarray, (a, b, h0))))
+    assert rel_err(got, want) <= LONG_T_RTOL
+
+
+@pytest.mark.slow
+def test_memory_scan_stable_at_65536_steps(ops):
+    """T = 65,536 with decays of exactly 0 and 1 inside: float32 within 1e-4 of float64, no
+    NaN/Inf, gradients included."""
+    if ops.scan == "triton" and triton_interpreted():
+        pytest.skip(
+            "the memory scan at T=65,536 takes about 12 minutes in Triton's CPU interpreter "
+            "(measured); scripts/gpu_check.sh runs this test on a GPU, and test_triton.py runs "
+            "a 2,048-step memory scan here"
+        )
+    rng = np.random.default_rng(8)
+    inputs = memory_inputs(rng, 1, LONG_T, 1, 4, 3, content=False)
     inputs["erase"] *= 0.05  # slots keep content over long stretches
     want_reads, states = sequential.memory_scan_states(NP, **inputs)
     reads, final = ops.memory_scan_read(**{n: ops.asarray(x) for n, x in inputs.items()})
@@ -253,3 +275,9 @@ def test_scans_stable_at_65536_steps(ops):
     got = backend_grads(ops, lambda *x: ops.memory_scan_read(*x)[0], inputs, [d_read])
     errors = grad_errors(got, {n: want_grads[n] for n in inputs})
     assert max(errors.values()) <= LONG_T_RTOL, errors
+
+
+def triton_interpreted() -> bool:
+    from pntm.backends.scans import triton
+
+    return triton.interpreted()

@@ -38,6 +38,15 @@ SCALE_FLOOR = 1e-3
 JOINT_SCALE_FRACTION = 1e-2
 
 
+# Some cases are ill-conditioned: a content read over D = 1 differentiates a cosine that is +-1
+# up to eps / (|M|^2 + eps), a cancellation that magnifies roundoff where a slot is nearly empty.
+# No float32 computation can beat the error that rounding its *inputs* to float32 causes in the
+# exact result, so a gradient is allowed CONDITION_MARGIN times that error (measured by
+# :func:`input_rounding_sensitivity`) where it exceeds GRAD_RTOL.
+CONDITION_MARGIN = 10
+FLOAT32_UNIT_ROUNDOFF = 2.0**-24
+
+
 def rel_err(x, ref, floor: float = SCALE_FLOOR) -> float:
     x, ref = np.asarray(x), np.asarray(ref)
     assert x.shape == ref.shape, f"shape {x.shape} != reference shape {ref.shape}"
@@ -55,6 +64,22 @@ def grad_errors(got: dict, want: dict) -> dict[str, float]:
     return {n: rel_err(got[n], want[n], floor) for n in want}
 
 
+def input_rounding_sensitivity(grads_fn, inputs: dict, trials: int = 3, seed: int = 0) -> float:
+    """How far float32 rounding of ``inputs`` moves the float64 gradients ``grads_fn(inputs)``
+    (a dict): the largest :func:`grad_errors` over ``trials`` random relative perturbations of
+    one float32 unit roundoff."""
+    rng = np.random.default_rng(seed)
+    want = grads_fn(inputs)
+    worst = 0.0
+    for _ in range(trials):
+        moved = {
+            n: x * (1 + rng.uniform(-1, 1, np.shape(x)) * FLOAT32_UNIT_ROUNDOFF)
+            for n, x in inputs.items()
+        }
+        worst = max(worst, *grad_errors(grads_fn(moved), want).values())
+    return worst
+
+
 def central_difference(fn, x: np.ndarray, index: tuple, eps: complex = FD_EPS) -> float:
     """d fn / d x[index] by central differences (``x`` is restored). With an imaginary ``eps``
     (complex ``x``) the result is the derivative along the imaginary part divided by ``i``."""
@@ -65,3 +90,21 @@ def central_difference(fn, x: np.ndarray, index: tuple, eps: complex = FD_EPS) -
     minus = fn()
     x[index] = saved
     return (plus - minus) / (2 * eps)
+
+
+# Half-precision inputs, float32 accumulation, outputs and gradients returned in the input dtype
+# and compared with the float64 reference run on the same (rounded) inputs and cotangents.
+# Forward: what remains is the rounding of each output to its dtype, half an ulp, 2^-9 = 2.0e-3
+# relative for bfloat16 and 2^-12 = 2.4e-4 for float16; 5x margin. Gradients pass through about
+# four such roundings (the forward output a backward reads back, e.g. the head scan's h; the
+# cotangent computed from it; the gradient's own rounding), 8e-3 and 1e-3; 3x margin (measured:
+# at most 8.2e-3 and 3.9e-4).
+LOW_PRECISION_RTOL: dict = {}
+LOW_PRECISION_GRAD_RTOL: dict = {}
+try:
+    import torch
+
+    LOW_PRECISION_RTOL = {torch.bfloat16: 1e-2, torch.float16: 1.2e-3}
+    LOW_PRECISION_GRAD_RTOL = {torch.bfloat16: 2.5e-2, torch.float16: 3e-3}
+except ImportError:
+    pass

@@ -108,12 +108,12 @@ def available() -> list[BackendInfo]:
             infos.append(BackendInfo(spec.name, False, str(exc).split(": ", 1)[-1]))
             continue
         priority = spec.priority if framework.accelerator() else spec.priority_without
-        describe = getattr(scans, "describe", lambda: scans.DESCRIPTION)
+        what = scans.describe() if hasattr(scans, "describe") else scans.DESCRIPTION
         infos.append(
             BackendInfo(
                 spec.name,
                 True,
-                f"{framework.describe()}; scans: {describe()}",
+                f"{framework.describe()}; scans: {what}",
                 framework.trainable,
                 priority if framework.trainable else None,
             )

@@ -97,6 +97,9 @@ def _check_float(name: str, x: torch.Tensor, allowed=FLOAT_DTYPES) -> None:
 
 # ====================================================================== memory scan: kernels
 
+# sizes change from batch to batch: one compiled kernel per tile configuration, not per size
+_SIZES = ["T", "K", "N", "D", "n_chunks", "seg_chunks", "n_segs", "n_dblocks"]
+
 
 @triton.jit
 def _content_mix(M, rho, key, beta, gamma, mask_n, EPS: tl.constexpr):
@@ -134,7 +137,7 @@ def _content_read_vjp(M, rho, dr, key, beta, gamma, mask_n, EPS: tl.constexpr):
     return d_mem, d_rho, d_key, d_beta, d_gamma
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _memory_forward_kernel(
     w_ptr, e_ptr, a_ptr, rho_ptr, key_ptr, beta_ptr, gamma_ptr,
     start_ptr,  # (BK, n_segs, N, D): segment start states (FROM_STARTS), else m0 (BK, N, D)
@@ -186,7 +189,9 @@ def _memory_forward_kernel(
                     key = tl.load(key_ptr + row * D + offs_d, mask=mask_d, other=0.0)
                     beta = tl.load(beta_ptr + row).to(tl.float32)
                     gamma = tl.load(gamma_ptr + row).to(tl.float32)
-                    rho = _content_mix(M, rho, key.to(tl.float32), beta, gamma, mask_n, EPS)[0]
+                    rho, _, _, _, _ = _content_mix(
+                        M, rho, key.to(tl.float32), beta, gamma, mask_n, EPS
+                    )
                 r = tl.sum(rho[:, None] * M, axis=0)
                 out = reads_ptr + ((pid_n * (tl.num_programs(0) // K) + b) * T + t) * K * D
                 tl.store(out + k * D + offs_d, r.to(reads_ptr.dtype.element_ty), mask=mask_d)
@@ -198,7 +203,7 @@ def _memory_forward_kernel(
         tl.store(final_ptr + bk * N * D + tile, M.to(final_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_segs", "N", "D", "n_dblocks"])
 def _segment_scan_kernel(
     prod_ptr, local_ptr,  # (BK, n_segs, N, D)
     x0_ptr,  # (BK, N, D): the value entering the first segment (HAS_X0), else zeros
@@ -227,7 +232,7 @@ def _segment_scan_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _memory_backward_kernel(
     w_ptr, e_ptr, a_ptr, rho_ptr, key_ptr, beta_ptr, gamma_ptr, dr_ptr,
     ckpt_ptr,  # (BK, n_chunks, N, D)
@@ -240,8 +245,9 @@ def _memory_backward_kernel(
     prod_ptr, local_ptr,  # (BK, n_segs, N, D): segment summaries (SUMMARY)
     T, K, N, D, n_chunks, seg_chunks, n_segs, n_dblocks,
     CHUNK: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    # a location-only summary needs no states: the read's cotangent does not depend on them
     CONTENT: tl.constexpr, HAS_G_END: tl.constexpr, SUMMARY: tl.constexpr,
-    EPS: tl.constexpr,
+    NEED_STATES: tl.constexpr, EPS: tl.constexpr,
 ):  # fmt: skip
     bk = tl.program_id(0).to(tl.int64)
     pid_nd = tl.program_id(1)
@@ -267,8 +273,6 @@ def _memory_backward_kernel(
         G = tl.zeros((BN, BD), dtype=tl.float32)
     if SUMMARY:
         P = tl.full((BN, BD), 1.0, dtype=tl.float32)
-    # a location-only summary needs no states: the read's cotangent does not depend on them
-    NEED_STATES: tl.constexpr = CONTENT or not SUMMARY
     c0 = seg * seg_chunks
     c1 = tl.minimum(c0 + seg_chunks, n_chunks)
     for i in range(0, c1 - c0):
@@ -480,7 +484,7 @@ def memory_backward(
             w, erase, add, rho, *content_in, d_reads, ckpt, dummy, scratch,
             dummy, dummy, dummy, dummy, dummy, dummy, dummy, dummy, prod, local,
             T, K, N, D, n_chunks, seg_chunks, n_segs, ndb,
-            HAS_G_END=False, SUMMARY=True, **common,
+            HAS_G_END=False, SUMMARY=True, NEED_STATES=content, **common,
         )  # fmt: skip
         g_end = _output((B * K, n_segs, N, D), f32, device)
         _segment_scan_kernel[(B * K, nnb * ndb)](
@@ -504,7 +508,7 @@ def memory_backward(
         dw, drho, de, da, *((dkey, dbeta, dgamma) if content else (dummy,) * 3), dm0,
         dummy, dummy,
         T, K, N, D, n_chunks, seg_chunks, n_segs, ndb,
-        HAS_G_END=has_g_end, SUMMARY=False, **common,
+        HAS_G_END=has_g_end, SUMMARY=False, NEED_STATES=True, **common,
     )  # fmt: skip
     return (dw.sum(0), de.sum(0), da.sum(0), drho.sum(0), dm0, dkey, dbeta, dgamma)
 
@@ -513,8 +517,7 @@ class MemoryScanRead(torch.autograd.Function):
     """The memory scan with its reads: fused forward, fused backward from checkpoints."""
 
     @staticmethod
-    def forward(ctx, w, erase, add, rho, m0, key, beta, gamma, plan):
-        save = any(ctx.needs_input_grad[:8])
+    def forward(ctx, w, erase, add, rho, m0, key, beta, gamma, plan, save):
         reads, final, ckpt = memory_forward(w, erase, add, rho, m0, key, beta, gamma, plan, save)
         ctx.save_for_backward(w, erase, add, rho, key, beta, gamma, ckpt)
         ctx.plan, ctx.m0_dtype = plan, m0.dtype
@@ -529,7 +532,7 @@ class MemoryScanRead(torch.autograd.Function):
         dtypes = [x.dtype if x is not None else None for x in (w, erase, add, rho)]
         dtypes += [ctx.m0_dtype] + [x.dtype if x is not None else None for x in (key, beta, gamma)]
         cast = [g if g is None else g.to(dt) for g, dt in zip(grads, dtypes, strict=True)]
-        return (*cast, None)
+        return (*cast, None, None)
 
 
 def memory_scan_read_fused(
@@ -561,8 +564,12 @@ def memory_scan_read_fused(
             f"got N={N}, D={D}"
         )
     plan = plan_memory(B, T, K, N, D, content, w.device, **plan_options)
-    contiguous = [x if x is None else x.contiguous() for x in (w, erase, add, rho, m0, key, beta, gamma)]
-    return MemoryScanRead.apply(*contiguous, plan)
+    inputs = [
+        x if x is None else x.contiguous() for x in (w, erase, add, rho, m0, key, beta, gamma)
+    ]
+    # checkpoints only where a backward will come (under no_grad, apply still sees requires_grad)
+    save = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+    return MemoryScanRead.apply(*inputs, plan, save)
 
 
 def memory_scan_read(
@@ -638,7 +645,7 @@ def _last_row(x, rows, BT: tl.constexpr):
     return tl.sum(tl.where(rows[:, None] == BT - 1, x, 0.0), axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "R"])
 def _linear_forward_kernel(
     a_ptr, b_ptr, h0_ptr, h_ptr, T, R,
     BT: tl.constexpr, BR: tl.constexpr, COMPLEX: tl.constexpr,
@@ -663,7 +670,7 @@ def _linear_forward_kernel(
         hi = _last_row(out_i, rows, BT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "R"])
 def _linear_backward_kernel(
     a_ptr, h_ptr, h0_ptr, dh_ptr, da_ptr, db_ptr, dh0_ptr, T, R,
     BT: tl.constexpr, BR: tl.constexpr, COMPLEX: tl.constexpr,
@@ -694,9 +701,7 @@ def _linear_backward_kernel(
         first = (t == 0)[:, None]
         pr = tl.where(first, h0r[None, :], pr)
         pi = tl.where(first, h0i[None, :], pi)
-        _store_pair(
-            da_ptr, idx, out_r * pr + out_i * pi, out_i * pr - out_r * pi, mask, COMPLEX
-        )
+        _store_pair(da_ptr, idx, out_r * pr + out_i * pi, out_i * pr - out_r * pi, mask, COMPLEX)
         gr = _last_row(out_r, rows, BT)
         gi = _last_row(out_i, rows, BT)
     ar, ai = _load_pair(a_ptr, batch * T * R + cols, col_mask, 0.0, COMPLEX)
@@ -733,9 +738,8 @@ class LinearScan(torch.autograd.Function):
         da = _output(a.shape, a.dtype, a.device)
         db = _output(h.shape, h.dtype, h.device)
         dh0 = _output(h0.shape, h0.dtype, h0.device)
-        _linear_launch(
-            _linear_backward_kernel, B, T, R, h.is_complex(), a, h, h0, d_h.contiguous(), da, db, dh0
-        )
+        tensors = (a, h, h0, d_h.contiguous(), da, db, dh0)
+        _linear_launch(_linear_backward_kernel, B, T, R, h.is_complex(), *tensors)
         return da, db, dh0
 
 

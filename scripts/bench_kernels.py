@@ -1,0 +1,365 @@
+"""Kernel benchmark: P-NTM's two scan primitives, fused Triton kernels against the PyTorch-ops
+chunked scans and the plain loop over time, measured in one run.
+
+For each scan, T, (N, D) and mode (``fwd``: forward without gradients; ``fwdbwd``: forward and
+backward) it reports the median time, the peak memory above the inputs (CUDA), and for the
+forward of the memory scan the bytes it must move (inputs read once, reads and final state
+written) per second, as a fraction of this device's measured copy bandwidth. ``--train-step``
+adds one training step (forward, backward, AdamW) of the default model at a long T.
+
+    python scripts/bench_kernels.py                          # the default sweep (CUDA)
+    python scripts/bench_kernels.py --lengths 2048 --sizes 64x64 --batch 32
+    TRITON_INTERPRET=1 python scripts/bench_kernels.py --device cpu --lengths 64 --sizes 8x8 \
+        --batch 2 --repeats 1                                 # a smoke run without a GPU
+
+The batch defaults to 65,536 tokens per run (B = 65536 // T, at least 1): B=32 at T=2048.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import click
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from pntm import backends
+from pntm.models.pntm import PNTM, PNTMConfig, cross_entropy, init_params
+from pntm.optim import AdamW
+
+# implementation -> (backend, scan)
+IMPLS = {
+    "triton": ("triton", "triton"),
+    "chunked": ("torch", "chunked"),
+    "sequential": ("torch", "sequential"),
+}
+TOKENS_PER_RUN = 65_536
+
+
+# ---------------------------------------------------------------------- measurement
+
+
+def measure(
+    fn: Callable[[], object], device: torch.device, repeats: int
+) -> tuple[float, int | None]:
+    """Median seconds of ``fn`` and its peak memory (bytes above what was allocated before;
+    CUDA only)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        fn()  # compile, warm the allocator
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        ms = triton.testing.do_bench(fn, warmup=10, rep=max(20, 20 * repeats))
+        return ms / 1e3, peak
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:] if repeats else times), None
+
+
+def copy_bandwidth(device: torch.device) -> float | None:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write)."""
+    if device.type != "cuda":
+        return None
+    x = torch.empty(1 << 28, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    seconds, _ = measure(lambda: y.copy_(x), device, 5)
+    return 2 * x.numel() * 4 / seconds
+
+
+# ---------------------------------------------------------------------- inputs
+
+
+def memory_inputs(B, T, K, N, D, device, grad: bool) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def make(shape, fn):
+        return fn(torch.randn(shape, generator=g)).to(device).requires_grad_(grad)
+
+    return dict(
+        w=make((B, T, K, N), lambda x: torch.softmax(3 * x, -1)),
+        erase=make((B, T, K, D), torch.sigmoid),
+        add=make((B, T, K, D), torch.tanh),
+        rho=make((B, T, K, N), lambda x: torch.softmax(3 * x, -1)),
+    )
+
+
+def linear_inputs(B, T, K, N, device, grad: bool) -> dict[str, torch.Tensor]:
+    """The head scan's shapes: (B, T, K, N // 2 + 1) complex, |a| <= 1."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    shape = (B, T, K, N // 2 + 1)
+    a = torch.polar(torch.rand(shape, generator=g), 2 * math.pi * torch.rand(shape, generator=g))
+    b = torch.complex(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+    return dict(a=a.to(device).requires_grad_(grad), b=b.to(device).requires_grad_(grad))
+
+
+def memory_bytes(B, T, K, N, D, element: int = 4) -> int:
+    """What the memory scan's forward must move: w, rho, erase, add read once, the reads and
+    the final state written."""
+    return element * (2 * B * T * K * N + 3 * B * T * K * D + B * K * N * D)
+
+
+def linear_bytes(B, T, K, N) -> int:
+    return 8 * 3 * B * T * K * (N // 2 + 1)  # complex64 a and b read, h written
+
+
+def run_case(scan: str, ops, inputs: dict, mode: str) -> Callable[[], object]:
+    primitive = ops.memory_scan_read if scan == "memory" else ops.linear_scan
+
+    def forward():
+        with torch.no_grad():
+            return primitive(**inputs)
+
+    def forward_backward():
+        out = primitive(**inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        loss = sum(o.real.sum() if o.is_complex() else o.sum() for o in outs)
+        loss.backward()
+        for x in inputs.values():
+            x.grad = None
+
+    return forward if mode == "fwd" else forward_backward
+
+
+# ---------------------------------------------------------------------- training step
+
+
+def train_step_case(ops, length: int, slots: int, batch: int) -> Callable[[], object]:
+    """One training step of the default model (2 layers, d_model 64, K=2, D=16): forward,
+    backward and an AdamW update, at ``length`` tokens with ``slots`` memory slots."""
+    config = PNTMConfig(vocab_size=8)
+    model = PNTM(config, ops)
+    params = model.params_from_numpy(init_params(config))
+    rng = np.random.default_rng(0)
+    tokens = ops.asarray(rng.integers(0, 8, (batch, length)))
+    mask = ops.asarray(np.ones((batch, length)))
+    optimizer = AdamW(lr=1e-3)
+    state = {"params": params, "opt": optimizer.init(ops, params)}
+
+    def loss_fn(p):
+        return cross_entropy(ops, model.forward(p, tokens, slots, heads="hard"), tokens, mask)
+
+    value_and_grad = ops.value_and_grad(loss_fn)
+
+    def step():
+        loss, grads = value_and_grad(state["params"])
+        state["params"], state["opt"] = optimizer.update(ops, state["params"], grads, state["opt"])
+        ops.eval(loss)
+        if not math.isfinite(float(loss)):
+            raise FloatingPointError(f"loss {float(loss)} at T={length}")
+        return loss
+
+    return step
+
+
+# ---------------------------------------------------------------------- command
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    try:
+        return [tuple(int(v) for v in part.split("x")) for part in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected NxD[,NxD...], e.g. 64x64,128x32") from None
+
+
+@click.command()
+@click.option("--device", default=None, help="cuda or cpu (default: cuda if there is one).")
+@click.option(
+    "--lengths", default="256,1024,2048,8192,65536", show_default=True, help="Values of T."
+)
+@click.option(
+    "--sizes",
+    default="32x32,64x64,128x128",
+    show_default=True,
+    help="Memory sizes NxD (slots x slot width).",
+)
+@click.option("--batch", type=int, default=None, help=f"B (default {TOKENS_PER_RUN} // T).")
+@click.option("--heads", default=4, show_default=True, help="K: memories per layer.")
+@click.option(
+    "--impls", default="triton,chunked,sequential", show_default=True, help="Implementations."
+)
+@click.option("--scans", default="memory,linear", show_default=True, help="Scans to time.")
+@click.option("--modes", default="fwd,fwdbwd", show_default=True, help="fwd and/or fwdbwd.")
+@click.option(
+    "--sequential-max-length",
+    default=2048,
+    show_default=True,
+    help="Time the plain loop only up to this T (it takes T Python-level steps).",
+)
+@click.option("--repeats", default=5, show_default=True, help="Timing repeats (median).")
+@click.option(
+    "--train-step",
+    "train_step_length",
+    type=int,
+    default=0,
+    help="Also time one training step of the default model at this T (0: no).",
+)
+@click.option("--train-step-slots", default=64, show_default=True, help="N for --train-step.")
+@click.option("--train-step-batch", default=2, show_default=True, help="B for --train-step.")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Write JSON here.")
+def main(
+    device,
+    lengths,
+    sizes,
+    batch,
+    heads,
+    impls,
+    scans,
+    modes,
+    sequential_max_length,
+    repeats,
+    train_step_length,
+    train_step_slots,
+    train_step_batch,
+    json_out,
+):
+    """Time the scan kernels against the PyTorch-ops and plain-loop scans."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    lengths_ = [int(v) for v in lengths.split(",")]
+    sizes_ = parse_sizes(sizes)
+    impls_ = impls.split(",")
+    for impl in impls_:
+        if impl not in IMPLS:
+            raise click.BadParameter(f"{impl!r}: implementations are {', '.join(IMPLS)}")
+    infos = {i.name: i for i in backends.available()}
+    ops_of = {}
+    for impl in impls_:
+        name, scan = IMPLS[impl]
+        if infos[name].runs:
+            ops_of[impl] = backends.get(name, device=str(device), scan=scan)
+        else:
+            click.echo(f"# {impl}: skipped, {infos[name].reason}")
+    bandwidth = copy_bandwidth(device)
+    machine = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.machine()} {platform.processor() or 'cpu'}"
+    )
+    header = dict(
+        device=machine,
+        torch=torch.__version__,
+        triton=_triton_version(),
+        copy_bandwidth_gbs=bandwidth and bandwidth / 1e9,
+    )
+    click.echo(f"# {json.dumps(header)}")
+    click.echo(
+        f"{'scan':6s} {'mode':6s} {'B':>5s} {'T':>6s} {'N':>4s} {'D':>4s} {'impl':10s} "
+        f"{'ms':>10s} {'peak MiB':>9s} {'GB/s':>7s} {'of copy':>7s} {'vs triton':>9s}"
+    )
+    results = []
+    for scan in scans.split(","):
+        for T in lengths_:
+            B = batch or max(1, TOKENS_PER_RUN // T)
+            # the head scan depends on N only
+            cases = sizes_ if scan == "memory" else list({N: (N, D) for N, D in sizes_}.values())
+            for N, D in cases:
+                for mode in modes.split(","):
+                    base = None
+                    for impl, ops in ops_of.items():
+                        if impl == "sequential" and sequential_max_length < T:
+                            continue
+                        row = dict(scan=scan, mode=mode, B=B, T=T, K=heads, N=N, D=D, impl=impl)
+                        row.update(_time_one(scan, mode, ops, B, T, heads, N, D, device, repeats))
+                        if row.get("seconds") and mode == "fwd":
+                            moved = (
+                                memory_bytes(B, T, heads, N, D)
+                                if scan == "memory"
+                                else linear_bytes(B, T, heads, N)
+                            )
+                            row["gbs"] = moved / row["seconds"] / 1e9
+                            if bandwidth:
+                                row["of_copy"] = moved / row["seconds"] / bandwidth
+                        if impl == "triton":
+                            base = row.get("seconds")
+                        if base and row.get("seconds"):
+                            row["vs_triton"] = row["seconds"] / base
+                        results.append(row)
+                        click.echo(_format(row))
+    if train_step_length:
+        for impl in ("triton", "chunked"):
+            if impl not in ops_of:
+                continue
+            row = dict(
+                scan="train-step",
+                mode="fwdbwd+adamw",
+                B=train_step_batch,
+                T=train_step_length,
+                K=2,
+                N=train_step_slots,
+                D=16,
+                impl=impl,
+            )
+            try:
+                step = train_step_case(
+                    ops_of[impl], train_step_length, train_step_slots, train_step_batch
+                )
+                row["seconds"], row["peak_bytes"] = measure(step, device, 1)
+            except torch.cuda.OutOfMemoryError as exc:
+                row["error"] = f"out of memory: {str(exc).splitlines()[0]}"
+            results.append(row)
+            click.echo(_format(row))
+    if json_out:
+        tmp = f"{json_out}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"machine": header, "results": results}, fh, indent=2)
+        os.replace(tmp, json_out)
+
+
+def _time_one(scan, mode, ops, B, T, K, N, D, device, repeats) -> dict:
+    grad = mode == "fwdbwd"
+    try:
+        inputs = (
+            memory_inputs(B, T, K, N, D, device, grad)
+            if scan == "memory"
+            else linear_inputs(B, T, K, N, device, grad)
+        )
+        seconds, peak = measure(run_case(scan, ops, inputs, mode), device, repeats)
+        return dict(seconds=seconds, peak_bytes=peak)
+    except torch.cuda.OutOfMemoryError as exc:
+        return dict(error=f"out of memory: {str(exc).splitlines()[0][:80]}")
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _format(row: dict) -> str:
+    def num(key, fmt, scale=1.0):
+        value = row.get(key)
+        return format(value * scale, fmt) if value is not None else "-"
+
+    text = (
+        f"{row['scan']:6s} {row['mode']:6s} {row['B']:5d} {row['T']:6d} {row['N']:4d} "
+        f"{row['D']:4d} {row['impl']:10s} {num('seconds', '10.3f', 1e3)} "
+        f"{num('peak_bytes', '9.1f', 1 / 2**20)} {num('gbs', '7.1f')} {num('of_copy', '7.1%')} "
+        f"{num('vs_triton', '8.2f')}x"
+    )
+    return text + (f"  {row['error']}" if "error" in row else "")
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+if __name__ == "__main__":
+    main()
