@@ -37,10 +37,10 @@ run() {  # run a step, note its exit status and wall time in the report
     python3 -m pntm.cli backends
     end
     section "conformance: torch on CUDA"
-    run python3 -m pytest -q -rs -p no:cacheprovider --backend=torch tests
+    run python3 -m pytest -o addopts="" -q -rs -p no:cacheprovider --backend=torch tests
     end
     section "conformance: triton (compiled kernels)"
-    run python3 -m pytest -q -rs -p no:cacheprovider --backend=triton tests
+    run python3 -m pytest -o addopts="" -q -rs -p no:cacheprovider --backend=triton tests
     end
     section "kernel benchmark (scripts/bench_kernels.py), training step at T=65,536"
     run python3 scripts/bench_kernels.py --train-step 65536 --json-out "$OUT/bench_kernels.json"

@@ -6,6 +6,10 @@ Triton's CPU interpreter (conftest.py), so shapes are small."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -181,6 +185,20 @@ def test_kernels_refuse_float64_with_the_allowed_dtypes():
         ts.linear_scan_fused(x, e)
     with pytest.raises(ValueError, match=r"block_n must be a power of two, got 3"):
         ts.plan_memory(1, 4, 1, 5, 2, False, torch.device("cpu"), block_n=3)
+
+
+def test_every_kernel_configuration_compiles_for_an_h100(tmp_path):
+    """The interpreter runs the kernels' semantics, not the compiler: compile every launch kind
+    for sm_90 ahead of time (no GPU needed; Triton's bundled ptxas), in a process where the
+    kernels are defined for compiling (tests/triton_compile_check.py prints registers and
+    spills)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    script = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
+    done = subprocess.run(
+        [sys.executable, script, "90"], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "0 of" in done.stdout and "failed to compile for sm_90" in done.stdout
 
 
 def test_outputs_start_as_nan_under_the_test_harness():

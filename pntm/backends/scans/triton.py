@@ -30,6 +30,7 @@ in float32 and outputs come back in the input dtype.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -43,7 +44,11 @@ from pntm.backends.scans import chunked
 
 FRAMEWORKS = ("torch",)
 #: content reads keep the whole memory of one head on chip up to this many (padded) elements
-MAX_CONTENT_TILE = 16384
+#: (the backward holds about five such tiles: at 16384 it spills, compiled for sm_90)
+MAX_CONTENT_TILE = 8192
+#: the backward's recompute scratch, all programs together, is kept under this many bytes by
+#: running fewer time segments
+MAX_SCRATCH_BYTES = 1 << 30
 #: location reads: (padded) elements of one program's tile
 LOCATION_TILE = 2048
 DEFAULT_CHUNK = 32  # steps between checkpoints (and the backward's recompute span)
@@ -82,6 +87,11 @@ def _output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _on(device: torch.device):
+    """Launch on the tensors' GPU (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -97,20 +107,23 @@ def _check_float(name: str, x: torch.Tensor, allowed=FLOAT_DTYPES) -> None:
 
 # ====================================================================== memory scan: kernels
 
-# sizes change from batch to batch: one compiled kernel per tile configuration, not per size
-_SIZES = ["T", "K", "N", "D", "n_chunks", "seg_chunks", "n_segs", "n_dblocks"]
+# T changes from batch to batch: one compiled kernel for every length. N, D and K stay
+# specialised (Triton's "divisible by 16" hint vectorises the tile accesses; without it the
+# content kernels spill, measured with Triton 3.6 for sm_90)
+_TIME_SIZES = ["T", "n_chunks", "seg_chunks", "n_segs"]
 
 
 @triton.jit
 def _content_mix(M, rho, key, beta, gamma, mask_n, EPS: tl.constexpr):
     """``(1 - gamma) rho + gamma softmax_i(beta cos(key, M_i))`` and its intermediates."""
     dots = tl.sum(M * key[None, :], axis=1)
-    norm_m = tl.sqrt(tl.sum(M * M, axis=1) + EPS)
-    norm_k = tl.sqrt(tl.sum(key * key, axis=0) + EPS)
-    cosine = dots / (norm_m * norm_k)
+    # correctly rounded, as the reference's: the GPU's tl.sqrt and "/" are approximate
+    norm_m = tl.sqrt_rn(tl.sum(M * M, axis=1) + EPS)
+    norm_k = tl.sqrt_rn(tl.sum(key * key, axis=0) + EPS)
+    cosine = tl.div_rn(dots, norm_m * norm_k)
     logits = tl.where(mask_n, beta * cosine, float("-inf"))
     p = tl.exp(logits - tl.max(logits, axis=0))
-    p = p / tl.sum(p, axis=0)
+    p = tl.div_rn(p, tl.sum(p, axis=0) + tl.zeros_like(p))
     return (1.0 - gamma) * rho + gamma * p, cosine, p, norm_m, norm_k
 
 
@@ -125,19 +138,19 @@ def _content_read_vjp(M, rho, dr, key, beta, gamma, mask_n, EPS: tl.constexpr):
     d_logits = p * (d_content - tl.sum(p * d_content, axis=0))
     d_beta = tl.sum(d_logits * cosine, axis=0)
     d_cos = beta * d_logits
-    inv = d_cos / (norm_m * norm_k)
-    d_key = tl.sum(inv[:, None] * M, axis=0) - tl.sum(d_cos * cosine, axis=0) * key / (
-        norm_k * norm_k
+    inv = tl.div_rn(d_cos, norm_m * norm_k)
+    d_key = tl.sum(inv[:, None] * M, axis=0) - tl.div_rn(
+        tl.sum(d_cos * cosine, axis=0) * key, norm_k * norm_k + tl.zeros_like(key)
     )
     d_mem = (
         mixed[:, None] * dr[None, :]
         + inv[:, None] * key[None, :]
-        - (d_cos * cosine / (norm_m * norm_m))[:, None] * M
+        - tl.div_rn(d_cos * cosine, norm_m * norm_m)[:, None] * M
     )
     return d_mem, d_rho, d_key, d_beta, d_gamma
 
 
-@triton.jit(do_not_specialize=_SIZES)
+@triton.jit(do_not_specialize=_TIME_SIZES)
 def _memory_forward_kernel(
     w_ptr, e_ptr, a_ptr, rho_ptr, key_ptr, beta_ptr, gamma_ptr,
     start_ptr,  # (BK, n_segs, N, D): segment start states (FROM_STARTS), else m0 (BK, N, D)
@@ -203,7 +216,7 @@ def _memory_forward_kernel(
         tl.store(final_ptr + bk * N * D + tile, M.to(final_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["n_segs", "N", "D", "n_dblocks"])
+@triton.jit(do_not_specialize=["n_segs"])
 def _segment_scan_kernel(
     prod_ptr, local_ptr,  # (BK, n_segs, N, D)
     x0_ptr,  # (BK, N, D): the value entering the first segment (HAS_X0), else zeros
@@ -232,7 +245,7 @@ def _segment_scan_kernel(
         )
 
 
-@triton.jit(do_not_specialize=_SIZES)
+@triton.jit(do_not_specialize=_TIME_SIZES)
 def _memory_backward_kernel(
     w_ptr, e_ptr, a_ptr, rho_ptr, key_ptr, beta_ptr, gamma_ptr, dr_ptr,
     ckpt_ptr,  # (BK, n_chunks, N, D)
@@ -354,6 +367,7 @@ class MemoryPlan:
     chunk: int
     segments: int  # requested; the launch uses ``n_segs`` after rounding
     num_warps: int
+    num_warps_backward: int
 
 
 def plan_memory(
@@ -389,15 +403,23 @@ def plan_memory(
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     n_chunks = -(-T // chunk)
+    programs = B * K * -(-N // block_n) * -(-D // block_d)
     if segments is None:
         segments = 1
         if device.type == "cuda" and not interpreted():
-            programs = B * K * -(-N // block_n) * -(-D // block_d)
             target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
             segments = max(1, min(n_chunks // 4, -(-target // programs)))
+        # each segment's programs hold a scratch of chunk + 1 tiles in the backward
+        scratch_per_segment = programs * (chunk + 1) * block_n * block_d * 4
+        segments = max(1, min(segments, MAX_SCRATCH_BYTES // scratch_per_segment))
     elements = block_n * block_d
     num_warps = 1 if elements <= 256 else 2 if elements <= 1024 else 4 if elements <= 4096 else 8
-    return MemoryPlan(block_n, block_d, chunk, max(1, min(segments, n_chunks)), num_warps)
+    # the content backward keeps about five tiles live: twice the warps keeps a 64 x 64 tile
+    # out of local memory (compiled for sm_90 with Triton 3.6; 128 x 64 still spills ~200 B)
+    backward = min(16, 2 * num_warps) if content else num_warps
+    return MemoryPlan(
+        block_n, block_d, chunk, max(1, min(segments, n_chunks)), num_warps, backward
+    )
 
 
 def fits_on_chip(N: int, D: int) -> bool:
@@ -468,10 +490,11 @@ def memory_backward(
     content = key is not None
     grid = (B * K, nnb * ndb, n_segs)
     d_reads = d_reads.contiguous()
+    d_final = None if d_final is None else d_final.contiguous()  # e.g. stride 0 from a sum
     dummy = w
     common = dict(
         CHUNK=plan.chunk, BN=plan.block_n, BD=plan.block_d, CONTENT=content,
-        EPS=COSINE_EPS, num_warps=plan.num_warps,
+        EPS=COSINE_EPS, num_warps=plan.num_warps_backward,
     )  # fmt: skip
     scratch = _output((B * K * nnb * ndb * n_segs, plan.chunk + 1, plan.block_n, plan.block_d),
                       f32, device)  # fmt: skip
@@ -493,8 +516,6 @@ def memory_backward(
             num_warps=plan.num_warps,
         )  # fmt: skip
         has_g_end = True
-    elif has_g_end:
-        g_end = d_final.contiguous()
     dw = _output((ndb, B, T, K, N), f32, device)
     drho = _output((ndb, B, T, K, N), f32, device)
     de = _output((nnb, B, T, K, D), f32, device)
@@ -510,7 +531,11 @@ def memory_backward(
         T, K, N, D, n_chunks, seg_chunks, n_segs, ndb,
         HAS_G_END=has_g_end, SUMMARY=False, NEED_STATES=True, **common,
     )  # fmt: skip
-    return (dw.sum(0), de.sum(0), da.sum(0), drho.sum(0), dm0, dkey, dbeta, dgamma)
+
+    def total(partial: torch.Tensor) -> torch.Tensor:
+        return partial[0] if partial.shape[0] == 1 else partial.sum(0)
+
+    return (total(dw), total(de), total(da), total(drho), dm0, dkey, dbeta, dgamma)
 
 
 class MemoryScanRead(torch.autograd.Function):
@@ -518,7 +543,10 @@ class MemoryScanRead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, erase, add, rho, m0, key, beta, gamma, plan, save):
-        reads, final, ckpt = memory_forward(w, erase, add, rho, m0, key, beta, gamma, plan, save)
+        with _on(w.device):
+            reads, final, ckpt = memory_forward(
+                w, erase, add, rho, m0, key, beta, gamma, plan, save
+            )
         ctx.save_for_backward(w, erase, add, rho, key, beta, gamma, ckpt)
         ctx.plan, ctx.m0_dtype = plan, m0.dtype
         return reads, final
@@ -526,9 +554,10 @@ class MemoryScanRead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_reads, d_final):
         w, erase, add, rho, key, beta, gamma, ckpt = ctx.saved_tensors
-        grads = memory_backward(
-            w, erase, add, rho, key, beta, gamma, ckpt, d_reads, d_final, ctx.plan
-        )
+        with _on(w.device):
+            grads = memory_backward(
+                w, erase, add, rho, key, beta, gamma, ckpt, d_reads, d_final, ctx.plan
+            )
         dtypes = [x.dtype if x is not None else None for x in (w, erase, add, rho)]
         dtypes += [ctx.m0_dtype] + [x.dtype if x is not None else None for x in (key, beta, gamma)]
         cast = [g if g is None else g.to(dt) for g, dt in zip(grads, dtypes, strict=True)]
@@ -557,6 +586,8 @@ def memory_scan_read_fused(
     D = add.shape[-1]
     if m0 is None:
         m0 = torch.zeros((B, K, N, D), dtype=w.dtype, device=w.device)
+    if T == 0:  # nothing to scan: no reads, the memory as it was
+        return add.new_zeros((B, 0, K, D)), m0
     content = key is not None
     if content and not fits_on_chip(N, D):
         raise ValueError(
@@ -645,13 +676,13 @@ def _last_row(x, rows, BT: tl.constexpr):
     return tl.sum(tl.where(rows[:, None] == BT - 1, x, 0.0), axis=0)
 
 
-@triton.jit(do_not_specialize=["T", "R"])
+@triton.jit(do_not_specialize=["T"])
 def _linear_forward_kernel(
     a_ptr, b_ptr, h0_ptr, h_ptr, T, R,
     BT: tl.constexpr, BR: tl.constexpr, COMPLEX: tl.constexpr,
 ):  # fmt: skip
-    batch = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BR + tl.arange(0, BR)
+    batch = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BR + tl.arange(0, BR)
     col_mask = cols < R
     rows = tl.arange(0, BT)
     hr, hi = _load_pair(h0_ptr, batch * R + cols, col_mask, 0.0, COMPLEX)
@@ -670,15 +701,15 @@ def _linear_forward_kernel(
         hi = _last_row(out_i, rows, BT)
 
 
-@triton.jit(do_not_specialize=["T", "R"])
+@triton.jit(do_not_specialize=["T"])
 def _linear_backward_kernel(
     a_ptr, h_ptr, h0_ptr, dh_ptr, da_ptr, db_ptr, dh0_ptr, T, R,
     BT: tl.constexpr, BR: tl.constexpr, COMPLEX: tl.constexpr,
 ):  # fmt: skip
     """``g_t = dh_t + conj(a_{t+1}) g_{t+1}`` scanned from the end (row i of a tile is step
     ``T - 1 - (t0 + i)``); ``db = g``, ``da_t = g_t conj(h_{t-1})``, ``dh0 = conj(a_1) g_1``."""
-    batch = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BR + tl.arange(0, BR)
+    batch = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BR + tl.arange(0, BR)
     col_mask = cols < R
     rows = tl.arange(0, BT)
     gr = tl.zeros((BR,), dtype=tl.float32)
@@ -709,15 +740,20 @@ def _linear_backward_kernel(
 
 
 def _as_pairs(x: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_real(x) if x.is_complex() else x
+    """Complex as interleaved real/imaginary pairs; lazy conjugate or negative views (e.g. a
+    cotangent through ``.conj()``) are materialised first, since the kernel reads storage."""
+    if not x.is_complex():
+        return x
+    return torch.view_as_real(x.resolve_conj().resolve_neg().contiguous())
 
 
 def _linear_launch(kernel, B: int, T: int, R: int, complex_: bool, *tensors) -> None:
     block_r = min(_pow2(R), 32)
-    block_t = min(_pow2(T), 64)
-    kernel[(B, -(-R // block_r))](
-        *map(_as_pairs, tensors), T, R, BT=block_t, BR=block_r, COMPLEX=complex_, num_warps=4
-    )
+    block_t = min(_pow2(T), 64)  # a 64 x 32 tile on 8 warps: no spills, sm_90 (Triton 3.6)
+    with _on(tensors[0].device):
+        kernel[(-(-R // block_r), B)](
+            *map(_as_pairs, tensors), T, R, BT=block_t, BR=block_r, COMPLEX=complex_, num_warps=8
+        )
 
 
 class LinearScan(torch.autograd.Function):
@@ -755,6 +791,8 @@ def linear_scan_fused(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None 
     for name, x in (("a", a), ("b", b)):
         _check_float(name, x, allowed)
     B, T = b.shape[:2]
+    if T == 0:
+        return torch.zeros_like(b)
     R = math.prod(b.shape[2:])
     h0 = torch.zeros_like(b[:, 0]) if h0 is None else h0.to(b.dtype)
     flat = [x.reshape(B, T, R).contiguous() for x in (a, b)]
