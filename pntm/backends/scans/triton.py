@@ -107,6 +107,28 @@ def _check_float(name: str, x: torch.Tensor, allowed=FLOAT_DTYPES) -> None:
 
 # ====================================================================== memory scan: kernels
 
+
+@triton.jit
+def _program_tile(N, D, n_dblocks, BN: tl.constexpr, BD: tl.constexpr):
+    """This program's block of slots and of D (grid axis 1 enumerates slot x D blocks): the
+    offsets, their masks, and the tile's offsets and mask in an (N, D) memory."""
+    offs_n = tl.program_id(1) // n_dblocks * BN + tl.arange(0, BN)
+    offs_d = tl.program_id(1) % n_dblocks * BD + tl.arange(0, BD)
+    mask_n = offs_n < N
+    mask_d = offs_d < D
+    tile = offs_n[:, None] * D + offs_d[None, :]
+    return offs_n, offs_d, mask_n, mask_d, tile, mask_n[:, None] & mask_d[None, :]
+
+
+@triton.jit
+def _write(M, w_ptr, e_ptr, a_ptr, row, offs_n, offs_d, mask_n, mask_d, N, D):
+    """One memory write of step ``row``: ``(1 - w e^T) ⊙ M + w a^T``; also ``w`` and ``e``."""
+    w = tl.load(w_ptr + row * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    e = tl.load(e_ptr + row * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + row * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return (1.0 - w[:, None] * e[None, :]) * M + w[:, None] * a[None, :], w, e
+
+
 # T changes from batch to batch: one compiled kernel for every length. N, D and K stay
 # specialised (Triton's "divisible by 16" hint vectorises the tile accesses; without it the
 # content kernels spill, measured with Triton 3.6 for sm_90)
@@ -165,16 +187,10 @@ def _memory_forward_kernel(
 ):  # fmt: skip
     bk = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1) // n_dblocks
-    pid_d = tl.program_id(1) % n_dblocks
     seg = tl.program_id(2)
     b = bk // K
     k = bk % K
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    mask_n = offs_n < N
-    mask_d = offs_d < D
-    tile = offs_n[:, None] * D + offs_d[None, :]
-    mask = mask_n[:, None] & mask_d[None, :]
+    offs_n, offs_d, mask_n, mask_d, tile, mask = _program_tile(N, D, n_dblocks, BN, BD)
     c0 = seg * seg_chunks
     c1 = tl.minimum(c0 + seg_chunks, n_chunks)
     if SUMMARY:
@@ -189,13 +205,9 @@ def _memory_forward_kernel(
             tl.store(ckpt_ptr + (bk * n_chunks + c) * N * D + tile, M, mask=mask)
         for t in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, T)):
             row = (b * T + t) * K + k
-            w = tl.load(w_ptr + row * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            e = tl.load(e_ptr + row * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + row * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-            decay = 1.0 - w[:, None] * e[None, :]
-            M = decay * M + w[:, None] * a[None, :]
+            M, w, e = _write(M, w_ptr, e_ptr, a_ptr, row, offs_n, offs_d, mask_n, mask_d, N, D)
             if SUMMARY:
-                P = P * decay
+                P = P * (1.0 - w[:, None] * e[None, :])
             else:
                 rho = tl.load(rho_ptr + row * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
                 if CONTENT:
@@ -226,12 +238,7 @@ def _segment_scan_kernel(
 ):  # fmt: skip
     """``x <- prod_s ⊙ x + local_s`` over segments (backwards in time with REVERSE)."""
     bk = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1) // n_dblocks
-    pid_d = tl.program_id(1) % n_dblocks
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    tile = offs_n[:, None] * D + offs_d[None, :]
-    mask = (offs_n < N)[:, None] & (offs_d < D)[None, :]
+    _, _, _, _, tile, mask = _program_tile(N, D, n_dblocks, BN, BD)
     if HAS_X0:
         x = tl.load(x0_ptr + bk * N * D + tile, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -270,12 +277,7 @@ def _memory_backward_kernel(
     B = tl.num_programs(0) // K
     b = bk // K
     k = bk % K
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    mask_n = offs_n < N
-    mask_d = offs_d < D
-    tile = offs_n[:, None] * D + offs_d[None, :]
-    mask = mask_n[:, None] & mask_d[None, :]
+    offs_n, offs_d, mask_n, mask_d, tile, mask = _program_tile(N, D, n_dblocks, BN, BD)
     program = (bk * tl.num_programs(1) + pid_nd) * tl.num_programs(2) + seg
     scratch = scratch_ptr + program * (CHUNK + 1) * BN * BD
     local_tile = tl.arange(0, BN)[:, None] * BD + tl.arange(0, BD)[None, :]
@@ -297,10 +299,7 @@ def _memory_backward_kernel(
             tl.store(scratch + local_tile, M)
             for l in range(0, length):
                 row = (b * T + t0 + l) * K + k
-                w = tl.load(w_ptr + row * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                e = tl.load(e_ptr + row * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-                a = tl.load(a_ptr + row * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-                M = (1.0 - w[:, None] * e[None, :]) * M + w[:, None] * a[None, :]
+                M, _, _ = _write(M, w_ptr, e_ptr, a_ptr, row, offs_n, offs_d, mask_n, mask_d, N, D)
                 tl.store(scratch + (l + 1) * BN * BD + local_tile, M)
             tl.debug_barrier()  # the reverse loop reads what other threads wrote
         for j in range(0, length):
@@ -417,9 +416,7 @@ def plan_memory(
     # the content backward keeps about five tiles live: twice the warps keeps a 64 x 64 tile
     # out of local memory (compiled for sm_90 with Triton 3.6; 128 x 64 still spills ~200 B)
     backward = min(16, 2 * num_warps) if content else num_warps
-    return MemoryPlan(
-        block_n, block_d, chunk, max(1, min(segments, n_chunks)), num_warps, backward
-    )
+    return MemoryPlan(block_n, block_d, chunk, max(1, min(segments, n_chunks)), num_warps, backward)
 
 
 def fits_on_chip(N: int, D: int) -> bool:
