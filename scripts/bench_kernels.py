@@ -63,7 +63,7 @@ def measure(
         fn()
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
-        ms = triton.testing.do_bench(fn, warmup=10, rep=max(20, 20 * repeats))
+        ms = triton.testing.do_bench(fn, warmup=10, rep=max(20, 20 * repeats), return_mode="median")
         return ms / 1e3, peak
     times = []
     for _ in range(repeats + 1):

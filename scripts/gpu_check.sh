@@ -1,59 +1,71 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with an NVIDIA GPU, with no install step (torch, triton, numpy,
-# click, safetensors, tqdm, matplotlib and pytest present; mlx not needed), run from the
-# repository root:
+# click, safetensors, tqdm, matplotlib and pytest present; mlx and pytest-xdist not needed),
+# from the repository root:
 #
-#     bash scripts/gpu_check.sh [OUT_DIR]        (default: gpu_check/)
+#     bash scripts/gpu_check.sh [OUT_DIR [SECTION ...]]     (default: gpu_check/, all sections)
 #
-# It runs the conformance suite for torch (on CUDA) and triton, the kernel benchmark (with one
-# training step at T=65,536), and a short `pntm train --backend triton`, and writes everything
-# to OUT_DIR/report.md (plus bench_kernels.json and the training run). Record the report, with
-# the device name, in docs/performance.md.
+# Sections, in order: conformance (pytest on torch-on-CUDA and on triton), bench (the kernel
+# benchmark with one training step at T=65,536), target (the issue's B=32 T=2048 K=4 N=64 D=64
+# case alone), train (a short `pntm train --backend triton`). Each section appends to
+# OUT_DIR/report.md, so that sections can run as separate commands where one command's time is
+# limited. Record the report, with the device name, in docs/performance.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${1:-gpu_check}"
+shift || true
+SECTIONS=("$@")
+[ "${#SECTIONS[@]}" -gt 0 ] || SECTIONS=(conformance bench target train)
 mkdir -p "$OUT"
 REPORT="$OUT/report.md"
 status=0
 
-section() { printf '\n## %s\n\n```\n' "$1"; }
-end() { printf '```\n'; }
-run() {  # run a step, note its exit status and wall time in the report
+run() {  # one step: its output, exit status and wall time, in a fenced block
+    local title=$1
+    shift
+    printf '\n## %s\n\n```\n$ %s\n' "$title" "$*"
     local start=$SECONDS
-    "$@"
+    "$@" 2>&1
     local rc=$?
-    echo "[exit $rc, $((SECONDS - start)) s]"
+    printf '[exit %s, %s s]\n```\n' "$rc" "$((SECONDS - start))"
     [ "$rc" -eq 0 ] || status=1
 }
 
 {
-    echo "# pntm GPU check"
-    echo
+    printf '\n# pntm GPU check: %s\n\n' "${SECTIONS[*]}"
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-    section "machine"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
-    python3 -c 'import sys, torch, triton; print("python", sys.version.split()[0], "| torch", torch.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda, "|", torch.cuda.get_device_name())'
-    python3 -m pntm.cli backends
-    end
-    section "conformance: torch on CUDA"
-    run python3 -m pytest -o addopts="" -q -rs -p no:cacheprovider --backend=torch tests
-    end
-    section "conformance: triton (compiled kernels)"
-    run python3 -m pytest -o addopts="" -q -rs -p no:cacheprovider --backend=triton tests
-    end
-    section "kernel benchmark (scripts/bench_kernels.py), training step at T=65,536"
-    run python3 scripts/bench_kernels.py --train-step 65536 --json-out "$OUT/bench_kernels.json"
-    end
-    section "target: B=32 T=2048 K=4 N=64 D=64 fp32"
-    run python3 scripts/bench_kernels.py --lengths 2048 --sizes 64x64 --batch 32 --heads 4 \
-        --scans memory --json-out "$OUT/bench_target.json"
-    end
-    section "pntm train --backend triton (copy, 300 steps)"
-    run python3 -m pntm.cli train --backend triton --task copy --steps 300 --out "$OUT/train-copy"
-    end
-    echo
-    echo "overall: $([ "$status" -eq 0 ] && echo PASS || echo FAIL)"
+    run "machine" nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    run "versions" python3 -c 'import sys, torch, triton; print("python", sys.version.split()[0], "| torch", torch.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda, "|", torch.cuda.get_device_name())'
+    for section in "${SECTIONS[@]}"; do
+        case "$section" in
+            conformance)
+                run "backends" python3 -m pntm.cli backends
+                run "conformance: torch on CUDA" python3 -m pytest -o addopts="" -q -rs \
+                    -p no:cacheprovider --backend=torch tests
+                run "conformance: triton (compiled kernels)" python3 -m pytest -o addopts="" \
+                    -q -rs -p no:cacheprovider --backend=triton tests
+                ;;
+            bench)
+                run "kernel benchmark, training step at T=65,536" python3 \
+                    scripts/bench_kernels.py --train-step 65536 --json-out "$OUT/bench_kernels.json"
+                ;;
+            target)
+                run "target: B=32 T=2048 K=4 N=64 D=64 fp32" python3 scripts/bench_kernels.py \
+                    --lengths 2048 --sizes 64x64 --batch 32 --heads 4 --scans memory \
+                    --json-out "$OUT/bench_target.json"
+                ;;
+            train)
+                run "pntm train --backend triton (copy, 300 steps)" python3 -m pntm.cli train \
+                    --backend triton --task copy --steps 300 --out "$OUT/train-copy"
+                ;;
+            *)
+                echo "unknown section '$section': conformance, bench, target or train"
+                status=2
+                ;;
+        esac
+    done
+    printf '\nsections %s: %s\n' "${SECTIONS[*]}" "$([ "$status" -eq 0 ] && echo PASS || echo FAIL)"
     exit "$status"
-} 2>&1 | tee "$REPORT"
+} 2>&1 | tee -a "$REPORT"
 exit "${PIPESTATUS[0]}"

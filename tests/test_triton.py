@@ -39,6 +39,14 @@ from tests.tolerances import (  # noqa: E402
 NP = NumpyBackend()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+
+@pytest.fixture(autouse=True)
+def only_when_triton_is_chosen(request):
+    chosen = request.config.getoption("--backend")
+    if chosen not in ("triton", "all"):
+        pytest.skip(f"--backend={chosen} leaves out the triton backend's own tests")
+
+
 # the plan options of the memory kernel: one step per chunk, chunks that do not divide T, slot
 # and D tiles smaller than N and D (partial sums across tiles), several time segments (summary
 # pass, segment scan, then the segments in parallel, forward and backward)
