@@ -62,7 +62,7 @@ def configurations():
     ):
         plan = kernels.plan_memory(2, 100, 4, N, D, content, kernels.torch.device("cpu"))
         tiles = dict(CHUNK=plan.chunk, BN=plan.block_n, BD=plan.block_d, CONTENT=content)
-        tiles["EPS"] = kernels.COSINE_EPS
+        tiles.update(EPS=kernels.COSINE_EPS, STAGES=kernels.PIPELINE_STAGES)
         tag = f"{'content' if content else 'location'} {plan.block_n}x{plan.block_d}"
         for dtype in ("fp32", "bf16"):
             for mode in (
@@ -79,8 +79,9 @@ def configurations():
                 dict(HAS_G_END=False, SUMMARY=True, NEED_STATES=content),
             ):
                 flags = ",".join(k for k, v in mode.items() if v)
+                consts = {**tiles, **mode, "STAGES": plan.stages_backward}
                 out.append((f"memory bwd {tag} {dtype} {flags}", kernels._memory_backward_kernel,
-                            {**tiles, **mode}, plan.num_warps_backward, dtype))  # fmt: skip
+                            consts, plan.num_warps_backward, dtype))  # fmt: skip
         for reverse in (False, True):
             out.append((f"segment scan {tag} reverse={reverse}", kernels._segment_scan_kernel,
                         dict(BN=plan.block_n, BD=plan.block_d, REVERSE=reverse, HAS_X0=True),
@@ -88,7 +89,7 @@ def configurations():
     for complex_ in (True, False):
         for dtype in ("fp32",) if complex_ else ("fp32", "bf16"):
             for fn in (kernels._linear_forward_kernel, kernels._linear_backward_kernel):
-                consts = dict(BT=64, BR=32, COMPLEX=complex_)
+                consts = dict(BT=64, BR=32, COMPLEX=complex_, STAGES=kernels.PIPELINE_STAGES)
                 out.append((f"linear {fn.fn.__name__} complex={complex_} {dtype}", fn, consts, 8,
                             dtype))  # fmt: skip
     return out
@@ -107,7 +108,9 @@ def resources(compiled) -> str:
         except (OSError, subprocess.CalledProcessError):
             return "resources unknown"
     found = re.search(r"REG:(\d+).*?STACK:(\d+)", text, re.S)
-    return f"registers {found[1]}, stack {found[2]} B" if found else "resources unknown"
+    pipelined = len(re.findall(r"cp\.async\.c", compiled.asm["ptx"]))
+    usage = f"registers {found[1]}, stack {found[2]} B" if found else "resources unknown"
+    return f"{usage}, {pipelined} pipelined loads"
 
 
 def main(arch: int = 90) -> int:

@@ -52,6 +52,10 @@ MAX_SCRATCH_BYTES = 1 << 30
 #: location reads: (padded) elements of one program's tile
 LOCATION_TILE = 2048
 DEFAULT_CHUNK = 32  # steps between checkpoints (and the backward's recompute span)
+#: software-pipelining depth of the time loops: the loads of the next steps' inputs (which do
+#: not depend on the state) are in flight while a step computes (cp.async on sm_80 and later;
+#: with plain ``range`` the compiled loop issues none)
+PIPELINE_STAGES = 3
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -183,7 +187,7 @@ def _memory_forward_kernel(
     T, K, N, D, n_chunks, seg_chunks, n_segs, n_dblocks,
     CHUNK: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     CONTENT: tl.constexpr, FROM_STARTS: tl.constexpr, SAVE: tl.constexpr,
-    SUMMARY: tl.constexpr, EPS: tl.constexpr,
+    SUMMARY: tl.constexpr, EPS: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     bk = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1) // n_dblocks
@@ -203,7 +207,7 @@ def _memory_forward_kernel(
     for c in range(c0, c1):
         if SAVE:
             tl.store(ckpt_ptr + (bk * n_chunks + c) * N * D + tile, M, mask=mask)
-        for t in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, T)):
+        for t in tl.range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, T), num_stages=STAGES):
             row = (b * T + t) * K + k
             M, w, e = _write(M, w_ptr, e_ptr, a_ptr, row, offs_n, offs_d, mask_n, mask_d, N, D)
             if SUMMARY:
@@ -267,7 +271,7 @@ def _memory_backward_kernel(
     CHUNK: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     # a location-only summary needs no states: the read's cotangent does not depend on them
     CONTENT: tl.constexpr, HAS_G_END: tl.constexpr, SUMMARY: tl.constexpr,
-    NEED_STATES: tl.constexpr, EPS: tl.constexpr,
+    NEED_STATES: tl.constexpr, EPS: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     bk = tl.program_id(0).to(tl.int64)
     pid_nd = tl.program_id(1)
@@ -297,12 +301,17 @@ def _memory_backward_kernel(
         if NEED_STATES:  # states of this chunk, recomputed from its checkpoint
             M = tl.load(ckpt_ptr + (bk * n_chunks + c) * N * D + tile, mask=mask, other=0.0)
             tl.store(scratch + local_tile, M)
-            for l in range(0, length):
+            for l in tl.range(0, length, num_stages=STAGES):
                 row = (b * T + t0 + l) * K + k
                 M, _, _ = _write(M, w_ptr, e_ptr, a_ptr, row, offs_n, offs_d, mask_n, mask_d, N, D)
                 tl.store(scratch + (l + 1) * BN * BD + local_tile, M)
             tl.debug_barrier()  # the reverse loop reads what other threads wrote
-        for j in range(0, length):
+        # M_t of the step below; its M_{t-1} is the next (earlier) step's M_t
+        if NEED_STATES:
+            M_t = tl.load(scratch + length * BN * BD + local_tile)
+        else:
+            M_t = tl.zeros((BN, BD), dtype=tl.float32)
+        for j in tl.range(0, length, num_stages=STAGES):
             l = length - 1 - j
             t = t0 + l
             row = (b * T + t) * K + k
@@ -311,7 +320,7 @@ def _memory_backward_kernel(
             rho = tl.load(rho_ptr + row * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             dr = tl.load(dr_ptr + row * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
             if NEED_STATES:
-                M_t = tl.load(scratch + (l + 1) * BN * BD + local_tile)
+                M_prev = tl.load(scratch + l * BN * BD + local_tile)
             if CONTENT:
                 key = tl.load(key_ptr + row * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
                 beta = tl.load(beta_ptr + row).to(tl.float32)
@@ -326,7 +335,7 @@ def _memory_backward_kernel(
                 if not CONTENT:
                     d_rho = tl.sum(M_t * dr[None, :], axis=1)
                 a = tl.load(a_ptr + row * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-                G_prev = G * tl.load(scratch + l * BN * BD + local_tile)  # G_t ⊙ M_{t-1}
+                G_prev = G * M_prev  # G_t ⊙ M_{t-1}
                 dw = tl.sum(G * a[None, :], axis=1) - tl.sum(G_prev * e[None, :], axis=1)
                 de = -tl.sum(w[:, None] * G_prev, axis=0)
                 da = tl.sum(w[:, None] * G, axis=0)
@@ -344,6 +353,8 @@ def _memory_backward_kernel(
             G = G * decay
             if SUMMARY:
                 P = P * decay
+            if NEED_STATES:
+                M_t = M_prev
         if NEED_STATES:
             tl.debug_barrier()  # the next chunk overwrites the scratch
     if SUMMARY:
@@ -367,6 +378,7 @@ class MemoryPlan:
     segments: int  # requested; the launch uses ``n_segs`` after rounding
     num_warps: int
     num_warps_backward: int
+    stages_backward: int
 
 
 def plan_memory(
@@ -414,9 +426,12 @@ def plan_memory(
     elements = block_n * block_d
     num_warps = 1 if elements <= 256 else 2 if elements <= 1024 else 4 if elements <= 4096 else 8
     # the content backward keeps about five tiles live: twice the warps keeps a 64 x 64 tile
-    # out of local memory (compiled for sm_90 with Triton 3.6; 128 x 64 still spills ~200 B)
+    # out of local memory; a 128 x 64 tile spills all the same, less without the pipeline's
+    # buffers (about 270 B per thread against 420 B, compiled for sm_90)
     backward = min(16, 2 * num_warps) if content else num_warps
-    return MemoryPlan(block_n, block_d, chunk, max(1, min(segments, n_chunks)), num_warps, backward)
+    stages = 1 if content and elements > 4096 else PIPELINE_STAGES
+    segments = max(1, min(segments, n_chunks))
+    return MemoryPlan(block_n, block_d, chunk, segments, num_warps, backward, stages)
 
 
 def fits_on_chip(N: int, D: int) -> bool:
@@ -447,7 +462,7 @@ def memory_forward(
     dummy = w  # pointer arguments a launch does not read
     common = dict(
         CHUNK=plan.chunk, BN=plan.block_n, BD=plan.block_d, CONTENT=content,
-        EPS=COSINE_EPS, num_warps=plan.num_warps,
+        EPS=COSINE_EPS, STAGES=PIPELINE_STAGES, num_warps=plan.num_warps,
     )  # fmt: skip
     start = m0
     if n_segs > 1:
@@ -491,7 +506,7 @@ def memory_backward(
     dummy = w
     common = dict(
         CHUNK=plan.chunk, BN=plan.block_n, BD=plan.block_d, CONTENT=content,
-        EPS=COSINE_EPS, num_warps=plan.num_warps_backward,
+        EPS=COSINE_EPS, STAGES=plan.stages_backward, num_warps=plan.num_warps_backward,
     )  # fmt: skip
     scratch = _output((B * K * nnb * ndb * n_segs, plan.chunk + 1, plan.block_n, plan.block_d),
                       f32, device)  # fmt: skip
@@ -676,14 +691,14 @@ def _last_row(x, rows, BT: tl.constexpr):
 @triton.jit(do_not_specialize=["T"])
 def _linear_forward_kernel(
     a_ptr, b_ptr, h0_ptr, h_ptr, T, R,
-    BT: tl.constexpr, BR: tl.constexpr, COMPLEX: tl.constexpr,
+    BT: tl.constexpr, BR: tl.constexpr, COMPLEX: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     batch = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BR + tl.arange(0, BR)
     col_mask = cols < R
     rows = tl.arange(0, BT)
     hr, hi = _load_pair(h0_ptr, batch * R + cols, col_mask, 0.0, COMPLEX)
-    for t0 in range(0, T, BT):
+    for t0 in tl.range(0, T, BT, num_stages=STAGES):
         t = t0 + rows
         mask = (t < T)[:, None] & col_mask[None, :]
         idx = (batch * T + t)[:, None] * R + cols[None, :]
@@ -701,7 +716,7 @@ def _linear_forward_kernel(
 @triton.jit(do_not_specialize=["T"])
 def _linear_backward_kernel(
     a_ptr, h_ptr, h0_ptr, dh_ptr, da_ptr, db_ptr, dh0_ptr, T, R,
-    BT: tl.constexpr, BR: tl.constexpr, COMPLEX: tl.constexpr,
+    BT: tl.constexpr, BR: tl.constexpr, COMPLEX: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """``g_t = dh_t + conj(a_{t+1}) g_{t+1}`` scanned from the end (row i of a tile is step
     ``T - 1 - (t0 + i)``); ``db = g``, ``da_t = g_t conj(h_{t-1})``, ``dh0 = conj(a_1) g_1``."""
@@ -712,7 +727,7 @@ def _linear_backward_kernel(
     gr = tl.zeros((BR,), dtype=tl.float32)
     gi = tl.zeros((BR,), dtype=tl.float32)
     h0r, h0i = _load_pair(h0_ptr, batch * R + cols, col_mask, 0.0, COMPLEX)
-    for t0 in range(0, T, BT):
+    for t0 in tl.range(0, T, BT, num_stages=STAGES):
         t = T - 1 - (t0 + rows)
         valid = t >= 0
         mask = valid[:, None] & col_mask[None, :]
@@ -749,7 +764,14 @@ def _linear_launch(kernel, B: int, T: int, R: int, complex_: bool, *tensors) -> 
     block_t = min(_pow2(T), 64)  # a 64 x 32 tile on 8 warps: no spills, sm_90 (Triton 3.6)
     with _on(tensors[0].device):
         kernel[(-(-R // block_r), B)](
-            *map(_as_pairs, tensors), T, R, BT=block_t, BR=block_r, COMPLEX=complex_, num_warps=8
+            *map(_as_pairs, tensors),
+            T,
+            R,
+            BT=block_t,
+            BR=block_r,
+            COMPLEX=complex_,
+            STAGES=PIPELINE_STAGES,
+            num_warps=8,
         )
 
 
