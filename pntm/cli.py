@@ -69,7 +69,7 @@ def _ops(name: str, train: bool) -> tuple[str, backends.Backend]:
         raise click.ClickException(f"{exc}; backends that run here: {', '.join(runnable)}") from exc
     if train and not ops.trainable:
         raise click.ClickException(
-            f"backend {name!r} evaluates but does not train; train with torch or mlx"
+            f"backend {name!r} evaluates but does not train; train with torch, triton or mlx"
         )
     return name, ops
 

@@ -101,7 +101,8 @@ class Trainer:
     ) -> None:
         if not ops.trainable:
             raise ValueError(
-                f"backend {backend_name!r} evaluates but does not train; train with torch or mlx"
+                f"backend {backend_name!r} evaluates but does not train; "
+                "train with torch, triton or mlx"
             )
         self.spec = models.get(model_name)
         self.model_config = model_config

@@ -202,7 +202,12 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     show_default=True,
     help="Time the plain loop only up to this T (it takes T Python-level steps).",
 )
-@click.option("--repeats", default=5, show_default=True, help="Timing repeats (median).")
+@click.option(
+    "--repeats",
+    default=5,
+    show_default=True,
+    help="CPU: timed runs after a warm-up (median); CUDA: do_bench's budget, 20 ms per repeat.",
+)
 @click.option(
     "--train-step",
     "train_step_length",
@@ -233,10 +238,9 @@ def main(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     lengths_ = [int(v) for v in lengths.split(",")]
     sizes_ = parse_sizes(sizes)
-    impls_ = impls.split(",")
-    for impl in impls_:
-        if impl not in IMPLS:
-            raise click.BadParameter(f"{impl!r}: implementations are {', '.join(IMPLS)}")
+    impls_ = _choices(impls, IMPLS, "implementations")
+    scans_ = _choices(scans, ("memory", "linear"), "scans")
+    modes_ = _choices(modes, ("fwd", "fwdbwd"), "modes")
     infos = {i.name: i for i in backends.available()}
     ops_of = {}
     for impl in impls_:
@@ -263,13 +267,13 @@ def main(
         f"{'ms':>10s} {'peak MiB':>9s} {'GB/s':>7s} {'of copy':>7s} {'vs triton':>9s}"
     )
     results = []
-    for scan in scans.split(","):
+    for scan in scans_:
         for T in lengths_:
             B = batch or max(1, TOKENS_PER_RUN // T)
             # the head scan depends on N only
             cases = sizes_ if scan == "memory" else list({N: (N, D) for N, D in sizes_}.values())
             for N, D in cases:
-                for mode in modes.split(","):
+                for mode in modes_:
                     base = None
                     for impl, ops in ops_of.items():
                         if impl == "sequential" and sequential_max_length < T:
@@ -319,6 +323,14 @@ def main(
         with open(tmp, "w") as fh:
             json.dump({"machine": header, "results": results}, fh, indent=2)
         os.replace(tmp, json_out)
+
+
+def _choices(text: str, allowed, what: str) -> list[str]:
+    chosen = text.split(",")
+    for value in chosen:
+        if value not in allowed:
+            raise click.BadParameter(f"{value!r}: {what} are {', '.join(allowed)}")
+    return chosen
 
 
 def _time_one(scan, mode, ops, B, T, K, N, D, device, repeats) -> dict:

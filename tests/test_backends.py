@@ -28,8 +28,8 @@ def test_each_backend_is_a_framework_and_a_scan_module():
             continue
         ops = backends.get(spec.name)
         assert ops.name == spec.name
-        assert ops.scans.__name__ == f"pntm.backends.scans.{spec.scan}"
-        assert ops.framework in ops.scans.FRAMEWORKS
+        assert ops.scan_module.__name__ == f"pntm.backends.scans.{spec.scan}"
+        assert ops.framework in ops.scan_module.FRAMEWORKS
 
 
 def test_a_scan_module_refuses_a_framework_it_does_not_run_on():
@@ -62,6 +62,22 @@ def test_auto_takes_the_highest_priority_backend_that_runs(monkeypatch):
     assert machine(apple) == "mlx"
     with pytest.raises(RuntimeError, match="no trainable backend"):
         machine(cuda[:1])
+
+
+def test_available_ranks_triton_first_only_with_cuda(monkeypatch):
+    """The priorities ``available()`` reports come from each framework's accelerator: Triton
+    (interpreted here) is never ``auto`` without CUDA, and first with it."""
+    infos = {i.name: i for i in backends.available()}
+    if not (infos["torch"].runs and infos["triton"].runs):
+        pytest.skip("needs the torch and triton backends")
+    from pntm.backends.torch_backend import TorchBackend
+
+    assert infos["triton"].priority is None
+    assert backends.best_available() == "torch"
+    monkeypatch.setattr(TorchBackend, "accelerator", classmethod(lambda cls: "cuda"))
+    infos = {i.name: i for i in backends.available()}
+    assert infos["triton"].priority > infos["torch"].priority
+    assert backends.best_available() == "triton"
 
 
 def test_priorities_follow_the_accelerator():

@@ -90,9 +90,17 @@ def check_memory(inputs: dict, dtype=torch.float32, fwd_rtol=FWD_RTOL, grad_rtol
     assert max(errors.values()) <= grad_rtol, errors
 
 
-@pytest.mark.parametrize("content", [False, True], ids=["location", "content"])
-@pytest.mark.parametrize("plan", list(PLANS))
+TILE_OPTIONS = ("block_n", "block_d")
+
+
+@pytest.mark.parametrize(
+    "plan, content",
+    [(p, False) for p in PLANS]
+    + [(p, True) for p in PLANS if not set(PLANS[p]) & set(TILE_OPTIONS)],
+    ids=lambda x: x if isinstance(x, str) else ("content" if x else "location"),
+)
 def test_memory_kernel_every_plan_matches_reference(plan, content):
+    """Content reads take the whole memory in one tile: only the time plans apply to them."""
     inputs = memory_inputs(np.random.default_rng(0), *SHAPE, content)
     check_memory(inputs, **PLANS[plan])
 
@@ -152,9 +160,17 @@ def test_content_reads_too_large_for_one_tile_take_the_chunked_path(monkeypatch)
     with pytest.raises(ValueError, match=r"N_pad \* D_pad <= 16.*N=7, D=3"):
         ts.memory_scan_read_fused(**native)
     ops = backends.get("triton")
-    reads, _ = ops.memory_scan_read(**native)
-    want, _ = sequential.memory_scan_states(NP, **inputs)
+    reads, final = ops.memory_scan_read(**native)
+    want, states = sequential.memory_scan_states(NP, **inputs)
     assert rel_err(reads.detach().cpu().numpy(), want) <= FWD_RTOL
+    rng = np.random.default_rng(6)
+    d_read, d_final = rng.normal(size=want.shape), rng.normal(size=states[-1].shape)
+    loss = (reads * as_torch(d_read, grad=False)).sum()
+    (loss + (final * as_torch(d_final, grad=False)).sum()).backward()
+    want_grads = memory_scan_read_vjp(**inputs, d_read=d_read, d_final=d_final)
+    got = {n: x.grad.cpu().numpy() for n, x in native.items()}
+    errors = grad_errors(got, {n: want_grads[n] for n in native})
+    assert max(errors.values()) <= GRAD_RTOL, errors
     assert "PyTorch chunked scan" in ts.describe()
 
 
@@ -191,8 +207,26 @@ def test_kernels_refuse_float64_with_the_allowed_dtypes():
         ts.memory_scan_read_fused(x, e, e, x)
     with pytest.raises(ValueError, match=r"a and b of one shape"):
         ts.linear_scan_fused(x, e)
-    with pytest.raises(ValueError, match=r"block_n must be a power of two, got 3"):
-        ts.plan_memory(1, 4, 1, 5, 2, False, torch.device("cpu"), block_n=3)
+    c128 = torch.zeros((1, 2, 3), dtype=torch.complex128, device=DEVICE)
+    with pytest.raises(ValueError, match=r"torch.complex64, torch.float32 for a.*complex128"):
+        ts.linear_scan_fused(c128, c128)
+    with pytest.raises(ValueError, match=r"share one dtype.*'erase': torch.float16"):
+        ts.memory_scan_read_fused(x.float(), e.half(), e.float(), x.float())
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(block_n=3), "block_n must be a power of two, got 3"),
+        (dict(chunk=0), "chunk must be >= 1, got 0"),
+        (dict(segments=0), "segments must be >= 1, got 0"),
+        (dict(block_d=4, content=True), "block_n=None and block_d=4 apply to location reads"),
+    ],
+)
+def test_plan_refuses_bad_options_by_name(options, message):
+    content = options.pop("content", False)
+    with pytest.raises(ValueError, match=message):
+        ts.plan_memory(1, 4, 1, 5, 2, content, torch.device("cpu"), **options)
 
 
 def test_every_kernel_configuration_compiles_for_an_h100(tmp_path):
@@ -206,7 +240,8 @@ def test_every_kernel_configuration_compiles_for_an_h100(tmp_path):
         [sys.executable, script, "90"], env=env, capture_output=True, text=True, timeout=900
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert "0 of" in done.stdout and "failed to compile for sm_90" in done.stdout
+    summary = done.stdout.strip().splitlines()[-1]
+    assert summary.startswith("0 of ") and summary.endswith("failed to compile for sm_90")
 
 
 def test_outputs_start_as_nan_under_the_test_harness():

@@ -28,30 +28,29 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pntm.backends.scans import triton as kernels
 
 INPUTS = ("w_ptr", "e_ptr", "a_ptr", "rho_ptr", "key_ptr", "beta_ptr", "gamma_ptr", "dr_ptr")
-OUTPUTS_IN_INPUT_DTYPE = ("reads_ptr", "final_ptr")
 
 
-def signature(fn, constexprs: dict, dtype: str, pair_dtype: str = "fp32"):
-    """Pointers: the input dtype for inputs, float32 for the kernels' own buffers; integers as
-    a launch passes them (sizes specialised, i.e. divisible by 16, except time sizes)."""
+def signature(fn, constexprs: dict, pointers: dict, sizes: dict):
+    """The signature a launch gives Triton: pointers of the given dtypes (float32 if not
+    named), all 16-byte aligned; integers as i32, with the divisible-by-16 hint where a launch
+    would see a multiple of 16 (time sizes are not specialised: they get none)."""
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            in_dtype = name in INPUTS or name in OUTPUTS_IN_INPUT_DTYPE
-            sig[name] = "*" + (dtype if in_dtype else pair_dtype)
+            sig[name] = "*" + pointers.get(name, "fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "i32"
-            if name in ("N", "D", "R"):
+            if sizes.get(name, 1) % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
 
 def configurations():
-    """(name, kernel, constexprs, num_warps, dtype) of every launch kind, for the tile shapes the
-    planner picks for typical sizes."""
+    """(name, kernel, constexprs, num_warps, pointer dtypes, sizes) of every launch kind, for
+    the tile shapes the planner picks for typical sizes."""
     out = []
     for N, D, content in (
         (64, 64, True),
@@ -64,34 +63,45 @@ def configurations():
         tiles = dict(CHUNK=plan.chunk, BN=plan.block_n, BD=plan.block_d, CONTENT=content)
         tiles.update(EPS=kernels.COSINE_EPS, STAGES=kernels.PIPELINE_STAGES)
         tag = f"{'content' if content else 'location'} {plan.block_n}x{plan.block_d}"
+        sizes = dict(N=N, D=D, K=4)
         for dtype in ("fp32", "bf16"):
-            for mode in (
-                dict(FROM_STARTS=False, SAVE=True, SUMMARY=False),
-                dict(FROM_STARTS=True, SAVE=False, SUMMARY=False),
-                dict(FROM_STARTS=False, SAVE=False, SUMMARY=True),
+            inputs = dict.fromkeys(INPUTS, dtype)
+            outputs = dict(reads_ptr=dtype, final_ptr=dtype)
+            for mode, start in (
+                (dict(FROM_STARTS=False, SAVE=True, SUMMARY=False), dtype),  # start = m0
+                (dict(FROM_STARTS=True, SAVE=False, SUMMARY=False), "fp32"),  # segment starts
+                (dict(FROM_STARTS=False, SAVE=False, SUMMARY=True), dtype),  # start unused
             ):
                 flags = ",".join(k for k, v in mode.items() if v) or "plain"
+                pointers = {**inputs, **outputs, "start_ptr": start}
                 out.append((f"memory fwd {tag} {dtype} {flags}", kernels._memory_forward_kernel,
-                            {**tiles, **mode}, plan.num_warps, dtype))  # fmt: skip
-            for mode in (
-                dict(HAS_G_END=True, SUMMARY=False, NEED_STATES=True),
-                dict(HAS_G_END=False, SUMMARY=False, NEED_STATES=True),
-                dict(HAS_G_END=False, SUMMARY=True, NEED_STATES=content),
+                            {**tiles, **mode}, plan.num_warps, pointers, sizes))  # fmt: skip
+            # the cotangent at the end: d_final (input dtype) with one segment, else float32
+            for mode, g_end in (
+                (dict(HAS_G_END=True, SUMMARY=False, NEED_STATES=True), dtype),
+                (dict(HAS_G_END=True, SUMMARY=False, NEED_STATES=True), "fp32"),
+                (dict(HAS_G_END=False, SUMMARY=False, NEED_STATES=True), dtype),
+                (dict(HAS_G_END=False, SUMMARY=True, NEED_STATES=content), dtype),
             ):
-                flags = ",".join(k for k, v in mode.items() if v)
+                if dtype == "fp32" and g_end == "fp32" and mode["HAS_G_END"]:
+                    continue  # the same as the line before
+                flags = ",".join(k for k, v in mode.items() if v) + f",g_end {g_end}"
                 consts = {**tiles, **mode, "STAGES": plan.stages_backward}
+                pointers = {**inputs, "g_end_ptr": g_end}
                 out.append((f"memory bwd {tag} {dtype} {flags}", kernels._memory_backward_kernel,
-                            consts, plan.num_warps_backward, dtype))  # fmt: skip
-        for reverse in (False, True):
-            out.append((f"segment scan {tag} reverse={reverse}", kernels._segment_scan_kernel,
-                        dict(BN=plan.block_n, BD=plan.block_d, REVERSE=reverse, HAS_X0=True),
-                        plan.num_warps, "fp32"))  # fmt: skip
+                            consts, plan.num_warps_backward, pointers, sizes))  # fmt: skip
+            for reverse in (False, True):  # x0: m0, or d_final, both in the input dtype
+                out.append((f"segment scan {tag} {dtype} reverse={reverse}",
+                            kernels._segment_scan_kernel,
+                            dict(BN=plan.block_n, BD=plan.block_d, REVERSE=reverse, HAS_X0=True),
+                            plan.num_warps, {"x0_ptr": dtype}, sizes))  # fmt: skip
     for complex_ in (True, False):
         for dtype in ("fp32",) if complex_ else ("fp32", "bf16"):
             for fn in (kernels._linear_forward_kernel, kernels._linear_backward_kernel):
                 consts = dict(BT=64, BR=32, COMPLEX=complex_, STAGES=kernels.PIPELINE_STAGES)
+                pointers = {name: dtype for name in fn.arg_names if name.endswith("_ptr")}
                 out.append((f"linear {fn.fn.__name__} complex={complex_} {dtype}", fn, consts, 8,
-                            dtype))  # fmt: skip
+                            pointers, dict(R=4 * 33)))  # fmt: skip
     return out
 
 
@@ -119,14 +129,8 @@ def main(arch: int = 90) -> int:
         return 2
     target = GPUTarget("cuda", arch, 32)
     failures = 0
-    for name, fn, consts, num_warps, dtype in configurations():
-        # the head scan's buffers are all of the input dtype
-        pair = (
-            dtype
-            if fn in (kernels._linear_forward_kernel, kernels._linear_backward_kernel)
-            else "fp32"
-        )
-        sig, attrs = signature(fn, consts, dtype, pair)
+    for name, fn, consts, num_warps, pointers, sizes in configurations():
+        sig, attrs = signature(fn, consts, pointers, sizes)
         try:
             compiled = triton.compile(
                 ASTSource(fn, sig, constexprs=consts, attrs=attrs),

@@ -14,9 +14,18 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from pntm.backends.base import Backend
+from pntm.backends.base import Backend, load_scans
 
-__all__ = ["BACKENDS", "NAMES", "Backend", "BackendInfo", "BackendSpec", "available", "get"]
+__all__ = [
+    "BACKENDS",
+    "NAMES",
+    "Backend",
+    "BackendInfo",
+    "BackendSpec",
+    "available",
+    "best_available",
+    "get",
+]
 
 
 @dataclass(frozen=True)
@@ -75,17 +84,16 @@ def _load(spec: BackendSpec) -> tuple[type[Backend], Any]:
     module, cls = spec.framework.split(":")
     try:
         framework = getattr(importlib.import_module(module), cls)
-        scans = importlib.import_module(f"pntm.backends.scans.{spec.scan}")
+        importlib.import_module(f"pntm.backends.scans.{spec.scan}")
     except ImportError as exc:
         raise RuntimeError(
             f"backend {spec.name!r} cannot run: {exc.name or exc} is not installed "
             f"(pip install 'pntm[{spec.extra}]')"
         ) from exc
-    check = getattr(scans, "unavailable_reason", None)
-    reason = check() if check else None
-    if reason:
-        raise RuntimeError(f"backend {spec.name!r} cannot run: {reason}")
-    return framework, scans
+    try:
+        return framework, load_scans(spec.scan, framework.framework)
+    except RuntimeError as exc:  # the scan module says why it cannot run here
+        raise RuntimeError(f"backend {spec.name!r} {str(exc).split(' ', 2)[2]}") from exc
 
 
 def get(name: str, **options: Any) -> Backend:

@@ -43,8 +43,8 @@ class Backend(abc.ABC):
     on_cpu: bool = True
 
     def __init__(self, scan: str) -> None:
-        self.scan = scan
-        self.scans = load_scans(scan, self.framework)
+        self.scan = scan  # the name; the module that implements it:
+        self.scan_module = load_scans(scan, self.framework)
 
     @classmethod
     @abc.abstractmethod
@@ -226,6 +226,8 @@ class Backend(abc.ABC):
         residuals the backward needs; ``backward(ops, inputs, residuals, cotangents, **static)``
         returns one gradient per input (None for an input that is None). Inputs may be None.
         The operation returns the outputs only (one array if ``n_outputs`` is 1, else a tuple).
+        ``forward`` and ``backward`` should be module-level functions and ``static`` hashable
+        values: a framework may build (and cache) one operation per such combination.
         This default runs the forward alone: right for a framework without autodiff.
         """
 
@@ -246,7 +248,7 @@ class Backend(abc.ABC):
             raise ValueError(f"linear_scan needs a and b of one shape, got {a.shape} and {b.shape}")
         if h0 is None:
             h0 = self.zeros_like(b[:, 0])
-        return self.scans.linear_scan(self, a, b, h0)
+        return self.scan_module.linear_scan(self, a, b, h0)
 
     def memory_scan_read(
         self,
@@ -271,7 +273,7 @@ class Backend(abc.ABC):
         """
         if m0 is None:
             m0 = self.zeros_like(w[:, 0, ..., None] * add[:, 0, :, None, :])
-        return self.scans.memory_scan_read(self, w, erase, add, rho, m0, key, beta, gamma)
+        return self.scan_module.memory_scan_read(self, w, erase, add, rho, m0, key, beta, gamma)
 
 
 def load_scans(scan: str, framework: str) -> ModuleType:
@@ -280,10 +282,16 @@ def load_scans(scan: str, framework: str) -> ModuleType:
 
     if scan not in scans.NAMES:
         raise ValueError(f"unknown scan {scan!r}; scans: {', '.join(scans.NAMES)}")
-    module = importlib.import_module(f"pntm.backends.scans.{scan}")
+    try:
+        module = importlib.import_module(f"pntm.backends.scans.{scan}")
+    except ImportError as exc:
+        raise RuntimeError(f"scan {scan!r} cannot run: {exc.name or exc} is not installed") from exc
     if framework not in module.FRAMEWORKS:
         runs_on = ", ".join(module.FRAMEWORKS)
         raise ValueError(f"scan {scan!r} runs on {runs_on}, not on {framework!r}")
+    reason = module.unavailable_reason() if hasattr(module, "unavailable_reason") else None
+    if reason:
+        raise RuntimeError(f"scan {scan!r} cannot run: {reason}")
     return module
 
 

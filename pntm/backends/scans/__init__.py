@@ -5,7 +5,8 @@ plus one of these modules; the backend table (``pntm.backends``) names the pairs
 is all a new implementation needs (a kernel is one file here and one row in that table):
 
 * ``FRAMEWORKS``: the frameworks whose arrays it takes, e.g. ``("torch",)``;
-* ``DESCRIPTION``: one line for ``pntm backends``: what runs fused, what stays on the framework;
+* ``DESCRIPTION``: one line for ``pntm backends``: what runs fused, what stays on the framework
+  (or ``describe() -> str`` where that depends on the machine);
 * ``linear_scan(ops, a, b, h0) -> h``: ``h_t = a_t h_{t-1} + b_t`` along axis 1, real or
   complex (``Backend.linear_scan``);
 * ``memory_scan_read(ops, w, erase, add, rho, m0, key, beta, gamma) -> (reads, final)``: the
@@ -23,7 +24,8 @@ against ``sequential`` in float64 and its hand-written reverse mode, ``reference
 | ``reference`` | the hand-written reverse mode of ``sequential`` (NumPy), not a backend's scans |
 | ``chunked`` | two-level chunked scans in framework operations |
 | ``triton`` | fused Triton kernels (PyTorch tensors, CUDA or Triton's CPU interpreter) |
-| ``metal`` | fused Metal kernels (MLX arrays, Apple GPUs): planned |
+
+Planned: ``metal``, fused Metal kernels on MLX arrays (Apple GPUs).
 """
 
-NAMES = ("sequential", "chunked", "triton", "metal")
+NAMES = ("sequential", "chunked", "triton")

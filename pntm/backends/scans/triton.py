@@ -59,9 +59,21 @@ PIPELINE_STAGES = 3
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _interpret_knob() -> bool:
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; before, the variable itself
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+# the kernels below are defined for the interpreter or for the compiler once, here
+_INTERPRETED = _interpret_knob()
+
+
 def interpreted() -> bool:
-    """Whether Triton runs its CPU interpreter (``TRITON_INTERPRET=1``, read at import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether this module's kernels run in Triton's CPU interpreter (``TRITON_INTERPRET`` set
+    when it was first imported)."""
+    return _INTERPRETED
 
 
 def unavailable_reason() -> str | None:
@@ -80,9 +92,6 @@ def describe() -> str:
         f"with content reads up to N*D = {MAX_CONTENT_TILE} padded (beyond: PyTorch chunked "
         "scan), fused; head scan; controller and FFTs in PyTorch"
     )
-
-
-DESCRIPTION = "fused Triton kernels"
 
 
 def _output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -403,6 +412,11 @@ def plan_memory(
     """
     n_pad, d_pad = _pow2(N), _pow2(D)
     if content:
+        if block_n is not None or block_d is not None:
+            raise ValueError(
+                f"content reads take the whole memory in one tile; block_n={block_n} and "
+                f"block_d={block_d} apply to location reads only"
+            )
         block_n, block_d = n_pad, d_pad
     else:
         block_d = block_d or min(d_pad, 32)
@@ -410,9 +424,11 @@ def plan_memory(
     for name, value in (("block_n", block_n), ("block_d", block_d)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two, got {value}")
-    chunk = chunk or DEFAULT_CHUNK
+    chunk = DEFAULT_CHUNK if chunk is None else chunk
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if segments is not None and segments < 1:
+        raise ValueError(f"segments must be >= 1, got {segments}")
     n_chunks = -(-T // chunk)
     programs = B * K * -(-N // block_n) * -(-D // block_d)
     if segments is None:
@@ -594,6 +610,9 @@ def memory_scan_read_fused(
     for name, x in inputs.items():
         if x is not None:
             _check_float(name, x)
+    dtypes = {name: x.dtype for name, x in inputs.items() if x is not None}
+    if len(set(dtypes.values())) > 1:
+        raise ValueError(f"the memory scan's inputs must share one dtype, got {dtypes}")
     B, T, K, N = w.shape
     D = add.shape[-1]
     if m0 is None:
@@ -802,13 +821,15 @@ def linear_scan_fused(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None 
     """``h_t = a_t h_{t-1} + b_t`` along axis 1 for (B, T, *rest) tensors, real or complex64."""
     if tuple(a.shape) != tuple(b.shape):
         raise ValueError(f"linear_scan needs a and b of one shape, got {a.shape} and {b.shape}")
-    if a.is_complex() or b.is_complex() or (h0 is not None and h0.is_complex()):
+    named = {"a": a, "b": b} if h0 is None else {"a": a, "b": b, "h0": h0}
+    if any(x.is_complex() for x in named.values()):
+        # complex64, or float32 parts of a complex64 scan: nothing else loses no precision
+        for name, x in named.items():
+            _check_float(name, x, (torch.complex64, torch.float32))
         a, b = a.to(torch.complex64), b.to(torch.complex64)
-        allowed = (torch.complex64,)
     else:
-        allowed = FLOAT_DTYPES
-    for name, x in (("a", a), ("b", b)):
-        _check_float(name, x, allowed)
+        for name, x in named.items():
+            _check_float(name, x)
     B, T = b.shape[:2]
     if T == 0:
         return torch.zeros_like(b)
