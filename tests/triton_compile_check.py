@@ -77,14 +77,14 @@ def configurations():
                 out.append((f"memory fwd {tag} {dtype} {flags}", kernels._memory_forward_kernel,
                             {**tiles, **mode}, plan.num_warps, pointers, sizes))  # fmt: skip
             # the cotangent at the end: d_final (input dtype) with one segment, else float32
-            for mode, g_end in (
+            backward_modes = [
                 (dict(HAS_G_END=True, SUMMARY=False, NEED_STATES=True), dtype),
-                (dict(HAS_G_END=True, SUMMARY=False, NEED_STATES=True), "fp32"),
                 (dict(HAS_G_END=False, SUMMARY=False, NEED_STATES=True), dtype),
                 (dict(HAS_G_END=False, SUMMARY=True, NEED_STATES=content), dtype),
-            ):
-                if dtype == "fp32" and g_end == "fp32" and mode["HAS_G_END"]:
-                    continue  # the same as the line before
+            ]
+            if dtype != "fp32":
+                backward_modes.append((backward_modes[0][0], "fp32"))
+            for mode, g_end in backward_modes:
                 flags = ",".join(k for k, v in mode.items() if v) + f",g_end {g_end}"
                 consts = {**tiles, **mode, "STAGES": plan.stages_backward}
                 pointers = {**inputs, "g_end_ptr": g_end}
