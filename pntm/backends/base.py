@@ -43,8 +43,8 @@ class Backend(abc.ABC):
     on_cpu: bool = True
 
     def __init__(self, scan: str) -> None:
-        self.scan = scan  # the name; the module that implements it:
-        self.scan_module = load_scans(scan, self.framework)
+        self.scan = scan  # its name, e.g. "chunked"
+        self.scan_module = load_scans(scan, self.framework)  # the module that implements it
 
     @classmethod
     @abc.abstractmethod
