@@ -461,48 +461,96 @@ def _segments(T: int, plan: MemoryPlan) -> tuple[int, int, int]:
     return n_chunks, seg_chunks, -(-n_chunks // seg_chunks)
 
 
+@dataclass(frozen=True)
+class _Launch:
+    """The sizes and grid of one memory scan's launches under a plan."""
+
+    B: int
+    T: int
+    K: int
+    N: int
+    D: int
+    n_chunks: int
+    seg_chunks: int
+    n_segs: int
+    nnb: int  # slot blocks
+    ndb: int  # D blocks
+    device: torch.device
+
+    @classmethod
+    def of(cls, w: torch.Tensor, add: torch.Tensor, plan: MemoryPlan) -> _Launch:
+        B, T, K, N = w.shape
+        D = add.shape[-1]
+        nnb, ndb = -(-N // plan.block_n), -(-D // plan.block_d)
+        return cls(B, T, K, N, D, *_segments(T, plan), nnb, ndb, w.device)
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return (self.B * self.K, self.nnb * self.ndb, self.n_segs)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The kernels' size arguments, in their order."""
+        return (self.T, self.K, self.N, self.D, self.n_chunks, self.seg_chunks, self.n_segs,
+                self.ndb)  # fmt: skip
+
+
+def _segment_entries(
+    launch: _Launch, plan: MemoryPlan, summarize, x0: torch.Tensor | None, reverse: bool
+) -> torch.Tensor:
+    """What enters each time segment (the state at its start, or with ``reverse`` the cotangent
+    at its end): ``summarize(prod, local)`` launches the summary pass that fills each segment's
+    decay product and zero-started value, then a scan over the segments from ``x0``."""
+    shape = (launch.B * launch.K, launch.n_segs, launch.N, launch.D)
+    device = launch.device
+    prod = _output(shape, torch.float32, device)
+    local = _output(shape, torch.float32, device)
+    summarize(prod, local)
+    entries = _output(shape, torch.float32, device)
+    _segment_scan_kernel[(launch.B * launch.K, launch.nnb * launch.ndb)](
+        prod, local, prod if x0 is None else x0, entries, launch.n_segs, launch.N, launch.D,
+        launch.ndb, BN=plan.block_n, BD=plan.block_d, REVERSE=reverse, HAS_X0=x0 is not None,
+        num_warps=plan.num_warps,
+    )  # fmt: skip
+    return entries
+
+
+def _sum_tiles(partial: torch.Tensor) -> torch.Tensor:
+    """Per-tile partial sums (tiles on axis 0) added up."""
+    return partial[0] if partial.shape[0] == 1 else partial.sum(0)
+
+
 def memory_forward(
     w, erase, add, rho, m0, key, beta, gamma, plan: MemoryPlan, save: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Reads (B, T, K, D), final state (B, K, N, D) and, with ``save``, the checkpoints."""
-    B, T, K, N = w.shape
-    D = add.shape[-1]
+    launch = _Launch.of(w, add, plan)
+    B, T, K, N, D = launch.B, launch.T, launch.K, launch.N, launch.D
     device, f32 = w.device, torch.float32
-    n_chunks, seg_chunks, n_segs = _segments(T, plan)
-    nnb, ndb = -(-N // plan.block_n), -(-D // plan.block_d)
     content = key is not None
-    grid = (B * K, nnb * ndb, n_segs)
-    partial = _output((nnb, B, T, K, D), f32 if nnb > 1 else w.dtype, device)
+    partial = _output((launch.nnb, B, T, K, D), f32 if launch.nnb > 1 else w.dtype, device)
     final = _output((B, K, N, D), w.dtype, device)
-    ckpt = _output((B * K, n_chunks, N, D), f32, device) if save else partial
+    ckpt = _output((B * K, launch.n_chunks, N, D), f32, device) if save else partial
     dummy = w  # pointer arguments a launch does not read
     common = dict(
         CHUNK=plan.chunk, BN=plan.block_n, BD=plan.block_d, CONTENT=content,
         EPS=COSINE_EPS, STAGES=PIPELINE_STAGES, num_warps=plan.num_warps,
     )  # fmt: skip
-    start = m0
-    if n_segs > 1:
-        prod = _output((B * K, n_segs, N, D), f32, device)
-        local = _output((B * K, n_segs, N, D), f32, device)
-        _memory_forward_kernel[grid](
+
+    def summarize(prod, local):
+        _memory_forward_kernel[launch.grid](
             w, erase, add, rho, dummy, dummy, dummy, dummy, dummy, dummy, dummy, prod, local,
-            T, K, N, D, n_chunks, seg_chunks, n_segs, ndb,
-            FROM_STARTS=False, SAVE=False, SUMMARY=True, **common,
+            *launch.sizes, FROM_STARTS=False, SAVE=False, SUMMARY=True, **common,
         )  # fmt: skip
-        start = _output((B * K, n_segs, N, D), f32, device)
-        _segment_scan_kernel[(B * K, nnb * ndb)](
-            prod, local, m0, start, n_segs, N, D, ndb,
-            BN=plan.block_n, BD=plan.block_d, REVERSE=False, HAS_X0=True,
-            num_warps=plan.num_warps,
-        )  # fmt: skip
-    _memory_forward_kernel[grid](
+
+    segmented = launch.n_segs > 1
+    start = _segment_entries(launch, plan, summarize, m0, reverse=False) if segmented else m0
+    _memory_forward_kernel[launch.grid](
         w, erase, add, rho, *((key, beta, gamma) if content else (dummy,) * 3),
         start, partial, final, ckpt, dummy, dummy,
-        T, K, N, D, n_chunks, seg_chunks, n_segs, ndb,
-        FROM_STARTS=n_segs > 1, SAVE=save, SUMMARY=False, **common,
+        *launch.sizes, FROM_STARTS=segmented, SAVE=save, SUMMARY=False, **common,
     )  # fmt: skip
-    reads = partial[0] if nnb == 1 else partial.sum(0).to(w.dtype)
-    return reads, final, (ckpt if save else None)
+    return _sum_tiles(partial).to(w.dtype), final, (ckpt if save else None)
 
 
 def memory_backward(
@@ -510,13 +558,10 @@ def memory_backward(
 ) -> tuple[torch.Tensor, ...]:
     """Gradients for ``(w, erase, add, rho, m0, key, beta, gamma)`` (float32; None for the
     content inputs without content)."""
-    B, T, K, N = w.shape
-    D = add.shape[-1]
+    launch = _Launch.of(w, add, plan)
+    B, T, K, N, D = launch.B, launch.T, launch.K, launch.N, launch.D
     device, f32 = w.device, torch.float32
-    n_chunks, seg_chunks, n_segs = _segments(T, plan)
-    nnb, ndb = -(-N // plan.block_n), -(-D // plan.block_d)
     content = key is not None
-    grid = (B * K, nnb * ndb, n_segs)
     d_reads = d_reads.contiguous()
     d_final = None if d_final is None else d_final.contiguous()  # e.g. stride 0 from a sum
     dummy = w
@@ -524,46 +569,44 @@ def memory_backward(
         CHUNK=plan.chunk, BN=plan.block_n, BD=plan.block_d, CONTENT=content,
         EPS=COSINE_EPS, STAGES=plan.stages_backward, num_warps=plan.num_warps_backward,
     )  # fmt: skip
-    scratch = _output((B * K * nnb * ndb * n_segs, plan.chunk + 1, plan.block_n, plan.block_d),
-                      f32, device)  # fmt: skip
+    programs = B * K * launch.nnb * launch.ndb * launch.n_segs
+    scratch = _output((programs, plan.chunk + 1, plan.block_n, plan.block_d), f32, device)
     content_in = (key, beta, gamma) if content else (dummy,) * 3
-    g_end, has_g_end = d_final, d_final is not None
-    if n_segs > 1:
-        prod = _output((B * K, n_segs, N, D), f32, device)
-        local = _output((B * K, n_segs, N, D), f32, device)
-        _memory_backward_kernel[grid](
+
+    def summarize(prod, local):
+        _memory_backward_kernel[launch.grid](
             w, erase, add, rho, *content_in, d_reads, ckpt, dummy, scratch,
             dummy, dummy, dummy, dummy, dummy, dummy, dummy, dummy, prod, local,
-            T, K, N, D, n_chunks, seg_chunks, n_segs, ndb,
-            HAS_G_END=False, SUMMARY=True, NEED_STATES=content, **common,
+            *launch.sizes, HAS_G_END=False, SUMMARY=True, NEED_STATES=content, **common,
         )  # fmt: skip
-        g_end = _output((B * K, n_segs, N, D), f32, device)
-        _segment_scan_kernel[(B * K, nnb * ndb)](
-            prod, local, d_final if has_g_end else dummy, g_end, n_segs, N, D, ndb,
-            BN=plan.block_n, BD=plan.block_d, REVERSE=True, HAS_X0=has_g_end,
-            num_warps=plan.num_warps,
-        )  # fmt: skip
-        has_g_end = True
-    dw = _output((ndb, B, T, K, N), f32, device)
-    drho = _output((ndb, B, T, K, N), f32, device)
-    de = _output((nnb, B, T, K, D), f32, device)
-    da = _output((nnb, B, T, K, D), f32, device)
+
+    g_end = d_final
+    if launch.n_segs > 1:
+        g_end = _segment_entries(launch, plan, summarize, d_final, reverse=True)
+    dw = _output((launch.ndb, B, T, K, N), f32, device)
+    drho = _output((launch.ndb, B, T, K, N), f32, device)
+    de = _output((launch.nnb, B, T, K, D), f32, device)
+    da = _output((launch.nnb, B, T, K, D), f32, device)
     dkey = _output((B, T, K, D), f32, device) if content else None
     dbeta = _output((B, T, K), f32, device) if content else None
     dgamma = _output((B, T, K), f32, device) if content else None
     dm0 = _output((B, K, N, D), f32, device)
-    _memory_backward_kernel[grid](
-        w, erase, add, rho, *content_in, d_reads, ckpt, g_end if has_g_end else dummy, scratch,
-        dw, drho, de, da, *((dkey, dbeta, dgamma) if content else (dummy,) * 3), dm0,
+    _memory_backward_kernel[launch.grid](
+        w, erase, add, rho, *content_in, d_reads, ckpt, dummy if g_end is None else g_end,
+        scratch, dw, drho, de, da, *((dkey, dbeta, dgamma) if content else (dummy,) * 3), dm0,
         dummy, dummy,
-        T, K, N, D, n_chunks, seg_chunks, n_segs, ndb,
-        HAS_G_END=has_g_end, SUMMARY=False, NEED_STATES=True, **common,
+        *launch.sizes, HAS_G_END=g_end is not None, SUMMARY=False, NEED_STATES=True, **common,
     )  # fmt: skip
-
-    def total(partial: torch.Tensor) -> torch.Tensor:
-        return partial[0] if partial.shape[0] == 1 else partial.sum(0)
-
-    return (total(dw), total(de), total(da), total(drho), dm0, dkey, dbeta, dgamma)
+    return (
+        _sum_tiles(dw),
+        _sum_tiles(de),
+        _sum_tiles(da),
+        _sum_tiles(drho),
+        dm0,
+        dkey,
+        dbeta,
+        dgamma,
+    )
 
 
 class MemoryScanRead(torch.autograd.Function):
