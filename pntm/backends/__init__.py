@@ -47,14 +47,7 @@ BACKENDS: tuple[BackendSpec, ...] = (
     BackendSpec("mlx", "pntm.backends.mlx_backend:MLXBackend", "chunked", "mlx", 30, 10),
     BackendSpec("torch", "pntm.backends.torch_backend:TorchBackend", "chunked", "torch", 20, 20),
     BackendSpec("triton", "pntm.backends.torch_backend:TorchBackend", "triton", "torch", 40),
-    BackendSpec(
-        "metal",
-        "pntm.backends.mlx_backend:MLXBackend",
-        "metal",
-        "mlx",
-        50,
-        planned="the fused Metal kernels for MLX on Apple GPUs",
-    ),
+    BackendSpec("metal", "pntm.backends.mlx_backend:MLXBackend", "metal", "mlx", 50),
 )
 NAMES: tuple[str, ...] = tuple(spec.name for spec in BACKENDS)
 _SPECS = {spec.name: spec for spec in BACKENDS}

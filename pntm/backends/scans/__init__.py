@@ -24,8 +24,7 @@ against ``sequential`` in float64 and its hand-written reverse mode, ``reference
 | ``reference`` | the hand-written reverse mode of ``sequential`` (NumPy), not a backend's scans |
 | ``chunked`` | two-level chunked scans in framework operations |
 | ``triton`` | fused Triton kernels (PyTorch tensors, CUDA or Triton's CPU interpreter) |
-
-Planned: ``metal``, fused Metal kernels on MLX arrays (Apple GPUs).
+| ``metal`` | fused Metal kernels (MLX arrays, Apple GPUs or a C++ emulator on the CPU) |
 """
 
-NAMES = ("sequential", "chunked", "triton")
+NAMES = ("sequential", "chunked", "triton", "metal")

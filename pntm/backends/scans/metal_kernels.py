@@ -1,0 +1,467 @@
+"""The Metal kernel sources of :mod:`pntm.backends.scans.metal`, as MLX takes them.
+
+Each :class:`KernelSource` holds exactly the arguments of ``mx.fast.metal_kernel``: a name, the
+input and output names, the kernel *body* (MLX writes the signature around it) and a header of
+helpers. The same strings go to MLX on a Mac and to :mod:`pntm.backends.metal_emulator`
+elsewhere, so they are written in the part of the Metal Shading Language that is also C++ under
+``metal_shim.h``: scalar types, ``metal::`` math, ``simd_sum``/``simd_max``,
+``threadgroup_barrier``, and threadgroup arrays declared with ``PNTM_THREADGROUP_ARRAY``.
+
+Memory scan (one threadgroup per batch·head, ``SG`` SIMD groups of 32 threads): thread ``tid``
+owns slots ``tid + r * 32 SG`` for ``r < R`` and keeps their ``R x D`` rows of the memory in
+registers across time. A write is local to a row; what crosses rows (a read's sum over slots,
+the softmax of content addressing, the erase and add gradients) is a threadgroup reduction:
+``simd_sum`` within each SIMD group, then the SIMD groups' partials through threadgroup memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """The arguments of ``mx.fast.metal_kernel`` (and of ``EmulatedKernel``)."""
+
+    name: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    source: str
+    header: str = ""
+
+    def arguments(self) -> dict:
+        return dict(
+            name=self.name,
+            input_names=list(self.input_names),
+            output_names=list(self.output_names),
+            source=self.source,
+            header=self.header,
+            ensure_row_contiguous=True,
+        )
+
+
+HEADER = r"""
+#ifndef PNTM_THREADGROUP_ARRAY
+#define PNTM_THREADGROUP_ARRAY(type, name, size) threadgroup type name[size]
+#endif
+
+// added inside the norms of content addressing, as pntm.backends.base.COSINE_EPS
+constexpr constant float PNTM_COSINE_EPS = 1e-6f;
+
+// Sums (MAX: maxima) over the threadgroup of the L values v[0..L) of every thread. Returns the
+// totals, in threadgroup memory; they stay valid until the next group_reduce, which every
+// thread of the group must reach (uniform control flow). `shared` holds (n_simdgroups + 1) * L.
+template <int L, bool MAX>
+inline threadgroup float* group_reduce(
+    thread float* v, threadgroup float* shared, uint simdgroup, uint lane, uint tid,
+    uint n_simdgroups, uint n_threads) {
+  for (int j = 0; j < L; ++j) {
+    const float s = MAX ? simd_max(v[j]) : simd_sum(v[j]);
+    if (lane == 0) {
+      shared[simdgroup * L + j] = s;
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  threadgroup float* totals = shared + n_simdgroups * L;
+  for (uint j = tid; j < uint(L); j += n_threads) {
+    float total = shared[j];
+    for (uint g = 1; g < n_simdgroups; ++g) {
+      total = MAX ? metal::max(total, shared[g * L + j]) : total + shared[g * L + j];
+    }
+    totals[j] = total;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  return totals;
+}
+"""
+
+# Shared by both memory kernels: who this thread is, the sizes, the threadgroup memory.
+_MEMORY_PROLOGUE = r"""
+  const uint tid = thread_index_in_threadgroup;
+  const uint lane = thread_index_in_simdgroup;
+  const uint simdgroup = simdgroup_index_in_threadgroup;
+  const uint n_threads = SG * 32;
+  const int head = int(threadgroup_position_in_grid.y);  // b * K + k
+  const int n_steps = sizes[0];
+  const int N = sizes[1];
+  const int K = sizes[2];
+  const int chunk = sizes[3];
+  const int n_checkpoints = sizes[4];
+  const int b = head / K;
+  const int k = head % K;
+  PNTM_THREADGROUP_ARRAY(float, shared, (SG + 1) * (2 * D + 2));
+"""
+
+MEMORY_FORWARD = KernelSource(
+    name="pntm_memory_scan_read_forward",
+    input_names=("w", "erase", "add", "rho", "m0", "key", "beta", "gamma", "sizes"),
+    output_names=("reads", "final_memory", "checkpoints"),
+    header=HEADER,
+    source=_MEMORY_PROLOGUE
+    + r"""
+  // this thread's rows of M_0, and the first checkpoint
+  float m[R][D];
+  for (int r = 0; r < R; ++r) {
+    const int i = int(tid) + r * int(n_threads);
+    for (int d = 0; d < D; ++d) {
+      m[r][d] = i < N ? float(m0[(head * N + i) * D + d]) : 0.0f;
+      if (i < N) {
+        checkpoints[(head * n_checkpoints * N + i) * D + d] = m[r][d];
+      }
+    }
+  }
+  for (int t = 0; t < n_steps; ++t) {
+    const int step = (b * n_steps + t) * K + k;  // (b, t, k) of a (B, T, K, ...) input
+    float e[D];
+    float a[D];
+    for (int d = 0; d < D; ++d) {
+      e[d] = float(erase[step * D + d]);
+      a[d] = float(add[step * D + d]);
+    }
+    // the write M_t = (1 - w e^T) * M_{t-1} + w a^T, and the location weighting
+    float mix[R];
+    for (int r = 0; r < R; ++r) {
+      const int i = int(tid) + r * int(n_threads);
+      const float w_i = i < N ? float(w[step * N + i]) : 0.0f;
+      mix[r] = i < N ? float(rho[step * N + i]) : 0.0f;
+      for (int d = 0; d < D; ++d) {
+        m[r][d] = (1.0f - w_i * e[d]) * m[r][d] + w_i * a[d];
+      }
+    }
+    if (CONTENT) {  // mix with softmax_i(beta cos(key, M_i))
+      float q[D];
+      float key_sq = 0.0f;
+      for (int d = 0; d < D; ++d) {
+        q[d] = float(key[step * D + d]);
+        key_sq += q[d] * q[d];
+      }
+      const float key_norm = metal::precise::sqrt(key_sq + PNTM_COSINE_EPS);
+      const float strength = float(beta[step]);
+      const float gate = float(gamma[step]);
+      float p[R];
+      float top[1] = {-INFINITY};
+      for (int r = 0; r < R; ++r) {
+        const int i = int(tid) + r * int(n_threads);
+        float dot = 0.0f;
+        float sq = 0.0f;
+        for (int d = 0; d < D; ++d) {
+          dot += m[r][d] * q[d];
+          sq += m[r][d] * m[r][d];
+        }
+        const float cosine = dot / (metal::precise::sqrt(sq + PNTM_COSINE_EPS) * key_norm);
+        p[r] = i < N ? strength * cosine : -INFINITY;
+        top[0] = metal::max(top[0], p[r]);
+      }
+      const float shift = group_reduce<1, true>(
+          top, shared, simdgroup, lane, tid, SG, n_threads)[0];
+      float z[1] = {0.0f};
+      for (int r = 0; r < R; ++r) {
+        const int i = int(tid) + r * int(n_threads);
+        p[r] = i < N ? metal::precise::exp(p[r] - shift) : 0.0f;
+        z[0] += p[r];
+      }
+      const float total = group_reduce<1, false>(z, shared, simdgroup, lane, tid, SG, n_threads)[0];
+      for (int r = 0; r < R; ++r) {
+        mix[r] = (1.0f - gate) * mix[r] + gate * (p[r] / total);
+      }
+    }
+    // the read r_t = mix^T M_t: partial sums over this thread's rows, then over the group
+    float part[D];
+    for (int d = 0; d < D; ++d) {
+      part[d] = 0.0f;
+      for (int r = 0; r < R; ++r) {
+        part[d] += mix[r] * m[r][d];
+      }
+    }
+    threadgroup float* read = group_reduce<D, false>(
+        part, shared, simdgroup, lane, tid, SG, n_threads);
+    for (int d = int(tid); d < D; d += int(n_threads)) {
+      reads[step * D + d] = static_cast<T>(read[d]);
+    }
+    if ((t + 1) % chunk == 0 && (t + 1) / chunk < n_checkpoints) {
+      const int c = (t + 1) / chunk;
+      for (int r = 0; r < R; ++r) {
+        const int i = int(tid) + r * int(n_threads);
+        for (int d = 0; d < D && i < N; ++d) {
+          checkpoints[((head * n_checkpoints + c) * N + i) * D + d] = m[r][d];
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int i = int(tid) + r * int(n_threads);
+    for (int d = 0; d < D && i < N; ++d) {
+      final_memory[(head * N + i) * D + d] = static_cast<T>(m[r][d]);
+    }
+  }
+""",
+)
+
+MEMORY_BACKWARD = KernelSource(
+    name="pntm_memory_scan_read_backward",
+    input_names=(
+        "w", "erase", "add", "rho", "key", "beta", "gamma", "checkpoints", "d_reads", "d_final",
+        "sizes",
+    ),  # fmt: skip
+    output_names=(
+        "d_w", "d_erase", "d_add", "d_rho", "d_key", "d_beta", "d_gamma", "d_m0", "states",
+    ),  # fmt: skip
+    header=HEADER,
+    source=_MEMORY_PROLOGUE
+    + r"""
+  // G = dL/dM_t for this thread's rows, from the final memory's cotangent
+  float g[R][D];
+  for (int r = 0; r < R; ++r) {
+    const int i = int(tid) + r * int(n_threads);
+    for (int d = 0; d < D; ++d) {
+      g[r][d] = i < N ? float(d_final[(head * N + i) * D + d]) : 0.0f;
+    }
+  }
+  // `states` holds chunk + 1 states per threadgroup: M_{t0} .. M_{t1} of the current chunk,
+  // each thread its own rows (so no barrier orders them)
+  const int span = chunk + 1;
+  for (int c = n_checkpoints - 1; c >= 0; --c) {
+    const int t0 = c * chunk;
+    const int t1 = metal::min(t0 + chunk, n_steps);
+    for (int r = 0; r < R; ++r) {
+      const int i = int(tid) + r * int(n_threads);
+      if (i >= N) {
+        continue;
+      }
+      float m[D];
+      for (int d = 0; d < D; ++d) {
+        m[d] = checkpoints[((head * n_checkpoints + c) * N + i) * D + d];
+        states[((head * span) * N + i) * D + d] = m[d];
+      }
+      for (int t = t0; t < t1; ++t) {
+        const int step = (b * n_steps + t) * K + k;
+        const float w_i = float(w[step * N + i]);
+        for (int d = 0; d < D; ++d) {
+          m[d] = (1.0f - w_i * float(erase[step * D + d])) * m[d] + w_i * float(add[step * D + d]);
+          states[((head * span + t - t0 + 1) * N + i) * D + d] = m[d];
+        }
+      }
+    }
+    for (int t = t1 - 1; t >= t0; --t) {
+      const int step = (b * n_steps + t) * K + k;
+      const int s = t - t0 + 1;  // M_t is states[s], M_{t-1} states[s - 1]
+      float dr[D];
+      for (int d = 0; d < D; ++d) {
+        dr[d] = float(d_reads[step * D + d]);
+      }
+      float mt[R][D];
+      float mix[R];
+      float d_mix[R];  // d(read)/d(mix_i) = <M_t(i), dr>
+      for (int r = 0; r < R; ++r) {
+        const int i = int(tid) + r * int(n_threads);
+        mix[r] = i < N ? float(rho[step * N + i]) : 0.0f;
+        d_mix[r] = 0.0f;
+        for (int d = 0; d < D; ++d) {
+          mt[r][d] = i < N ? states[((head * span + s) * N + i) * D + d] : 0.0f;
+          d_mix[r] += mt[r][d] * dr[d];
+        }
+      }
+      float grad_rho[R];
+      for (int r = 0; r < R; ++r) {
+        grad_rho[r] = d_mix[r];
+      }
+      if (CONTENT) {  // reverse mode of the content read (read_step_vjp of pntm.backends.base)
+        float q[D];
+        float key_sq = 0.0f;
+        for (int d = 0; d < D; ++d) {
+          q[d] = float(key[step * D + d]);
+          key_sq += q[d] * q[d];
+        }
+        const float key_norm = metal::precise::sqrt(key_sq + PNTM_COSINE_EPS);
+        const float strength = float(beta[step]);
+        const float gate = float(gamma[step]);
+        float cosine[R];
+        float norm_m[R];
+        float p[R];
+        float top[1] = {-INFINITY};
+        for (int r = 0; r < R; ++r) {
+          const int i = int(tid) + r * int(n_threads);
+          float dot = 0.0f;
+          float sq = 0.0f;
+          for (int d = 0; d < D; ++d) {
+            dot += mt[r][d] * q[d];
+            sq += mt[r][d] * mt[r][d];
+          }
+          norm_m[r] = metal::precise::sqrt(sq + PNTM_COSINE_EPS);
+          cosine[r] = dot / (norm_m[r] * key_norm);
+          p[r] = i < N ? strength * cosine[r] : -INFINITY;
+          top[0] = metal::max(top[0], p[r]);
+        }
+        const float shift = group_reduce<1, true>(
+            top, shared, simdgroup, lane, tid, SG, n_threads)[0];
+        float z[1] = {0.0f};
+        for (int r = 0; r < R; ++r) {
+          const int i = int(tid) + r * int(n_threads);
+          p[r] = i < N ? metal::precise::exp(p[r] - shift) : 0.0f;
+          z[0] += p[r];
+        }
+        const float total = group_reduce<1, false>(
+            z, shared, simdgroup, lane, tid, SG, n_threads)[0];
+        // [d_gamma, sum_i p_i d_content_i]
+        float sums[2] = {0.0f, 0.0f};
+        for (int r = 0; r < R; ++r) {
+          p[r] = p[r] / total;
+          sums[0] += d_mix[r] * (p[r] - mix[r]);
+          sums[1] += p[r] * gate * d_mix[r];
+          grad_rho[r] = (1.0f - gate) * d_mix[r];
+          mix[r] = (1.0f - gate) * mix[r] + gate * p[r];
+        }
+        threadgroup float* gated = group_reduce<2, false>(
+            sums, shared, simdgroup, lane, tid, SG, n_threads);
+        const float d_gate = gated[0];
+        const float p_dot = gated[1];
+        // [d_key's first term (D), d_beta, sum_i d_cos_i cos_i]
+        float kv[D + 2];
+        for (int d = 0; d < D + 2; ++d) {
+          kv[d] = 0.0f;
+        }
+        for (int r = 0; r < R; ++r) {
+          const float d_logit = p[r] * (gate * d_mix[r] - p_dot);
+          const float d_cos = strength * d_logit;
+          const float inv = d_cos / (norm_m[r] * key_norm);
+          const float shrink = d_cos * cosine[r] / (norm_m[r] * norm_m[r]);
+          for (int d = 0; d < D; ++d) {
+            kv[d] += inv * mt[r][d];
+            g[r][d] += inv * q[d] - shrink * mt[r][d];
+          }
+          kv[D] += d_logit * cosine[r];
+          kv[D + 1] += d_cos * cosine[r];
+        }
+        threadgroup float* keyed = group_reduce<D + 2, false>(
+            kv, shared, simdgroup, lane, tid, SG, n_threads);
+        for (int d = int(tid); d < D; d += int(n_threads)) {
+          d_key[step * D + d] =
+              static_cast<T>(keyed[d] - keyed[D + 1] * q[d] / (key_norm * key_norm));
+        }
+        if (tid == 0) {
+          d_beta[step] = static_cast<T>(keyed[D]);
+          d_gamma[step] = static_cast<T>(d_gate);
+        }
+      }
+      // G_t += mix dr^T; then the write's gradients from M_{t-1}, and G_{t-1} = F_t * G_t
+      float ea[2 * D];
+      for (int d = 0; d < 2 * D; ++d) {
+        ea[d] = 0.0f;
+      }
+      for (int r = 0; r < R; ++r) {
+        const int i = int(tid) + r * int(n_threads);
+        const float w_i = i < N ? float(w[step * N + i]) : 0.0f;
+        float grad_w = 0.0f;
+        for (int d = 0; d < D; ++d) {
+          g[r][d] += mix[r] * dr[d];
+          const float prev = i < N ? states[((head * span + s - 1) * N + i) * D + d] : 0.0f;
+          const float e_d = float(erase[step * D + d]);
+          const float g_prev = g[r][d] * prev;
+          grad_w += g[r][d] * float(add[step * D + d]) - g_prev * e_d;
+          ea[d] -= w_i * g_prev;
+          ea[D + d] += w_i * g[r][d];
+          g[r][d] = (1.0f - w_i * e_d) * g[r][d];
+        }
+        if (i < N) {
+          d_w[step * N + i] = static_cast<T>(grad_w);
+          d_rho[step * N + i] = static_cast<T>(grad_rho[r]);
+        }
+      }
+      threadgroup float* written = group_reduce<2 * D, false>(
+          ea, shared, simdgroup, lane, tid, SG, n_threads);
+      for (int d = int(tid); d < D; d += int(n_threads)) {
+        d_erase[step * D + d] = static_cast<T>(written[d]);
+        d_add[step * D + d] = static_cast<T>(written[D + d]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int i = int(tid) + r * int(n_threads);
+    for (int d = 0; d < D && i < N; ++d) {
+      d_m0[(head * N + i) * D + d] = static_cast<T>(g[r][d]);
+    }
+  }
+""",
+)
+
+LINEAR_FORWARD = KernelSource(
+    name="pntm_linear_scan_forward",
+    input_names=("a_re", "a_im", "b_re", "b_im", "h0_re", "h0_im", "sizes"),
+    output_names=("h_re", "h_im"),
+    header=HEADER,
+    source=r"""
+  // one thread per (batch, channel): h_t = a_t h_{t-1} + b_t, complex as (re, im) pairs
+  const int channel = int(thread_position_in_grid.x);
+  const int b = int(thread_position_in_grid.y);
+  const int n_steps = sizes[0];
+  const int C = sizes[1];
+  if (channel >= C) {
+    return;
+  }
+  float hr = float(h0_re[b * C + channel]);
+  float hi = COMPLEX ? float(h0_im[b * C + channel]) : 0.0f;
+  for (int t = 0; t < n_steps; ++t) {
+    const int at = (b * n_steps + t) * C + channel;
+    const float ar = float(a_re[at]);
+    if (COMPLEX) {
+      const float ai = float(a_im[at]);
+      const float next_r = ar * hr - ai * hi + float(b_re[at]);
+      hi = ar * hi + ai * hr + float(b_im[at]);
+      hr = next_r;
+      h_im[at] = static_cast<T>(hi);
+    } else {
+      hr = ar * hr + float(b_re[at]);
+    }
+    h_re[at] = static_cast<T>(hr);
+  }
+""",
+)
+
+LINEAR_BACKWARD = KernelSource(
+    name="pntm_linear_scan_backward",
+    input_names=("a_re", "a_im", "h_re", "h_im", "h0_re", "h0_im", "d_h_re", "d_h_im", "sizes"),
+    output_names=("d_a_re", "d_a_im", "d_b_re", "d_b_im", "d_h0_re", "d_h0_im"),
+    header=HEADER,
+    source=r"""
+  // the same scan backwards in time: g_t = d_h_t + conj(a_{t+1}) g_{t+1}; db_t = g_t,
+  // da_t = g_t conj(h_{t-1}), dh0 = conj(a_1) g_1
+  const int channel = int(thread_position_in_grid.x);
+  const int b = int(thread_position_in_grid.y);
+  const int n_steps = sizes[0];
+  const int C = sizes[1];
+  if (channel >= C) {
+    return;
+  }
+  float gr = 0.0f;
+  float gi = 0.0f;
+  for (int t = n_steps - 1; t >= 0; --t) {
+    const int at = (b * n_steps + t) * C + channel;
+    const int before = at - C;  // h_{t-1}, for t > 0
+    gr += float(d_h_re[at]);
+    const float pr = t > 0 ? float(h_re[before]) : float(h0_re[b * C + channel]);
+    const float ar = float(a_re[at]);
+    if (COMPLEX) {
+      gi += float(d_h_im[at]);
+      const float pi = t > 0 ? float(h_im[before]) : float(h0_im[b * C + channel]);
+      const float ai = float(a_im[at]);
+      d_b_re[at] = static_cast<T>(gr);
+      d_b_im[at] = static_cast<T>(gi);
+      d_a_re[at] = static_cast<T>(gr * pr + gi * pi);  // g conj(h_{t-1})
+      d_a_im[at] = static_cast<T>(gi * pr - gr * pi);
+      const float next_r = ar * gr + ai * gi;  // conj(a_t) g
+      gi = ar * gi - ai * gr;
+      gr = next_r;
+    } else {
+      d_b_re[at] = static_cast<T>(gr);
+      d_a_re[at] = static_cast<T>(gr * pr);
+      gr = ar * gr;
+    }
+  }
+  d_h0_re[b * C + channel] = static_cast<T>(gr);
+  if (COMPLEX) {
+    d_h0_im[b * C + channel] = static_cast<T>(gi);
+  }
+""",
+)
+
+KERNELS = (MEMORY_FORWARD, MEMORY_BACKWARD, LINEAR_FORWARD, LINEAR_BACKWARD)
