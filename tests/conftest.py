@@ -19,6 +19,17 @@ if "TRITON_INTERPRET" not in os.environ:
     except ImportError:
         pass
 
+# Without Metal the Metal kernels run in the C++ emulator (pntm.backends.metal_emulator), also
+# chosen at import.
+if "PNTM_METAL_EMULATE" not in os.environ:
+    try:
+        import mlx.core as mx
+
+        if not mx.metal.is_available():
+            os.environ["PNTM_METAL_EMULATE"] = "1"
+    except ImportError:
+        pass
+
 from pntm import backends
 
 CHOICES = (*backends.NAMES, "all")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -15,8 +19,6 @@ def test_available_lists_every_backend_with_a_reason():
     infos = {info.name: info for info in backends.available()}
     assert set(infos) == {"numpy", "mlx", "torch", "triton", "metal"}
     assert infos["numpy"].runs and not infos["numpy"].trainable
-    assert not infos["metal"].runs
-    assert "not implemented yet" in infos["metal"].reason
     for info in infos.values():
         assert info.reason
 
@@ -53,13 +55,16 @@ def test_auto_takes_the_highest_priority_backend_that_runs(monkeypatch):
         info("mlx", True, "", True, 10),
         info("torch", True, "", True, 20),
         info("triton", True, "", True, 40),
-        info("metal", False, "not implemented yet"),
+        info("metal", False, "no Metal GPU here"),
     ]
     assert machine(cuda) == "triton"
     cpu = [*cuda[:3], info("triton", True, "", True, None), cuda[4]]
     assert machine(cpu) == "torch"
-    apple = [cuda[0], info("mlx", True, "", True, 30), cuda[2], cuda[4]]
-    assert machine(apple) == "mlx"
+    emulated = [*cpu[:4], info("metal", True, "", True, None)]  # the C++ emulator: never auto
+    assert machine(emulated) == "torch"
+    apple = [cuda[0], info("mlx", True, "", True, 30), cuda[2], info("metal", True, "", True, 50)]
+    assert machine(apple) == "metal"
+    assert machine([*apple[:3], cuda[4]]) == "mlx"
     with pytest.raises(RuntimeError, match="no trainable backend"):
         machine(cuda[:1])
 
@@ -93,9 +98,27 @@ def test_unknown_backend_is_named():
         backends.get("cuda")
 
 
-def test_unimplemented_backend_says_why():
-    with pytest.raises(RuntimeError, match=r"metal.*not implemented yet"):
-        backends.get("metal")
+def test_a_backend_that_cannot_run_says_why():
+    """Without Metal and without the emulator (a fresh process: the tests set
+    PNTM_METAL_EMULATE), ``metal`` says what it lacks and how to emulate it."""
+    code = (
+        "import mlx.core as mx; from pntm import backends\n"
+        "info = next(i for i in backends.available() if i.name == 'metal')\n"
+        "print(mx.metal.is_available(), info.runs, info.reason, sep='|')\n"
+        "try:\n    backends.get('metal')\nexcept RuntimeError as exc:\n    print(exc)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PNTM_METAL_EMULATE"}
+    if not any(i.name == "mlx" and i.runs for i in backends.available()):
+        pytest.skip("needs MLX")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    has_metal, runs, reason = out.splitlines()[0].split("|")
+    if has_metal == "True":
+        assert runs == "True"
+        return
+    assert runs == "False" and "no Metal GPU here" in reason and "PNTM_METAL_EMULATE=1" in reason
+    assert "backend 'metal' cannot run: no Metal GPU here" in out.splitlines()[1]
 
 
 def test_reference_backend_does_not_pretend_to_train():

@@ -179,7 +179,10 @@ def test_unknown_task_backend_and_model():
     assert_refused(run("tasks", "--show", "sorting"), "'sorting'", "parity", code=2)
 
 
-def test_backend_that_cannot_run_here(tmp_path):
+def test_backend_that_cannot_run_here(tmp_path, monkeypatch):
+    from pntm.backends.scans import metal
+
+    monkeypatch.setattr(metal, "unavailable_reason", lambda: "no Metal GPU here")
     assert_refused(
         run("train", *TINY, "--backend", "metal", "--out", tmp_path / "t"),
         "metal",

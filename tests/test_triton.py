@@ -30,9 +30,8 @@ from tests.test_scans import linear_inputs, memory_inputs  # noqa: E402
 from tests.tolerances import (  # noqa: E402
     FWD_RTOL,
     GRAD_RTOL,
-    LOW_PRECISION_GRAD_RTOL,
-    LOW_PRECISION_RTOL,
     grad_errors,
+    low_precision_rtol,
     rel_err,
 )
 
@@ -117,11 +116,12 @@ def test_memory_kernel_edge_shapes_every_segment_count(shape, content):
 @pytest.mark.parametrize("content", [False, True], ids=["location", "content"])
 def test_memory_kernel_half_precision_inputs_accumulate_in_float32(dtype, content):
     inputs = memory_inputs(np.random.default_rng(2), 2, 19, 2, 5, 3, content)
+    fwd_rtol, grad_rtol = low_precision_rtol(dtype)
     check_memory(
         inputs,
         dtype,
-        fwd_rtol=LOW_PRECISION_RTOL[dtype],
-        grad_rtol=LOW_PRECISION_GRAD_RTOL[dtype],
+        fwd_rtol=fwd_rtol,
+        grad_rtol=grad_rtol,
         chunk=4,
         segments=2,
     )
@@ -182,14 +182,14 @@ def test_linear_kernel_half_precision_inputs(dtype):
     rounded = [x.detach().double().cpu().numpy() for x in (ta, tb, th)]
     h = ts.linear_scan_fused(ta, tb, th)
     assert h.dtype == dtype
-    tol = LOW_PRECISION_RTOL[dtype]
+    tol, grad_tol = low_precision_rtol(dtype)
     assert rel_err(h.detach().double().cpu().numpy(), sequential.linear_scan(NP, *rounded)) <= tol
     d_h = as_torch(rng.normal(size=b.shape), dtype, grad=False).double().cpu().numpy()
     (h.float() * as_torch(d_h, grad=False)).sum().backward()
     want = dict(zip(("a", "b", "h0"), linear_scan_vjp(*rounded, d_h), strict=True))
     got = {n: x.grad.double().cpu().numpy() for n, x in zip(want, (ta, tb, th), strict=True)}
     errors = grad_errors(got, want)
-    assert max(errors.values()) <= LOW_PRECISION_GRAD_RTOL[dtype], errors
+    assert max(errors.values()) <= grad_tol, errors
 
 
 def test_linear_kernel_tiles_carry_across_many_tiles():

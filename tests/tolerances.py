@@ -99,12 +99,11 @@ def central_difference(fn, x: np.ndarray, index: tuple, eps: complex = FD_EPS) -
 # four such roundings (the forward output a backward reads back, e.g. the head scan's h; the
 # cotangent computed from it; the gradient's own rounding), 8e-3 and 1e-3; 3x margin (measured:
 # at most 8.2e-3 and 3.9e-4).
-LOW_PRECISION_RTOL: dict = {}
-LOW_PRECISION_GRAD_RTOL: dict = {}
-try:
-    import torch
+LOW_PRECISION_RTOL = {"bfloat16": 1e-2, "float16": 1.2e-3}
+LOW_PRECISION_GRAD_RTOL = {"bfloat16": 2.5e-2, "float16": 3e-3}
 
-    LOW_PRECISION_RTOL = {torch.bfloat16: 1e-2, torch.float16: 1.2e-3}
-    LOW_PRECISION_GRAD_RTOL = {torch.bfloat16: 2.5e-2, torch.float16: 3e-3}
-except ImportError:
-    pass
+
+def low_precision_rtol(dtype) -> tuple[float, float]:
+    """(forward, gradient) tolerances for a half-precision dtype of any framework."""
+    name = str(dtype).rsplit(".", 1)[-1]
+    return LOW_PRECISION_RTOL[name], LOW_PRECISION_GRAD_RTOL[name]

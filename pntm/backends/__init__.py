@@ -39,7 +39,6 @@ class BackendSpec:
     #: (None: never chosen without it)
     priority: int = 0
     priority_without: int | None = None
-    planned: str | None = None  # not written yet: what it will be
 
 
 BACKENDS: tuple[BackendSpec, ...] = (
@@ -70,10 +69,6 @@ def _spec(name: str) -> BackendSpec:
 
 def _load(spec: BackendSpec) -> tuple[type[Backend], Any]:
     """The framework class and the scan module, or RuntimeError saying why they cannot run."""
-    if spec.planned:
-        raise RuntimeError(
-            f"backend {spec.name!r} cannot run: not implemented yet: {spec.planned} are planned"
-        )
     module, cls = spec.framework.split(":")
     try:
         framework = getattr(importlib.import_module(module), cls)

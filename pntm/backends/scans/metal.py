@@ -195,7 +195,17 @@ def _memory_forward(ops, w, erase, add, rho, m0, key, beta, gamma, *, plan):
     shapes = [(B, T, K, D), (B, K, N, D), (B * K, n_checkpoints, N, D)]
     _output_check(shapes)
     reads, final, checkpoints = kernel(MEMORY_FORWARD)(
-        inputs=[w, erase, add, rho, m0, key, beta, gamma, _sizes(T, N, K, plan.chunk, n_checkpoints)],
+        inputs=[
+            w,
+            erase,
+            add,
+            rho,
+            m0,
+            key,
+            beta,
+            gamma,
+            _sizes(T, N, K, plan.chunk, n_checkpoints),
+        ],
         template=_memory_template(w.dtype, D, plan, content),
         grid=(plan.threads, B * K, 1),
         threadgroup=(plan.threads, 1, 1),
@@ -224,10 +234,18 @@ def _memory_backward(ops, inputs, residuals, cotangents, *, plan):
     _output_check(shapes)
     grads = kernel(MEMORY_BACKWARD)(
         inputs=[
-            w, erase, add, rho, key, beta, gamma, checkpoints,
-            d_reads.astype(dtype), d_final.astype(dtype),
+            w,
+            erase,
+            add,
+            rho,
+            key,
+            beta,
+            gamma,
+            checkpoints,
+            d_reads.astype(dtype),
+            d_final.astype(dtype),
             _sizes(T, N, K, plan.chunk, checkpoints.shape[1]),
-        ],  # fmt: skip
+        ],
         template=_memory_template(dtype, D, plan, content),
         grid=(plan.threads, B * K, 1),
         threadgroup=(plan.threads, 1, 1),

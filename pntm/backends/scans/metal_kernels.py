@@ -50,11 +50,14 @@ constexpr constant float PNTM_COSINE_EPS = 1e-6f;
 
 // Sums (MAX: maxima) over the threadgroup of the L values v[0..L) of every thread. Returns the
 // totals, in threadgroup memory; they stay valid until the next group_reduce, which every
-// thread of the group must reach (uniform control flow). `shared` holds (n_simdgroups + 1) * L.
+// thread of the group must reach (uniform control flow). `shared` holds
+// (n_simdgroups + 1) * capacity floats, capacity >= L: the SIMD groups' partials, then the
+// totals, apart, because a SIMD group may write the next reduction's partials while another
+// still reads this one's totals.
 template <int L, bool MAX>
 inline threadgroup float* group_reduce(
-    thread float* v, threadgroup float* shared, uint simdgroup, uint lane, uint tid,
-    uint n_simdgroups, uint n_threads) {
+    thread float* v, threadgroup float* shared, uint capacity, uint simdgroup, uint lane,
+    uint tid, uint n_simdgroups, uint n_threads) {
   for (int j = 0; j < L; ++j) {
     const float s = MAX ? simd_max(v[j]) : simd_sum(v[j]);
     if (lane == 0) {
@@ -62,7 +65,7 @@ inline threadgroup float* group_reduce(
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  threadgroup float* totals = shared + n_simdgroups * L;
+  threadgroup float* totals = shared + n_simdgroups * capacity;
   for (uint j = tid; j < uint(L); j += n_threads) {
     float total = shared[j];
     for (uint g = 1; g < n_simdgroups; ++g) {
@@ -89,6 +92,7 @@ _MEMORY_PROLOGUE = r"""
   const int n_checkpoints = sizes[4];
   const int b = head / K;
   const int k = head % K;
+  const uint capacity = 2 * D + 2;  // the most values one reduction carries
   PNTM_THREADGROUP_ARRAY(float, shared, (SG + 1) * (2 * D + 2));
 """
 
@@ -153,14 +157,15 @@ MEMORY_FORWARD = KernelSource(
         top[0] = metal::max(top[0], p[r]);
       }
       const float shift = group_reduce<1, true>(
-          top, shared, simdgroup, lane, tid, SG, n_threads)[0];
+          top, shared, capacity, simdgroup, lane, tid, SG, n_threads)[0];
       float z[1] = {0.0f};
       for (int r = 0; r < R; ++r) {
         const int i = int(tid) + r * int(n_threads);
         p[r] = i < N ? metal::precise::exp(p[r] - shift) : 0.0f;
         z[0] += p[r];
       }
-      const float total = group_reduce<1, false>(z, shared, simdgroup, lane, tid, SG, n_threads)[0];
+      const float total = group_reduce<1, false>(
+          z, shared, capacity, simdgroup, lane, tid, SG, n_threads)[0];
       for (int r = 0; r < R; ++r) {
         mix[r] = (1.0f - gate) * mix[r] + gate * (p[r] / total);
       }
@@ -174,7 +179,7 @@ MEMORY_FORWARD = KernelSource(
       }
     }
     threadgroup float* read = group_reduce<D, false>(
-        part, shared, simdgroup, lane, tid, SG, n_threads);
+        part, shared, capacity, simdgroup, lane, tid, SG, n_threads);
     for (int d = int(tid); d < D; d += int(n_threads)) {
       reads[step * D + d] = static_cast<T>(read[d]);
     }
@@ -200,12 +205,29 @@ MEMORY_FORWARD = KernelSource(
 MEMORY_BACKWARD = KernelSource(
     name="pntm_memory_scan_read_backward",
     input_names=(
-        "w", "erase", "add", "rho", "key", "beta", "gamma", "checkpoints", "d_reads", "d_final",
+        "w",
+        "erase",
+        "add",
+        "rho",
+        "key",
+        "beta",
+        "gamma",
+        "checkpoints",
+        "d_reads",
+        "d_final",
         "sizes",
-    ),  # fmt: skip
+    ),
     output_names=(
-        "d_w", "d_erase", "d_add", "d_rho", "d_key", "d_beta", "d_gamma", "d_m0", "states",
-    ),  # fmt: skip
+        "d_w",
+        "d_erase",
+        "d_add",
+        "d_rho",
+        "d_key",
+        "d_beta",
+        "d_gamma",
+        "d_m0",
+        "states",
+    ),
     header=HEADER,
     source=_MEMORY_PROLOGUE
     + r"""
@@ -293,7 +315,7 @@ MEMORY_BACKWARD = KernelSource(
           top[0] = metal::max(top[0], p[r]);
         }
         const float shift = group_reduce<1, true>(
-            top, shared, simdgroup, lane, tid, SG, n_threads)[0];
+            top, shared, capacity, simdgroup, lane, tid, SG, n_threads)[0];
         float z[1] = {0.0f};
         for (int r = 0; r < R; ++r) {
           const int i = int(tid) + r * int(n_threads);
@@ -301,7 +323,7 @@ MEMORY_BACKWARD = KernelSource(
           z[0] += p[r];
         }
         const float total = group_reduce<1, false>(
-            z, shared, simdgroup, lane, tid, SG, n_threads)[0];
+            z, shared, capacity, simdgroup, lane, tid, SG, n_threads)[0];
         // [d_gamma, sum_i p_i d_content_i]
         float sums[2] = {0.0f, 0.0f};
         for (int r = 0; r < R; ++r) {
@@ -312,7 +334,7 @@ MEMORY_BACKWARD = KernelSource(
           mix[r] = (1.0f - gate) * mix[r] + gate * p[r];
         }
         threadgroup float* gated = group_reduce<2, false>(
-            sums, shared, simdgroup, lane, tid, SG, n_threads);
+            sums, shared, capacity, simdgroup, lane, tid, SG, n_threads);
         const float d_gate = gated[0];
         const float p_dot = gated[1];
         // [d_key's first term (D), d_beta, sum_i d_cos_i cos_i]
@@ -333,7 +355,7 @@ MEMORY_BACKWARD = KernelSource(
           kv[D + 1] += d_cos * cosine[r];
         }
         threadgroup float* keyed = group_reduce<D + 2, false>(
-            kv, shared, simdgroup, lane, tid, SG, n_threads);
+            kv, shared, capacity, simdgroup, lane, tid, SG, n_threads);
         for (int d = int(tid); d < D; d += int(n_threads)) {
           d_key[step * D + d] =
               static_cast<T>(keyed[d] - keyed[D + 1] * q[d] / (key_norm * key_norm));
@@ -368,7 +390,7 @@ MEMORY_BACKWARD = KernelSource(
         }
       }
       threadgroup float* written = group_reduce<2 * D, false>(
-          ea, shared, simdgroup, lane, tid, SG, n_threads);
+          ea, shared, capacity, simdgroup, lane, tid, SG, n_threads);
       for (int d = int(tid); d < D; d += int(n_threads)) {
         d_erase[step * D + d] = static_cast<T>(written[d]);
         d_add[step * D + d] = static_cast<T>(written[D + d]);
