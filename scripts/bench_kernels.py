@@ -1,5 +1,6 @@
-"""Kernel benchmark: P-NTM's two scan primitives, fused Triton kernels against the PyTorch-ops
-chunked scans and the plain loop over time, measured in one run.
+"""Kernel benchmark: P-NTM's two scan primitives, the fused kernels against the framework-ops
+chunked scans and the plain loop over time, measured in one run: Triton against PyTorch
+(``--framework torch``, the default), or Metal against MLX (``--framework mlx``).
 
 For each scan, T, (N, D) and mode (``fwd``: forward without gradients; ``fwdbwd``: forward and
 backward) it reports the median time, the peak memory above the inputs (CUDA), and for the
@@ -11,12 +12,15 @@ adds one training step (forward, backward, AdamW) of the default model at a long
     python scripts/bench_kernels.py --lengths 2048 --sizes 64x64 --batch 32
     TRITON_INTERPRET=1 python scripts/bench_kernels.py --device cpu --lengths 64 --sizes 8x8 \
         --batch 2 --repeats 1                                 # a smoke run without a GPU
+    python scripts/bench_kernels.py --framework mlx          # Metal on a Mac
 
 The batch defaults to 65,536 tokens per run (B = 65536 // T, at least 1): B=32 at T=2048.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
 import math
 import os
@@ -28,85 +32,127 @@ from collections.abc import Callable
 
 import click
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pntm import backends
+from pntm.backends.base import Backend
 from pntm.models.pntm import PNTM, PNTMConfig, cross_entropy, init_params
 from pntm.optim import AdamW
 
-# implementation -> (backend, scan)
+# framework -> implementation -> (backend, scan); the fused kernels first (the "vs kernel"
+# column divides by their time)
 IMPLS = {
-    "triton": ("triton", "triton"),
-    "chunked": ("torch", "chunked"),
-    "sequential": ("torch", "sequential"),
+    "torch": {
+        "triton": ("triton", "triton"),
+        "chunked": ("torch", "chunked"),
+        "sequential": ("torch", "sequential"),
+    },
+    "mlx": {
+        "metal": ("metal", "metal"),
+        "chunked": ("mlx", "chunked"),
+        "sequential": ("mlx", "sequential"),
+    },
 }
+KERNELS = ("triton", "metal")
 TOKENS_PER_RUN = 65_536
 
 
 # ---------------------------------------------------------------------- measurement
 
 
-def measure(
-    fn: Callable[[], object], device: torch.device, repeats: int
-) -> tuple[float, int | None]:
-    """Median seconds of ``fn`` and its peak memory (bytes above what was allocated before;
-    CUDA only)."""
-    if device.type == "cuda":
+def accelerator(ops: Backend) -> str | None:
+    """``cuda`` or ``metal`` where ``ops`` computes on one, else None."""
+    if ops.framework == "torch":
+        return "cuda" if ops.device.type == "cuda" else None
+    if ops.framework == "mlx":
+        import mlx.core as mx
+
+        return "metal" if mx.default_device() == mx.gpu else None
+    return None
+
+
+def measure(fn: Callable[[], object], ops: Backend, repeats: int) -> tuple[float, int | None]:
+    """Median seconds of ``fn`` (which waits for its results) and its peak memory (bytes above
+    what was allocated before; CUDA and Metal only)."""
+    where = accelerator(ops)
+    if where == "cuda":
+        import torch
         import triton.testing
 
         fn()  # compile, warm the allocator
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+        torch.cuda.synchronize(ops.device)
+        torch.cuda.reset_peak_memory_stats(ops.device)
+        base = torch.cuda.memory_allocated(ops.device)
         fn()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
+        torch.cuda.synchronize(ops.device)
+        peak = torch.cuda.max_memory_allocated(ops.device) - base
         ms = triton.testing.do_bench(fn, warmup=10, rep=max(20, 20 * repeats), return_mode="median")
         return ms / 1e3, peak
+    peak = None
+    if where == "metal":
+        import mlx.core as mx
+
+        fn()  # compile the kernels, warm the allocator
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        fn()
+        peak = mx.get_peak_memory() - base
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:] if repeats else times), None
+    return statistics.median(times[1:] if repeats else times), peak
 
 
-def copy_bandwidth(device: torch.device) -> float | None:
-    """Bytes per second of a 1 GiB device-to-device copy (read + write)."""
-    if device.type != "cuda":
+def copy_bandwidth(ops: Backend) -> float | None:
+    """Bytes per second of a 1 GiB on-device copy (read + write)."""
+    if accelerator(ops) is None:
         return None
-    x = torch.empty(1 << 28, dtype=torch.float32, device=device)
-    y = torch.empty_like(x)
-    seconds, _ = measure(lambda: y.copy_(x), device, 5)
-    return 2 * x.numel() * 4 / seconds
+    x = ops.asarray(np.zeros(1 << 28, dtype=np.float32))
+
+    def copy():
+        y = x * 1.0  # one read, one write
+        ops.eval(y)
+
+    seconds, _ = measure(copy, ops, 5)
+    return 2 * (1 << 28) * 4 / seconds
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or "out of memory" in text or "allocate" in text
 
 
 # ---------------------------------------------------------------------- inputs
 
 
-def memory_inputs(B, T, K, N, D, device, grad: bool) -> dict[str, torch.Tensor]:
-    g = torch.Generator(device="cpu").manual_seed(0)
+def memory_inputs(ops: Backend, B, T, K, N, D) -> dict:
+    rng = np.random.default_rng(0)
 
-    def make(shape, fn):
-        return fn(torch.randn(shape, generator=g)).to(device).requires_grad_(grad)
+    def softmax(x):
+        z = np.exp(3 * (x - x.max(-1, keepdims=True)))
+        return z / z.sum(-1, keepdims=True)
 
-    return dict(
-        w=make((B, T, K, N), lambda x: torch.softmax(3 * x, -1)),
-        erase=make((B, T, K, D), torch.sigmoid),
-        add=make((B, T, K, D), torch.tanh),
-        rho=make((B, T, K, N), lambda x: torch.softmax(3 * x, -1)),
-    )
+    return {
+        name: ops.asarray(x.astype(np.float32))
+        for name, x in dict(
+            w=softmax(rng.normal(size=(B, T, K, N))),
+            erase=1 / (1 + np.exp(-rng.normal(size=(B, T, K, D)))),
+            add=np.tanh(rng.normal(size=(B, T, K, D))),
+            rho=softmax(rng.normal(size=(B, T, K, N))),
+        ).items()
+    }
 
 
-def linear_inputs(B, T, K, N, device, grad: bool) -> dict[str, torch.Tensor]:
+def linear_inputs(ops: Backend, B, T, K, N) -> dict:
     """The head scan's shapes: (B, T, K, N // 2 + 1) complex, |a| <= 1."""
-    g = torch.Generator(device="cpu").manual_seed(0)
+    rng = np.random.default_rng(0)
     shape = (B, T, K, N // 2 + 1)
-    a = torch.polar(torch.rand(shape, generator=g), 2 * math.pi * torch.rand(shape, generator=g))
-    b = torch.complex(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
-    return dict(a=a.to(device).requires_grad_(grad), b=b.to(device).requires_grad_(grad))
+    a = rng.uniform(0, 1, shape) * np.exp(2j * np.pi * rng.uniform(0, 1, shape))
+    b = rng.normal(size=shape) + 1j * rng.normal(size=shape)
+    return dict(a=ops.asarray(a.astype(np.complex64)), b=ops.asarray(b.astype(np.complex64)))
 
 
 def memory_bytes(B, T, K, N, D, element: int = 4) -> int:
@@ -119,20 +165,23 @@ def linear_bytes(B, T, K, N) -> int:
     return 8 * 3 * B * T * K * (N // 2 + 1)  # complex64 a and b read, h written
 
 
-def run_case(scan: str, ops, inputs: dict, mode: str) -> Callable[[], object]:
+def run_case(scan: str, ops: Backend, inputs: dict, mode: str) -> Callable[[], object]:
     primitive = ops.memory_scan_read if scan == "memory" else ops.linear_scan
 
-    def forward():
-        with torch.no_grad():
-            return primitive(**inputs)
+    def total(out):
+        outs = out if isinstance(out, tuple) else (out,)
+        parts = [ops.sum(ops.real(o)) if o.dtype == ops.complex_dtype else ops.sum(o) for o in outs]
+        return sum(parts[1:], parts[0])
+
+    def forward():  # the inputs need no gradient: no checkpoints are kept
+        out = primitive(**inputs)
+        ops.eval(*(out if isinstance(out, tuple) else (out,)))
+        return out
 
     def forward_backward():
-        out = primitive(**inputs)
-        outs = out if isinstance(out, tuple) else (out,)
-        loss = sum(o.real.sum() if o.is_complex() else o.sum() for o in outs)
-        loss.backward()
-        for x in inputs.values():
-            x.grad = None
+        loss, grads = ops.value_and_grad(lambda p: total(primitive(**p)))(inputs)
+        ops.eval(loss, *grads.values())
+        return loss
 
     return forward if mode == "fwd" else forward_backward
 
@@ -179,7 +228,16 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 
 @click.command()
-@click.option("--device", default=None, help="cuda or cpu (default: cuda if there is one).")
+@click.option(
+    "--framework",
+    type=click.Choice(sorted(IMPLS)),
+    default="torch",
+    show_default=True,
+    help="torch: Triton against PyTorch; mlx: Metal against MLX.",
+)
+@click.option(
+    "--device", default=None, help="PyTorch: cuda or cpu (default: cuda if there is one)."
+)
 @click.option(
     "--lengths", default="256,1024,2048,8192,65536", show_default=True, help="Values of T."
 )
@@ -192,7 +250,9 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 @click.option("--batch", type=int, default=None, help=f"B (default {TOKENS_PER_RUN} // T).")
 @click.option("--heads", default=4, show_default=True, help="K: memories per layer.")
 @click.option(
-    "--impls", default="triton,chunked,sequential", show_default=True, help="Implementations."
+    "--impls",
+    default=None,
+    help="Implementations (default: all of the framework's: triton or metal, chunked, sequential).",
 )
 @click.option("--scans", default="memory,linear", show_default=True, help="Scans to time.")
 @click.option("--modes", default="fwd,fwdbwd", show_default=True, help="fwd and/or fwdbwd.")
@@ -219,6 +279,7 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 @click.option("--train-step-batch", default=2, show_default=True, help="B for --train-step.")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Write JSON here.")
 def main(
+    framework,
     device,
     lengths,
     sizes,
@@ -234,37 +295,39 @@ def main(
     train_step_batch,
     json_out,
 ):
-    """Time the scan kernels against the PyTorch-ops and plain-loop scans."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Time the scan kernels against the framework-ops and plain-loop scans."""
     lengths_ = [int(v) for v in lengths.split(",")]
     sizes_ = parse_sizes(sizes)
-    impls_ = _choices(impls, IMPLS, "implementations")
+    impls_ = _choices(impls or ",".join(IMPLS[framework]), IMPLS[framework], "implementations")
     scans_ = _choices(scans, ("memory", "linear"), "scans")
     modes_ = _choices(modes, ("fwd", "fwdbwd"), "modes")
+    options = {}
+    if framework == "torch":
+        import torch
+
+        options["device"] = device or ("cuda" if torch.cuda.is_available() else "cpu")
     infos = {i.name: i for i in backends.available()}
     ops_of = {}
     for impl in impls_:
-        name, scan = IMPLS[impl]
+        name, scan = IMPLS[framework][impl]
         if infos[name].runs:
-            ops_of[impl] = backends.get(name, device=str(device), scan=scan)
+            ops_of[impl] = backends.get(name, scan=scan, **options)
         else:
             click.echo(f"# {impl}: skipped, {infos[name].reason}")
-    bandwidth = copy_bandwidth(device)
-    machine = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{platform.machine()} {platform.processor() or 'cpu'}"
-    )
+    if not ops_of:
+        raise click.ClickException(f"none of {impls_} runs here")
+    any_ops = next(iter(ops_of.values()))
+    bandwidth = copy_bandwidth(any_ops)
     header = dict(
-        device=machine,
-        torch=torch.__version__,
-        triton=_triton_version(),
+        device=_machine(any_ops),
+        framework=any_ops.describe(),
+        kernels=_kernel_versions(),
         copy_bandwidth_gbs=bandwidth and bandwidth / 1e9,
     )
     click.echo(f"# {json.dumps(header)}")
     click.echo(
         f"{'scan':6s} {'mode':6s} {'B':>5s} {'T':>6s} {'N':>4s} {'D':>4s} {'impl':10s} "
-        f"{'ms':>10s} {'peak MiB':>9s} {'GB/s':>7s} {'of copy':>7s} {'vs triton':>9s}"
+        f"{'ms':>10s} {'peak MiB':>9s} {'GB/s':>7s} {'of copy':>7s} {'vs kernel':>9s}"
     )
     results = []
     for scan in scans_:
@@ -279,7 +342,7 @@ def main(
                         if impl == "sequential" and sequential_max_length < T:
                             continue
                         row = dict(scan=scan, mode=mode, B=B, T=T, K=heads, N=N, D=D, impl=impl)
-                        row.update(_time_one(scan, mode, ops, B, T, heads, N, D, device, repeats))
+                        row.update(_time_one(scan, mode, ops, B, T, heads, N, D, repeats))
                         if row.get("seconds") and mode == "fwd":
                             moved = (
                                 memory_bytes(B, T, heads, N, D)
@@ -289,15 +352,15 @@ def main(
                             row["gbs"] = moved / row["seconds"] / 1e9
                             if bandwidth:
                                 row["of_copy"] = moved / row["seconds"] / bandwidth
-                        if impl == "triton":
+                        if impl in KERNELS:
                             base = row.get("seconds")
                         if base and row.get("seconds"):
-                            row["vs_triton"] = row["seconds"] / base
+                            row["vs_kernel"] = row["seconds"] / base
                         results.append(row)
                         click.echo(_format(row))
     if train_step_length:
-        for impl in ("triton", "chunked"):
-            if impl not in ops_of:
+        for impl in ops_of:
+            if impl == "sequential":
                 continue
             row = dict(
                 scan="train-step",
@@ -313,8 +376,10 @@ def main(
                 step = train_step_case(
                     ops_of[impl], train_step_length, train_step_slots, train_step_batch
                 )
-                row["seconds"], row["peak_bytes"] = measure(step, device, 1)
-            except torch.cuda.OutOfMemoryError as exc:
+                row["seconds"], row["peak_bytes"] = measure(step, ops_of[impl], 1)
+            except (MemoryError, RuntimeError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
                 row["error"] = f"out of memory: {str(exc).splitlines()[0]}"
             results.append(row)
             click.echo(_format(row))
@@ -333,20 +398,23 @@ def _choices(text: str, allowed, what: str) -> list[str]:
     return chosen
 
 
-def _time_one(scan, mode, ops, B, T, K, N, D, device, repeats) -> dict:
-    grad = mode == "fwdbwd"
+def _time_one(scan, mode, ops, B, T, K, N, D, repeats) -> dict:
     try:
         inputs = (
-            memory_inputs(B, T, K, N, D, device, grad)
+            memory_inputs(ops, B, T, K, N, D)
             if scan == "memory"
-            else linear_inputs(B, T, K, N, device, grad)
+            else linear_inputs(ops, B, T, K, N)
         )
-        seconds, peak = measure(run_case(scan, ops, inputs, mode), device, repeats)
+        seconds, peak = measure(run_case(scan, ops, inputs, mode), ops, repeats)
         return dict(seconds=seconds, peak_bytes=peak)
-    except torch.cuda.OutOfMemoryError as exc:
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
         return dict(error=f"out of memory: {str(exc).splitlines()[0][:80]}")
     finally:
-        if device.type == "cuda":
+        if accelerator(ops) == "cuda":
+            import torch
+
             torch.cuda.empty_cache()
 
 
@@ -359,18 +427,32 @@ def _format(row: dict) -> str:
         f"{row['scan']:6s} {row['mode']:6s} {row['B']:5d} {row['T']:6d} {row['N']:4d} "
         f"{row['D']:4d} {row['impl']:10s} {num('seconds', '10.3f', 1e3)} "
         f"{num('peak_bytes', '9.1f', 1 / 2**20)} {num('gbs', '7.1f')} {num('of_copy', '7.1%')} "
-        f"{num('vs_triton', '8.2f')}x"
+        f"{num('vs_kernel', '8.2f')}x"
     )
     return text + (f"  {row['error']}" if "error" in row else "")
 
 
-def _triton_version() -> str | None:
-    try:
-        import triton
+def _machine(ops: Backend) -> str:
+    where = accelerator(ops)
+    if where == "cuda":
+        import torch
 
-        return triton.__version__
-    except ImportError:
-        return None
+        return torch.cuda.get_device_name(ops.device)
+    if where == "metal":
+        import mlx.core as mx
+
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        return str(info.get("device_name", "Apple GPU"))
+    return f"{platform.machine()} {platform.processor() or 'cpu'}"
+
+
+def _kernel_versions() -> dict[str, str]:
+    """Versions of the kernel languages' packages that are installed."""
+    versions = {}
+    for package in ("triton", "mlx"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[package] = importlib.metadata.version(package)
+    return versions
 
 
 if __name__ == "__main__":
