@@ -342,6 +342,8 @@ def main(
                         if impl == "sequential" and sequential_max_length < T:
                             continue
                         row = dict(scan=scan, mode=mode, B=B, T=T, K=heads, N=N, D=D, impl=impl)
+                        if scan == "memory" and not _fused(ops, N, D):
+                            row["note"] = "the kernel does not take this N, D: chunked path"
                         row.update(_time_one(scan, mode, ops, B, T, heads, N, D, repeats))
                         if row.get("seconds") and mode == "fwd":
                             moved = (
@@ -429,7 +431,13 @@ def _format(row: dict) -> str:
         f"{num('peak_bytes', '9.1f', 1 / 2**20)} {num('gbs', '7.1f')} {num('of_copy', '7.1%')} "
         f"{num('vs_kernel', '8.2f')}x"
     )
-    return text + (f"  {row['error']}" if "error" in row else "")
+    return text + "".join(f"  {row[key]}" for key in ("error", "note") if key in row)
+
+
+def _fused(ops: Backend, N: int, D: int) -> bool:
+    """Whether the scan module runs this memory scan (location reads) in its kernel."""
+    fits = getattr(ops.scan_module, "fits", None)
+    return fits is None or fits(N, D)
 
 
 def _machine(ops: Backend) -> str:

@@ -56,12 +56,12 @@ constexpr constant float PNTM_COSINE_EPS = 1e-6f;
 // still reads this one's totals.
 template <int L, bool MAX>
 inline threadgroup float* group_reduce(
-    thread float* v, threadgroup float* shared, uint capacity, uint simdgroup, uint lane,
+    thread float* v, threadgroup float* shared, uint capacity, uint simd_group, uint lane,
     uint tid, uint n_simdgroups, uint n_threads) {
   for (int j = 0; j < L; ++j) {
     const float s = MAX ? simd_max(v[j]) : simd_sum(v[j]);
     if (lane == 0) {
-      shared[simdgroup * L + j] = s;
+      shared[simd_group * L + j] = s;
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -82,7 +82,7 @@ inline threadgroup float* group_reduce(
 _MEMORY_PROLOGUE = r"""
   const uint tid = thread_index_in_threadgroup;
   const uint lane = thread_index_in_simdgroup;
-  const uint simdgroup = simdgroup_index_in_threadgroup;
+  const uint simd_group = simdgroup_index_in_threadgroup;
   const uint n_threads = SG * 32;
   const int head = int(threadgroup_position_in_grid.y);  // b * K + k
   const int n_steps = sizes[0];
@@ -115,49 +115,49 @@ MEMORY_FORWARD = KernelSource(
     }
   }
   for (int t = 0; t < n_steps; ++t) {
-    const int step = (b * n_steps + t) * K + k;  // (b, t, k) of a (B, T, K, ...) input
+    const int row = (b * n_steps + t) * K + k;  // (b, t, k) of a (B, T, K, ...) input
     float e[D];
     float a[D];
     for (int d = 0; d < D; ++d) {
-      e[d] = float(erase[step * D + d]);
-      a[d] = float(add[step * D + d]);
+      e[d] = float(erase[row * D + d]);
+      a[d] = float(add[row * D + d]);
     }
     // the write M_t = (1 - w e^T) * M_{t-1} + w a^T, and the location weighting
-    float mix[R];
+    float weight[R];
     for (int r = 0; r < R; ++r) {
       const int i = int(tid) + r * int(n_threads);
-      const float w_i = i < N ? float(w[step * N + i]) : 0.0f;
-      mix[r] = i < N ? float(rho[step * N + i]) : 0.0f;
+      const float w_i = i < N ? float(w[row * N + i]) : 0.0f;
+      weight[r] = i < N ? float(rho[row * N + i]) : 0.0f;
       for (int d = 0; d < D; ++d) {
         m[r][d] = (1.0f - w_i * e[d]) * m[r][d] + w_i * a[d];
       }
     }
-    if (CONTENT) {  // mix with softmax_i(beta cos(key, M_i))
+    if (CONTENT) {  // mix in softmax_i(beta cos(key, M_i))
       float q[D];
       float key_sq = 0.0f;
       for (int d = 0; d < D; ++d) {
-        q[d] = float(key[step * D + d]);
+        q[d] = float(key[row * D + d]);
         key_sq += q[d] * q[d];
       }
       const float key_norm = metal::precise::sqrt(key_sq + PNTM_COSINE_EPS);
-      const float strength = float(beta[step]);
-      const float gate = float(gamma[step]);
+      const float strength = float(beta[row]);
+      const float gate = float(gamma[row]);
       float p[R];
       float top[1] = {-INFINITY};
       for (int r = 0; r < R; ++r) {
         const int i = int(tid) + r * int(n_threads);
-        float dot = 0.0f;
+        float dot_mk = 0.0f;
         float sq = 0.0f;
         for (int d = 0; d < D; ++d) {
-          dot += m[r][d] * q[d];
+          dot_mk += m[r][d] * q[d];
           sq += m[r][d] * m[r][d];
         }
-        const float cosine = dot / (metal::precise::sqrt(sq + PNTM_COSINE_EPS) * key_norm);
+        const float cosine = dot_mk / (metal::precise::sqrt(sq + PNTM_COSINE_EPS) * key_norm);
         p[r] = i < N ? strength * cosine : -INFINITY;
         top[0] = metal::max(top[0], p[r]);
       }
       const float shift = group_reduce<1, true>(
-          top, shared, capacity, simdgroup, lane, tid, SG, n_threads)[0];
+          top, shared, capacity, simd_group, lane, tid, SG, n_threads)[0];
       float z[1] = {0.0f};
       for (int r = 0; r < R; ++r) {
         const int i = int(tid) + r * int(n_threads);
@@ -165,23 +165,23 @@ MEMORY_FORWARD = KernelSource(
         z[0] += p[r];
       }
       const float total = group_reduce<1, false>(
-          z, shared, capacity, simdgroup, lane, tid, SG, n_threads)[0];
+          z, shared, capacity, simd_group, lane, tid, SG, n_threads)[0];
       for (int r = 0; r < R; ++r) {
-        mix[r] = (1.0f - gate) * mix[r] + gate * (p[r] / total);
+        weight[r] = (1.0f - gate) * weight[r] + gate * (p[r] / total);
       }
     }
-    // the read r_t = mix^T M_t: partial sums over this thread's rows, then over the group
+    // the read r_t = weight^T M_t: partial sums over this thread's rows, then over the group
     float part[D];
     for (int d = 0; d < D; ++d) {
       part[d] = 0.0f;
       for (int r = 0; r < R; ++r) {
-        part[d] += mix[r] * m[r][d];
+        part[d] += weight[r] * m[r][d];
       }
     }
-    threadgroup float* read = group_reduce<D, false>(
-        part, shared, capacity, simdgroup, lane, tid, SG, n_threads);
+    threadgroup float* read_total = group_reduce<D, false>(
+        part, shared, capacity, simd_group, lane, tid, SG, n_threads);
     for (int d = int(tid); d < D; d += int(n_threads)) {
-      reads[step * D + d] = static_cast<T>(read[d]);
+      reads[row * D + d] = static_cast<T>(read_total[d]);
     }
     if ((t + 1) % chunk == 0 && (t + 1) / chunk < n_checkpoints) {
       const int c = (t + 1) / chunk;
@@ -256,27 +256,27 @@ MEMORY_BACKWARD = KernelSource(
         states[((head * span) * N + i) * D + d] = m[d];
       }
       for (int t = t0; t < t1; ++t) {
-        const int step = (b * n_steps + t) * K + k;
-        const float w_i = float(w[step * N + i]);
+        const int row = (b * n_steps + t) * K + k;
+        const float w_i = float(w[row * N + i]);
         for (int d = 0; d < D; ++d) {
-          m[d] = (1.0f - w_i * float(erase[step * D + d])) * m[d] + w_i * float(add[step * D + d]);
+          m[d] = (1.0f - w_i * float(erase[row * D + d])) * m[d] + w_i * float(add[row * D + d]);
           states[((head * span + t - t0 + 1) * N + i) * D + d] = m[d];
         }
       }
     }
     for (int t = t1 - 1; t >= t0; --t) {
-      const int step = (b * n_steps + t) * K + k;
+      const int row = (b * n_steps + t) * K + k;
       const int s = t - t0 + 1;  // M_t is states[s], M_{t-1} states[s - 1]
       float dr[D];
       for (int d = 0; d < D; ++d) {
-        dr[d] = float(d_reads[step * D + d]);
+        dr[d] = float(d_reads[row * D + d]);
       }
       float mt[R][D];
-      float mix[R];
-      float d_mix[R];  // d(read)/d(mix_i) = <M_t(i), dr>
+      float weight[R];
+      float d_mix[R];  // d(read)/d(weight_i) = <M_t(i), dr>
       for (int r = 0; r < R; ++r) {
         const int i = int(tid) + r * int(n_threads);
-        mix[r] = i < N ? float(rho[step * N + i]) : 0.0f;
+        weight[r] = i < N ? float(rho[row * N + i]) : 0.0f;
         d_mix[r] = 0.0f;
         for (int d = 0; d < D; ++d) {
           mt[r][d] = i < N ? states[((head * span + s) * N + i) * D + d] : 0.0f;
@@ -291,31 +291,31 @@ MEMORY_BACKWARD = KernelSource(
         float q[D];
         float key_sq = 0.0f;
         for (int d = 0; d < D; ++d) {
-          q[d] = float(key[step * D + d]);
+          q[d] = float(key[row * D + d]);
           key_sq += q[d] * q[d];
         }
         const float key_norm = metal::precise::sqrt(key_sq + PNTM_COSINE_EPS);
-        const float strength = float(beta[step]);
-        const float gate = float(gamma[step]);
+        const float strength = float(beta[row]);
+        const float gate = float(gamma[row]);
         float cosine[R];
         float norm_m[R];
         float p[R];
         float top[1] = {-INFINITY};
         for (int r = 0; r < R; ++r) {
           const int i = int(tid) + r * int(n_threads);
-          float dot = 0.0f;
+          float dot_mk = 0.0f;
           float sq = 0.0f;
           for (int d = 0; d < D; ++d) {
-            dot += mt[r][d] * q[d];
+            dot_mk += mt[r][d] * q[d];
             sq += mt[r][d] * mt[r][d];
           }
           norm_m[r] = metal::precise::sqrt(sq + PNTM_COSINE_EPS);
-          cosine[r] = dot / (norm_m[r] * key_norm);
+          cosine[r] = dot_mk / (norm_m[r] * key_norm);
           p[r] = i < N ? strength * cosine[r] : -INFINITY;
           top[0] = metal::max(top[0], p[r]);
         }
         const float shift = group_reduce<1, true>(
-            top, shared, capacity, simdgroup, lane, tid, SG, n_threads)[0];
+            top, shared, capacity, simd_group, lane, tid, SG, n_threads)[0];
         float z[1] = {0.0f};
         for (int r = 0; r < R; ++r) {
           const int i = int(tid) + r * int(n_threads);
@@ -323,18 +323,18 @@ MEMORY_BACKWARD = KernelSource(
           z[0] += p[r];
         }
         const float total = group_reduce<1, false>(
-            z, shared, capacity, simdgroup, lane, tid, SG, n_threads)[0];
+            z, shared, capacity, simd_group, lane, tid, SG, n_threads)[0];
         // [d_gamma, sum_i p_i d_content_i]
         float sums[2] = {0.0f, 0.0f};
         for (int r = 0; r < R; ++r) {
           p[r] = p[r] / total;
-          sums[0] += d_mix[r] * (p[r] - mix[r]);
+          sums[0] += d_mix[r] * (p[r] - weight[r]);
           sums[1] += p[r] * gate * d_mix[r];
           grad_rho[r] = (1.0f - gate) * d_mix[r];
-          mix[r] = (1.0f - gate) * mix[r] + gate * p[r];
+          weight[r] = (1.0f - gate) * weight[r] + gate * p[r];
         }
         threadgroup float* gated = group_reduce<2, false>(
-            sums, shared, capacity, simdgroup, lane, tid, SG, n_threads);
+            sums, shared, capacity, simd_group, lane, tid, SG, n_threads);
         const float d_gate = gated[0];
         const float p_dot = gated[1];
         // [d_key's first term (D), d_beta, sum_i d_cos_i cos_i]
@@ -355,45 +355,45 @@ MEMORY_BACKWARD = KernelSource(
           kv[D + 1] += d_cos * cosine[r];
         }
         threadgroup float* keyed = group_reduce<D + 2, false>(
-            kv, shared, capacity, simdgroup, lane, tid, SG, n_threads);
+            kv, shared, capacity, simd_group, lane, tid, SG, n_threads);
         for (int d = int(tid); d < D; d += int(n_threads)) {
-          d_key[step * D + d] =
+          d_key[row * D + d] =
               static_cast<T>(keyed[d] - keyed[D + 1] * q[d] / (key_norm * key_norm));
         }
         if (tid == 0) {
-          d_beta[step] = static_cast<T>(keyed[D]);
-          d_gamma[step] = static_cast<T>(d_gate);
+          d_beta[row] = static_cast<T>(keyed[D]);
+          d_gamma[row] = static_cast<T>(d_gate);
         }
       }
-      // G_t += mix dr^T; then the write's gradients from M_{t-1}, and G_{t-1} = F_t * G_t
+      // G_t += weight dr^T; then the write's gradients from M_{t-1}, and G_{t-1} = F_t * G_t
       float ea[2 * D];
       for (int d = 0; d < 2 * D; ++d) {
         ea[d] = 0.0f;
       }
       for (int r = 0; r < R; ++r) {
         const int i = int(tid) + r * int(n_threads);
-        const float w_i = i < N ? float(w[step * N + i]) : 0.0f;
+        const float w_i = i < N ? float(w[row * N + i]) : 0.0f;
         float grad_w = 0.0f;
         for (int d = 0; d < D; ++d) {
-          g[r][d] += mix[r] * dr[d];
+          g[r][d] += weight[r] * dr[d];
           const float prev = i < N ? states[((head * span + s - 1) * N + i) * D + d] : 0.0f;
-          const float e_d = float(erase[step * D + d]);
+          const float e_d = float(erase[row * D + d]);
           const float g_prev = g[r][d] * prev;
-          grad_w += g[r][d] * float(add[step * D + d]) - g_prev * e_d;
+          grad_w += g[r][d] * float(add[row * D + d]) - g_prev * e_d;
           ea[d] -= w_i * g_prev;
           ea[D + d] += w_i * g[r][d];
           g[r][d] = (1.0f - w_i * e_d) * g[r][d];
         }
         if (i < N) {
-          d_w[step * N + i] = static_cast<T>(grad_w);
-          d_rho[step * N + i] = static_cast<T>(grad_rho[r]);
+          d_w[row * N + i] = static_cast<T>(grad_w);
+          d_rho[row * N + i] = static_cast<T>(grad_rho[r]);
         }
       }
       threadgroup float* written = group_reduce<2 * D, false>(
-          ea, shared, capacity, simdgroup, lane, tid, SG, n_threads);
+          ea, shared, capacity, simd_group, lane, tid, SG, n_threads);
       for (int d = int(tid); d < D; d += int(n_threads)) {
-        d_erase[step * D + d] = static_cast<T>(written[d]);
-        d_add[step * D + d] = static_cast<T>(written[D + d]);
+        d_erase[row * D + d] = static_cast<T>(written[d]);
+        d_add[row * D + d] = static_cast<T>(written[D + d]);
       }
     }
   }
@@ -460,22 +460,22 @@ LINEAR_BACKWARD = KernelSource(
     const int at = (b * n_steps + t) * C + channel;
     const int before = at - C;  // h_{t-1}, for t > 0
     gr += float(d_h_re[at]);
-    const float pr = t > 0 ? float(h_re[before]) : float(h0_re[b * C + channel]);
+    const float prev_r = t > 0 ? float(h_re[before]) : float(h0_re[b * C + channel]);
     const float ar = float(a_re[at]);
     if (COMPLEX) {
       gi += float(d_h_im[at]);
-      const float pi = t > 0 ? float(h_im[before]) : float(h0_im[b * C + channel]);
+      const float prev_i = t > 0 ? float(h_im[before]) : float(h0_im[b * C + channel]);
       const float ai = float(a_im[at]);
       d_b_re[at] = static_cast<T>(gr);
       d_b_im[at] = static_cast<T>(gi);
-      d_a_re[at] = static_cast<T>(gr * pr + gi * pi);  // g conj(h_{t-1})
-      d_a_im[at] = static_cast<T>(gi * pr - gr * pi);
+      d_a_re[at] = static_cast<T>(gr * prev_r + gi * prev_i);  // g conj(h_{t-1})
+      d_a_im[at] = static_cast<T>(gi * prev_r - gr * prev_i);
       const float next_r = ar * gr + ai * gi;  // conj(a_t) g
       gi = ar * gi - ai * gr;
       gr = next_r;
     } else {
       d_b_re[at] = static_cast<T>(gr);
-      d_a_re[at] = static_cast<T>(gr * pr);
+      d_a_re[at] = static_cast<T>(gr * prev_r);
       gr = ar * gr;
     }
   }
