@@ -21,16 +21,7 @@ mkdir -p "$OUT"
 REPORT="$OUT/report.md"
 status=0
 
-run() {  # one step: its output, exit status and wall time, in a fenced block
-    local title=$1
-    shift
-    printf '\n## %s\n\n```\n$ %s\n' "$title" "$*"
-    local start=$SECONDS
-    "$@" 2>&1
-    local rc=$?
-    printf '[exit %s, %s s]\n```\n' "$rc" "$((SECONDS - start))"
-    [ "$rc" -eq 0 ] || status=1
-}
+. scripts/check_run.sh  # run TITLE COMMAND...
 
 {
     printf '\n# pntm GPU check: %s\n\n' "${SECTIONS[*]}"

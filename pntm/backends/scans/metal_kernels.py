@@ -76,6 +76,42 @@ inline threadgroup float* group_reduce(
   threadgroup_barrier(mem_flags::mem_threadgroup);
   return totals;
 }
+
+// Content addressing over the slots this thread owns (row r of m, R x D, is slot
+// tid + r * n_threads; rows past N are padding): p[r] = softmax_i(beta cos(key, M_i)) over all N
+// slots of the threadgroup, with each row's cosine and norm sqrt(|M_i|^2 + eps) (the backward
+// needs them). Every thread of the group must call it.
+template <int R, int D>
+inline void content_weights(
+    thread const float* m, thread const float* key, float key_norm, float strength, int N,
+    thread float* p, thread float* cosine, thread float* norm_m, threadgroup float* shared,
+    uint capacity, uint simd_group, uint lane, uint tid, uint n_simdgroups, uint n_threads) {
+  float top[1] = {-INFINITY};
+  for (int r = 0; r < R; ++r) {
+    float dot_mk = 0.0f;
+    float sq = 0.0f;
+    for (int d = 0; d < D; ++d) {
+      dot_mk += m[r * D + d] * key[d];
+      sq += m[r * D + d] * m[r * D + d];
+    }
+    norm_m[r] = metal::precise::sqrt(sq + PNTM_COSINE_EPS);
+    cosine[r] = dot_mk / (norm_m[r] * key_norm);
+    p[r] = int(tid) + r * int(n_threads) < N ? strength * cosine[r] : -INFINITY;
+    top[0] = metal::max(top[0], p[r]);
+  }
+  const float shift = group_reduce<1, true>(
+      top, shared, capacity, simd_group, lane, tid, n_simdgroups, n_threads)[0];
+  float z[1] = {0.0f};
+  for (int r = 0; r < R; ++r) {
+    p[r] = int(tid) + r * int(n_threads) < N ? metal::precise::exp(p[r] - shift) : 0.0f;
+    z[0] += p[r];
+  }
+  const float total = group_reduce<1, false>(
+      z, shared, capacity, simd_group, lane, tid, n_simdgroups, n_threads)[0];
+  for (int r = 0; r < R; ++r) {
+    p[r] = p[r] / total;
+  }
+}
 """
 
 # Shared by both memory kernels: who this thread is, the sizes, the threadgroup memory.
@@ -143,31 +179,13 @@ MEMORY_FORWARD = KernelSource(
       const float strength = float(beta[row]);
       const float gate = float(gamma[row]);
       float p[R];
-      float top[1] = {-INFINITY};
+      float cosine[R];
+      float norm_m[R];
+      content_weights<R, D>(
+          m[0], q, key_norm, strength, N, p, cosine, norm_m, shared, capacity, simd_group, lane,
+          tid, SG, n_threads);
       for (int r = 0; r < R; ++r) {
-        const int i = int(tid) + r * int(n_threads);
-        float dot_mk = 0.0f;
-        float sq = 0.0f;
-        for (int d = 0; d < D; ++d) {
-          dot_mk += m[r][d] * q[d];
-          sq += m[r][d] * m[r][d];
-        }
-        const float cosine = dot_mk / (metal::precise::sqrt(sq + PNTM_COSINE_EPS) * key_norm);
-        p[r] = i < N ? strength * cosine : -INFINITY;
-        top[0] = metal::max(top[0], p[r]);
-      }
-      const float shift = group_reduce<1, true>(
-          top, shared, capacity, simd_group, lane, tid, SG, n_threads)[0];
-      float z[1] = {0.0f};
-      for (int r = 0; r < R; ++r) {
-        const int i = int(tid) + r * int(n_threads);
-        p[r] = i < N ? metal::precise::exp(p[r] - shift) : 0.0f;
-        z[0] += p[r];
-      }
-      const float total = group_reduce<1, false>(
-          z, shared, capacity, simd_group, lane, tid, SG, n_threads)[0];
-      for (int r = 0; r < R; ++r) {
-        weight[r] = (1.0f - gate) * weight[r] + gate * (p[r] / total);
+        weight[r] = (1.0f - gate) * weight[r] + gate * p[r];
       }
     }
     // the read r_t = weight^T M_t: partial sums over this thread's rows, then over the group
@@ -297,37 +315,15 @@ MEMORY_BACKWARD = KernelSource(
         const float key_norm = metal::precise::sqrt(key_sq + PNTM_COSINE_EPS);
         const float strength = float(beta[row]);
         const float gate = float(gamma[row]);
+        float p[R];
         float cosine[R];
         float norm_m[R];
-        float p[R];
-        float top[1] = {-INFINITY};
-        for (int r = 0; r < R; ++r) {
-          const int i = int(tid) + r * int(n_threads);
-          float dot_mk = 0.0f;
-          float sq = 0.0f;
-          for (int d = 0; d < D; ++d) {
-            dot_mk += mt[r][d] * q[d];
-            sq += mt[r][d] * mt[r][d];
-          }
-          norm_m[r] = metal::precise::sqrt(sq + PNTM_COSINE_EPS);
-          cosine[r] = dot_mk / (norm_m[r] * key_norm);
-          p[r] = i < N ? strength * cosine[r] : -INFINITY;
-          top[0] = metal::max(top[0], p[r]);
-        }
-        const float shift = group_reduce<1, true>(
-            top, shared, capacity, simd_group, lane, tid, SG, n_threads)[0];
-        float z[1] = {0.0f};
-        for (int r = 0; r < R; ++r) {
-          const int i = int(tid) + r * int(n_threads);
-          p[r] = i < N ? metal::precise::exp(p[r] - shift) : 0.0f;
-          z[0] += p[r];
-        }
-        const float total = group_reduce<1, false>(
-            z, shared, capacity, simd_group, lane, tid, SG, n_threads)[0];
+        content_weights<R, D>(
+            mt[0], q, key_norm, strength, N, p, cosine, norm_m, shared, capacity, simd_group,
+            lane, tid, SG, n_threads);
         // [d_gamma, sum_i p_i d_content_i]
         float sums[2] = {0.0f, 0.0f};
         for (int r = 0; r < R; ++r) {
-          p[r] = p[r] / total;
           sums[0] += d_mix[r] * (p[r] - weight[r]);
           sums[1] += p[r] * gate * d_mix[r];
           grad_rho[r] = (1.0f - gate) * d_mix[r];
