@@ -126,7 +126,7 @@ def test_memory_too_large_for_the_registers_takes_the_chunked_path(monkeypatch):
     monkeypatch.setattr(metal, "MAX_THREAD_TILE", 4)
     inputs = memory_inputs(np.random.default_rng(5), 2, 9, 1, 40, 5, content=True)
     native = {n: as_mlx(x) for n, x in inputs.items()}
-    with pytest.raises(ValueError, match=r"at most 4 slot elements per thread.*N=40, D=5 over 64"):
+    with pytest.raises(ValueError, match=r"4 slot elements per thread.*N=40, D=5 over 64"):
         metal.memory_scan_read_fused(**native)
     ops = backends.get("metal")
     want, states = sequential.memory_scan_states(NP, **inputs)
@@ -207,17 +207,20 @@ def test_plans_spread_slots_over_simd_groups():
     assert metal.plan_memory(70, 16) == metal.MemoryPlan(96, 1, metal.DEFAULT_CHUNK)
     assert metal.plan_memory(1000, 16) == metal.MemoryPlan(256, 4, metal.DEFAULT_CHUNK)
     assert metal.plan_memory(1000, 16).simdgroups == 8
-    assert metal.fits(4096, 16) and not metal.fits(4097, 16)
+    assert metal.fits(2048, 16) and not metal.fits(2049, 16)  # 8 slots per thread at most
+    assert metal.fits(1024, 32) and not metal.fits(1025, 32)  # 128 elements per thread
     assert not metal.fits(10, metal.MAX_WIDTH + 1)
 
 
-def test_t0_returns_the_memory_as_it_was():
-    m0 = mx.ones((1, 2, 3, 4))
-    w = mx.zeros((1, 0, 2, 3))
-    e = mx.zeros((1, 0, 2, 4))
+@pytest.mark.parametrize("B,T,K,N", [(1, 0, 2, 3), (0, 4, 2, 3), (1, 4, 0, 3), (1, 4, 2, 0)])
+def test_empty_scans_return_the_memory_as_it_was(B, T, K, N):
+    m0 = mx.ones((B, K, N, 4))
+    w = mx.zeros((B, T, K, N))
+    e = mx.zeros((B, T, K, 4))
     reads, final = metal.memory_scan_read_fused(w, e, e, w, m0)
-    assert reads.shape == (1, 0, 2, 4) and bool(mx.all(final == m0))
-    assert metal.linear_scan_fused(mx.zeros((2, 0, 3)), mx.zeros((2, 0, 3))).shape == (2, 0, 3)
+    assert reads.shape == (B, T, K, 4) and not bool(mx.any(reads)) and bool(mx.all(final == m0))
+    empty = mx.zeros((B, T, K))
+    assert metal.linear_scan_fused(empty, empty).shape == (B, T, K)
 
 
 # ---------------------------------------------------------------------- one source of truth

@@ -100,6 +100,33 @@ def test_threadgroup_memory_read_without_its_barrier_gives_a_wrong_result():
     assert np.array(out)[0] != 128.0
 
 
+def test_threadgroup_memory_starts_each_threadgroup_as_nan():
+    """Metal leaves threadgroup memory undefined: a read before any write (here: what the
+    previous threadgroup left) must not look valid."""
+    source = """
+        PNTM_THREADGROUP_ARRAY(float, scratch, 4);
+        const uint tid = thread_index_in_threadgroup;
+        out[thread_position_in_grid.x] = scratch[tid];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        scratch[tid] = 1.0f;
+    """
+    out = run(source, [mx.zeros((1,))], (8,), (8, 1, 1), (4, 1, 1))
+    assert np.isnan(np.array(out)).all()
+
+
+def test_threads_waiting_at_different_barriers_are_caught():
+    source = """
+        if (thread_index_in_threadgroup == 0) {
+          threadgroup_barrier(mem_flags::mem_threadgroup);
+        } else {
+          threadgroup_barrier(mem_flags::mem_threadgroup);
+        }
+        out[thread_position_in_grid.x] = 1.0f;
+    """
+    with pytest.raises(MetalEmulationError, match="different threadgroup_barrier calls"):
+        run(source, [mx.zeros((1,))], (64,), (64, 1, 1), (64, 1, 1))
+
+
 def test_a_barrier_not_every_thread_reaches_is_caught():
     source = """
         if (thread_index_in_threadgroup < 40) {

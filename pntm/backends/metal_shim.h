@@ -11,7 +11,9 @@
 // * A SIMD-group function or barrier that not every (live) lane or thread reaches is an error,
 //   as is a buffer index outside the buffer: device buffers are bounds-checked views.
 // * The address-space qualifiers (device, constant, thread, threadgroup) have no meaning here;
-//   a threadgroup array is declared with PNTM_THREADGROUP_ARRAY (one instance per threadgroup).
+//   a threadgroup array is declared with PNTM_THREADGROUP_ARRAY (one instance per threadgroup,
+//   NaN when each threadgroup starts: a read before any write shows). Every thread of a group
+//   must wait at the same threadgroup_barrier call.
 
 #include <ucontext.h>
 
@@ -100,6 +102,7 @@ struct Fiber {
   ucontext_t context;
   Wait wait = Wait::running;
   Op op = Op::sum;
+  int line = 0;  // of the threadgroup_barrier it waits at
   bool is_float = true;
   double value = 0;   // what the lane brought to a SIMD-group function
   double result = 0;  // what it gets back
@@ -117,6 +120,16 @@ struct Group {
 };
 
 inline thread_local Group* group = nullptr;
+// counts threadgroups: a threadgroup array is refilled with NaN when a new group first reaches it
+inline thread_local uint64_t group_count = 0;
+
+template <typename T, size_t N>
+inline void fresh_threadgroup_array(T (&array)[N], uint64_t& seen) {
+  if (seen != group_count) {  // Metal leaves it undefined: NaN (all bits set) shows a stale read
+    seen = group_count;
+    std::memset(static_cast<void*>(array), 0xFF, sizeof(array));
+  }
+}
 
 inline void fail(const std::string& message) {
   if (!error.empty()) return;
@@ -129,9 +142,10 @@ inline void fail(const std::string& message) {
   }
 }
 
-inline void yield(Wait wait) {
+inline void yield(Wait wait, int line = 0) {
   Fiber& f = group->fibers[group->current];
   f.wait = wait;
+  f.line = line;
   swapcontext(&f.context, &group->scheduler);
 }
 
@@ -184,6 +198,7 @@ inline void run_group(Group& g, std::vector<std::unique_ptr<char[]>>& stacks,
                       int64_t stack_bytes) {
   const int n = int(g.fibers.size());
   group = &g;
+  ++group_count;
   for (int i = 0; i < n; ++i) {
     Fiber& f = g.fibers[i];
     getcontext(&f.context);
@@ -227,6 +242,15 @@ inline void run_group(Group& g, std::vector<std::unique_ptr<char[]>>& stacks,
       fail("threadgroup_barrier was not reached by every thread of the threadgroup");
       break;
     }
+    for (const Fiber& f : g.fibers) {
+      if (f.line != g.fibers[0].line) {
+        g.current = int(&f - g.fibers.data());
+        fail("threads of one threadgroup wait at different threadgroup_barrier calls (lines " +
+             std::to_string(g.fibers[0].line) + " and " + std::to_string(f.line) + ")");
+        break;
+      }
+    }
+    if (!error.empty()) break;
     for (Fiber& f : g.fibers) f.wait = Wait::running;  // every thread is at the barrier
   }
   group = nullptr;
@@ -286,7 +310,9 @@ inline int launch(const int64_t* grid, const int64_t* threadgroup,
 
 enum class mem_flags { mem_none, mem_device, mem_threadgroup, mem_texture };
 
-inline void threadgroup_barrier(mem_flags) { pntm_emu::yield(pntm_emu::Wait::barrier); }
+inline void threadgroup_barrier_at(int line) { pntm_emu::yield(pntm_emu::Wait::barrier, line); }
+// a macro, so that each barrier knows its call site (threads must all wait at the same one)
+#define threadgroup_barrier(flags) threadgroup_barrier_at(__LINE__)
 
 inline float simd_sum(float x) {
   return float(pntm_emu::collective(pntm_emu::Op::sum, true, x));
@@ -331,4 +357,7 @@ namespace fast = precise;  // the CPU has one accuracy
 #define constant
 #define thread
 #define threadgroup
-#define PNTM_THREADGROUP_ARRAY(type, name, size) static thread_local type name[size]
+#define PNTM_THREADGROUP_ARRAY(type, name, size)      \
+  static thread_local type name[size];                \
+  static thread_local uint64_t name##_group = 0;      \
+  pntm_emu::fresh_threadgroup_array(name, name##_group)

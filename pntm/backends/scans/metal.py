@@ -44,9 +44,12 @@ FRAMEWORKS = ("mlx",)
 SIMD_WIDTH = 32
 #: threads per threadgroup of the memory scan, at most (one threadgroup per batch·head)
 MAX_THREADS = 256
-#: memory elements one thread keeps in registers, at most (slots per thread x D); beyond, the
-#: scan runs the MLX chunked path
-MAX_THREAD_TILE = 256
+#: memory elements one thread keeps in registers, at most (slots per thread x D), and slots per
+#: thread, at most; beyond, the scan runs the MLX chunked path. The backward holds about twice
+#: that tile and MLX refuses a threadgroup larger than the compiled pipeline's register budget
+#: allows, so these stay small until a Metal report says otherwise.
+MAX_THREAD_TILE = 128
+MAX_ROWS = 8
 #: slot width D, at most: every thread also holds a few vectors of D (and 2 D) floats
 MAX_WIDTH = 64
 DEFAULT_CHUNK = 16  # steps between checkpoints (and the backward's recompute span)
@@ -83,8 +86,9 @@ def describe() -> str:
     where = "C++ emulator on the CPU, PNTM_METAL_EMULATE=1" if emulated() else "Metal GPU"
     return (
         f"Metal kernels through mx.fast.metal_kernel ({where}): memory scan with location and "
-        f"content reads, fused, up to {MAX_THREAD_TILE} slot elements per thread and "
-        f"D <= {MAX_WIDTH} (beyond: MLX chunked scan); head scan; controller and FFTs in MLX"
+        f"content reads, fused, up to {MAX_ROWS} slots and {MAX_THREAD_TILE} slot elements per "
+        f"thread and D <= {MAX_WIDTH} (beyond: MLX chunked scan); head scan; controller and "
+        "FFTs in MLX"
     )
 
 
@@ -103,7 +107,7 @@ def kernel(source: KernelSource) -> Any:
     return _COMPILED[source.name]
 
 
-def _output_check(shapes) -> None:
+def _check_sizes(shapes) -> None:
     for shape in shapes:
         if math.prod(shape) > MAX_ELEMENTS:
             raise ValueError(
@@ -172,7 +176,7 @@ def plan_memory(N: int, D: int, threads: int | None = None, chunk: int = DEFAULT
 def fits(N: int, D: int, plan: MemoryPlan | None = None) -> bool:
     """Whether the fused memory scan takes N slots of width D (else: the chunked path)."""
     plan = plan or plan_memory(N, D)
-    return D <= MAX_WIDTH and plan.rows * D <= MAX_THREAD_TILE
+    return D <= MAX_WIDTH and plan.rows <= MAX_ROWS and plan.rows * D <= MAX_THREAD_TILE
 
 
 def _memory_template(dtype, D: int, plan: MemoryPlan, content: bool):
@@ -193,7 +197,7 @@ def _memory_forward(ops, w, erase, add, rho, m0, key, beta, gamma, *, plan):
         key, beta, gamma = (mx.zeros((1,), dtype=w.dtype) for _ in range(3))
     n_checkpoints = -(-T // plan.chunk)
     shapes = [(B, T, K, D), (B, K, N, D), (B * K, n_checkpoints, N, D)]
-    _output_check(shapes)
+    _check_sizes([*shapes, w.shape])
     reads, final, checkpoints = kernel(MEMORY_FORWARD)(
         inputs=[
             w,
@@ -229,9 +233,9 @@ def _memory_backward(ops, inputs, residuals, cotangents, *, plan):
     shapes = [
         w.shape, erase.shape, add.shape, rho.shape,
         key.shape if content else small, beta.shape if content else small,
-        gamma.shape if content else small, m0.shape, (B * K, plan.chunk + 1, N, D),
+        gamma.shape if content else small, m0.shape, (B * K, min(plan.chunk, T) + 1, N, D),
     ]  # fmt: skip
-    _output_check(shapes)
+    _check_sizes(shapes)
     grads = kernel(MEMORY_BACKWARD)(
         inputs=[
             w,
@@ -279,13 +283,14 @@ def memory_scan_read_fused(
     D = add.shape[-1]
     if m0 is None:
         m0 = mx.zeros((B, K, N, D), dtype=dtype)
-    if T == 0:  # nothing to scan: no reads, the memory as it was
-        return mx.zeros((B, 0, K, D), dtype=dtype), m0
+    if T == 0 or B * K * N * D == 0:  # no steps, heads or slots: nothing to read or write
+        return mx.zeros((B, T, K, D), dtype=dtype), m0
     plan = plan_memory(N, D, threads, chunk)
     if not fits(N, D, plan):
         raise ValueError(
-            f"the fused memory scan holds at most {MAX_THREAD_TILE} slot elements per thread "
-            f"with D <= {MAX_WIDTH}; got N={N}, D={D} over {plan.threads} threads"
+            f"the fused memory scan holds at most {MAX_ROWS} slots and {MAX_THREAD_TILE} slot "
+            f"elements per thread with D <= {MAX_WIDTH}; got N={N}, D={D} over {plan.threads} "
+            "threads"
         )
     op = _ops().custom_vjp(_memory_forward, _memory_backward, 2, plan=plan)
     return op(w, erase, add, rho, m0, key, beta, gamma)
@@ -385,10 +390,10 @@ def linear_scan_fused(a: mx.array, b: mx.array, h0: mx.array | None = None) -> m
     else:
         _check_dtypes(named)
     B, T = b.shape[:2]
-    if T == 0:
+    if b.size == 0:
         return mx.zeros_like(b)
     C = math.prod(b.shape[2:])
-    _output_check([(B, T, C)])
+    _check_sizes([(B, T, C)])
     h0 = mx.zeros_like(b[:, 0]) if h0 is None else h0.astype(b.dtype)
     op = _ops().custom_vjp(_linear_forward, _linear_backward, 1, complex_=complex_)
     h = op(a.reshape(B, T, C), b.reshape(B, T, C), h0.reshape(B, C))

@@ -140,13 +140,13 @@ MEMORY_FORWARD = KernelSource(
     source=_MEMORY_PROLOGUE
     + r"""
   // this thread's rows of M_0, and the first checkpoint
-  float m[R][D];
+  float m[R * D];
   for (int r = 0; r < R; ++r) {
     const int i = int(tid) + r * int(n_threads);
     for (int d = 0; d < D; ++d) {
-      m[r][d] = i < N ? float(m0[(head * N + i) * D + d]) : 0.0f;
+      m[r * D + d] = i < N ? float(m0[(head * N + i) * D + d]) : 0.0f;
       if (i < N) {
-        checkpoints[(head * n_checkpoints * N + i) * D + d] = m[r][d];
+        checkpoints[(head * n_checkpoints * N + i) * D + d] = m[r * D + d];
       }
     }
   }
@@ -165,7 +165,7 @@ MEMORY_FORWARD = KernelSource(
       const float w_i = i < N ? float(w[row * N + i]) : 0.0f;
       weight[r] = i < N ? float(rho[row * N + i]) : 0.0f;
       for (int d = 0; d < D; ++d) {
-        m[r][d] = (1.0f - w_i * e[d]) * m[r][d] + w_i * a[d];
+        m[r * D + d] = (1.0f - w_i * e[d]) * m[r * D + d] + w_i * a[d];
       }
     }
     if (CONTENT) {  // mix in softmax_i(beta cos(key, M_i))
@@ -182,7 +182,7 @@ MEMORY_FORWARD = KernelSource(
       float cosine[R];
       float norm_m[R];
       content_weights<R, D>(
-          m[0], q, key_norm, strength, N, p, cosine, norm_m, shared, capacity, simd_group, lane,
+          m, q, key_norm, strength, N, p, cosine, norm_m, shared, capacity, simd_group, lane,
           tid, SG, n_threads);
       for (int r = 0; r < R; ++r) {
         weight[r] = (1.0f - gate) * weight[r] + gate * p[r];
@@ -193,7 +193,7 @@ MEMORY_FORWARD = KernelSource(
     for (int d = 0; d < D; ++d) {
       part[d] = 0.0f;
       for (int r = 0; r < R; ++r) {
-        part[d] += weight[r] * m[r][d];
+        part[d] += weight[r] * m[r * D + d];
       }
     }
     threadgroup float* read_total = group_reduce<D, false>(
@@ -206,7 +206,7 @@ MEMORY_FORWARD = KernelSource(
       for (int r = 0; r < R; ++r) {
         const int i = int(tid) + r * int(n_threads);
         for (int d = 0; d < D && i < N; ++d) {
-          checkpoints[((head * n_checkpoints + c) * N + i) * D + d] = m[r][d];
+          checkpoints[((head * n_checkpoints + c) * N + i) * D + d] = m[r * D + d];
         }
       }
     }
@@ -214,7 +214,7 @@ MEMORY_FORWARD = KernelSource(
   for (int r = 0; r < R; ++r) {
     const int i = int(tid) + r * int(n_threads);
     for (int d = 0; d < D && i < N; ++d) {
-      final_memory[(head * N + i) * D + d] = static_cast<T>(m[r][d]);
+      final_memory[(head * N + i) * D + d] = static_cast<T>(m[r * D + d]);
     }
   }
 """,
@@ -257,9 +257,9 @@ MEMORY_BACKWARD = KernelSource(
       g[r][d] = i < N ? float(d_final[(head * N + i) * D + d]) : 0.0f;
     }
   }
-  // `states` holds chunk + 1 states per threadgroup: M_{t0} .. M_{t1} of the current chunk,
+  // `states` holds min(chunk, T) + 1 states per threadgroup: M_{t0} .. M_{t1} of the current chunk,
   // each thread its own rows (so no barrier orders them)
-  const int span = chunk + 1;
+  const int span = metal::min(chunk, n_steps) + 1;
   for (int c = n_checkpoints - 1; c >= 0; --c) {
     const int t0 = c * chunk;
     const int t1 = metal::min(t0 + chunk, n_steps);
@@ -289,7 +289,7 @@ MEMORY_BACKWARD = KernelSource(
       for (int d = 0; d < D; ++d) {
         dr[d] = float(d_reads[row * D + d]);
       }
-      float mt[R][D];
+      float mt[R * D];
       float weight[R];
       float d_mix[R];  // d(read)/d(weight_i) = <M_t(i), dr>
       for (int r = 0; r < R; ++r) {
@@ -297,8 +297,8 @@ MEMORY_BACKWARD = KernelSource(
         weight[r] = i < N ? float(rho[row * N + i]) : 0.0f;
         d_mix[r] = 0.0f;
         for (int d = 0; d < D; ++d) {
-          mt[r][d] = i < N ? states[((head * span + s) * N + i) * D + d] : 0.0f;
-          d_mix[r] += mt[r][d] * dr[d];
+          mt[r * D + d] = i < N ? states[((head * span + s) * N + i) * D + d] : 0.0f;
+          d_mix[r] += mt[r * D + d] * dr[d];
         }
       }
       float grad_rho[R];
@@ -319,7 +319,7 @@ MEMORY_BACKWARD = KernelSource(
         float cosine[R];
         float norm_m[R];
         content_weights<R, D>(
-            mt[0], q, key_norm, strength, N, p, cosine, norm_m, shared, capacity, simd_group,
+            mt, q, key_norm, strength, N, p, cosine, norm_m, shared, capacity, simd_group,
             lane, tid, SG, n_threads);
         // [d_gamma, sum_i p_i d_content_i]
         float sums[2] = {0.0f, 0.0f};
@@ -344,8 +344,8 @@ MEMORY_BACKWARD = KernelSource(
           const float inv = d_cos / (norm_m[r] * key_norm);
           const float shrink = d_cos * cosine[r] / (norm_m[r] * norm_m[r]);
           for (int d = 0; d < D; ++d) {
-            kv[d] += inv * mt[r][d];
-            g[r][d] += inv * q[d] - shrink * mt[r][d];
+            kv[d] += inv * mt[r * D + d];
+            g[r][d] += inv * q[d] - shrink * mt[r * D + d];
           }
           kv[D] += d_logit * cosine[r];
           kv[D + 1] += d_cos * cosine[r];
