@@ -107,13 +107,22 @@ def kernel(source: KernelSource) -> Any:
     return _COMPILED[source.name]
 
 
-def _check_sizes(shapes) -> None:
-    for shape in shapes:
+def _launch(source: KernelSource, inputs, output_shapes, output_dtypes, template, grid, group):
+    """One kernel launch, its buffers first checked against the kernels' 32-bit indices."""
+    for shape in [*(x.shape for x in inputs), *output_shapes]:
         if math.prod(shape) > MAX_ELEMENTS:
             raise ValueError(
                 f"a buffer of shape {tuple(shape)} has more than {MAX_ELEMENTS} elements, "
                 "which the Metal kernels' 32-bit indices cannot address"
             )
+    return kernel(source)(
+        inputs=inputs,
+        template=template,
+        grid=grid,
+        threadgroup=group,
+        output_shapes=output_shapes,
+        output_dtypes=output_dtypes,
+    )
 
 
 def _sizes(*values: int) -> mx.array:
@@ -179,44 +188,31 @@ def fits(N: int, D: int, plan: MemoryPlan | None = None) -> bool:
     return D <= MAX_WIDTH and plan.rows <= MAX_ROWS and plan.rows * D <= MAX_THREAD_TILE
 
 
-def _memory_template(dtype, D: int, plan: MemoryPlan, content: bool):
-    return [
-        ("T", dtype),
-        ("D", D),
-        ("R", plan.rows),
-        ("SG", plan.simdgroups),
-        ("CONTENT", content),
-    ]
+def _memory_launch(source, inputs, output_shapes, output_dtypes, D, plan, content):
+    """A memory kernel: one threadgroup of ``plan.threads`` per batch·head."""
+    heads = inputs[0].shape[0] * inputs[0].shape[2]  # B * K, from w (B, T, K, N)
+    template = [("T", inputs[0].dtype), ("D", D), ("R", plan.rows), ("SG", plan.simdgroups)]
+    template.append(("CONTENT", content))
+    grid, group = (plan.threads, heads, 1), (plan.threads, 1, 1)
+    return _launch(source, inputs, output_shapes, output_dtypes, template, grid, group)
+
+
+def _content_inputs(key, beta, gamma, dtype):
+    """The content inputs, or one-element stand-ins (the kernels' signature has them)."""
+    if key is None:
+        return tuple(mx.zeros((1,), dtype=dtype) for _ in range(3))
+    return key, beta, gamma
 
 
 def _memory_forward(ops, w, erase, add, rho, m0, key, beta, gamma, *, plan):
     B, T, K, N = w.shape
     D = add.shape[-1]
-    content = key is not None
-    if not content:  # the kernel's signature has them: one-element stand-ins
-        key, beta, gamma = (mx.zeros((1,), dtype=w.dtype) for _ in range(3))
     n_checkpoints = -(-T // plan.chunk)
+    sizes = _sizes(T, N, K, plan.chunk, n_checkpoints)
+    inputs = [w, erase, add, rho, m0, *_content_inputs(key, beta, gamma, w.dtype), sizes]
     shapes = [(B, T, K, D), (B, K, N, D), (B * K, n_checkpoints, N, D)]
-    _check_sizes([*shapes, w.shape])
-    reads, final, checkpoints = kernel(MEMORY_FORWARD)(
-        inputs=[
-            w,
-            erase,
-            add,
-            rho,
-            m0,
-            key,
-            beta,
-            gamma,
-            _sizes(T, N, K, plan.chunk, n_checkpoints),
-        ],
-        template=_memory_template(w.dtype, D, plan, content),
-        grid=(plan.threads, B * K, 1),
-        threadgroup=(plan.threads, 1, 1),
-        output_shapes=shapes,
-        output_dtypes=[w.dtype, w.dtype, mx.float32],
-    )
-    return reads, final, checkpoints
+    dtypes = [w.dtype, w.dtype, mx.float32]
+    return _memory_launch(MEMORY_FORWARD, inputs, shapes, dtypes, D, plan, key is not None)
 
 
 def _memory_backward(ops, inputs, residuals, cotangents, *, plan):
@@ -225,39 +221,17 @@ def _memory_backward(ops, inputs, residuals, cotangents, *, plan):
     d_reads, d_final = cotangents
     B, T, K, N = w.shape
     D = add.shape[-1]
-    content = key is not None
-    if not content:
-        key, beta, gamma = (mx.zeros((1,), dtype=w.dtype) for _ in range(3))
-    dtype = w.dtype
-    small = (1,)
-    shapes = [
-        w.shape, erase.shape, add.shape, rho.shape,
-        key.shape if content else small, beta.shape if content else small,
-        gamma.shape if content else small, m0.shape, (B * K, min(plan.chunk, T) + 1, N, D),
-    ]  # fmt: skip
-    _check_sizes(shapes)
-    grads = kernel(MEMORY_BACKWARD)(
-        inputs=[
-            w,
-            erase,
-            add,
-            rho,
-            key,
-            beta,
-            gamma,
-            checkpoints,
-            d_reads.astype(dtype),
-            d_final.astype(dtype),
-            _sizes(T, N, K, plan.chunk, checkpoints.shape[1]),
-        ],
-        template=_memory_template(dtype, D, plan, content),
-        grid=(plan.threads, B * K, 1),
-        threadgroup=(plan.threads, 1, 1),
-        output_shapes=shapes,
-        output_dtypes=[dtype] * 8 + [mx.float32],
-    )
+    content = _content_inputs(key, beta, gamma, w.dtype)
+    sizes = _sizes(T, N, K, plan.chunk, checkpoints.shape[1])
+    inputs = [w, erase, add, rho, *content, checkpoints, d_reads.astype(w.dtype)]
+    inputs += [d_final.astype(w.dtype), sizes]
+    states = (B * K, min(plan.chunk, T) + 1, N, D)  # the recomputed states of one chunk
+    shapes = [w.shape, erase.shape, add.shape, rho.shape, *(x.shape for x in content)]
+    shapes += [m0.shape, states]
+    dtypes = [w.dtype] * 8 + [mx.float32]
+    grads = _memory_launch(MEMORY_BACKWARD, inputs, shapes, dtypes, D, plan, key is not None)
     d_w, d_erase, d_add, d_rho, d_key, d_beta, d_gamma, d_m0, _ = grads
-    if not content:
+    if key is None:
         d_key = d_beta = d_gamma = None
     return d_w, d_erase, d_add, d_rho, d_m0.astype(m0.dtype), d_key, d_beta, d_gamma
 
@@ -325,15 +299,10 @@ def _parts(x: mx.array, complex_: bool) -> tuple[mx.array, mx.array]:
 
 
 def _linear_launch(source, inputs, out_shapes, dtype, complex_, B, C):
-    outputs = kernel(source)(
-        inputs=inputs,
-        template=[("T", dtype), ("COMPLEX", complex_)],
-        grid=(C, B, 1),
-        threadgroup=(min(C, _LINEAR_GROUP), 1, 1),
-        output_shapes=out_shapes,
-        output_dtypes=[dtype] * len(out_shapes),
-    )
-    return outputs
+    """A head-scan kernel: one thread per (batch, channel)."""
+    template = [("T", dtype), ("COMPLEX", complex_)]
+    grid, group = (C, B, 1), (min(C, _LINEAR_GROUP), 1, 1)
+    return _launch(source, inputs, out_shapes, [dtype] * len(out_shapes), template, grid, group)
 
 
 def _join(re: mx.array, im: mx.array, complex_: bool) -> mx.array:
@@ -393,7 +362,6 @@ def linear_scan_fused(a: mx.array, b: mx.array, h0: mx.array | None = None) -> m
     if b.size == 0:
         return mx.zeros_like(b)
     C = math.prod(b.shape[2:])
-    _check_sizes([(B, T, C)])
     h0 = mx.zeros_like(b[:, 0]) if h0 is None else h0.astype(b.dtype)
     op = _ops().custom_vjp(_linear_forward, _linear_backward, 1, complex_=complex_)
     h = op(a.reshape(B, T, C), b.reshape(B, T, C), h0.reshape(B, C))
