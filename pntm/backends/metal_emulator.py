@@ -103,6 +103,7 @@ def _cache_dir() -> Path:
     return Path(base) / "pntm" / "metal-emulator"
 
 
+# loaded libraries, by the C++ source they were compiled from (this process's shim)
 _LIBRARIES: dict[str, ctypes.CDLL] = {}
 
 
@@ -229,9 +230,9 @@ class EmulatedKernel:
         )
 
     def _library(self, cpp: str) -> ctypes.CDLL:
+        if cpp in _LIBRARIES:  # every launch after the first: no file read, no hashing
+            return _LIBRARIES[cpp]
         digest = hashlib.sha256((cpp + SHIM.read_text()).encode()).hexdigest()[:24]
-        if digest in _LIBRARIES:
-            return _LIBRARIES[digest]
         cache = _cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
         library = cache / f"{self.name}-{digest}.so"
@@ -257,7 +258,7 @@ class EmulatedKernel:
             os.replace(partial, library)
         lib = ctypes.CDLL(str(library))
         lib.pntm_launch.restype = ctypes.c_int
-        _LIBRARIES[digest] = lib
+        _LIBRARIES[cpp] = lib
         return lib
 
     # ------------------------------------------------------------------ the call
