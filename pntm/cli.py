@@ -113,7 +113,10 @@ def tasks_command(show: str | None, length: int | None, count: int, seed: int) -
     """List the tasks, or show decoded examples of one (``--show NAME``).
 
     Every sequence is ``input = target .``; target symbols have their own tokens, printed
-    primed (``1'``). Length is counted in the task's unit (see the list)."""
+    primed (``1'``). Length is counted in the task's unit (see the list). Each task's recipe
+    is what ``pntm train --task TASK`` uses unless told otherwise."""
+    from pntm import recipes
+
     if show is None:
         click.echo(
             f"{'task':22s} {'category':15s} {'L_train':>7s} {'limit':>6s} {'vocab':>5s}  "
@@ -125,6 +128,9 @@ def tasks_command(show: str | None, length: int | None, count: int, seed: int) -
                 f"{name:22s} {t.category:15s} {t.default_train_length:7d} {t.max_length:6d} "
                 f"{t.vocab_size:5d}  {t.description} (length = {t.length_unit})"
             )
+        click.echo("\nrecipes: what `pntm train --task TASK` changes from the defaults")
+        for name in tasks.NAMES:
+            click.echo(f"  {name:22s} {recipes.get(name).describe()}")
         return
     task = tasks.get(show)
     length = length or min(8, task.default_train_length)
@@ -133,6 +139,8 @@ def tasks_command(show: str | None, length: int | None, count: int, seed: int) -
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"{task.name}: {task.description}; length {length} ({task.length_unit})")
+    recipe = recipes.get(task.name)
+    click.echo(f"recipe: {recipe.describe()} ({recipe.why})")
     rng = np.random.default_rng(seed)
     for _ in range(count):
         click.echo("  " + task.decode(task.sequence(rng, length)))
@@ -150,6 +158,7 @@ MODEL_OPTIONS = {
     "mlp_ratio": "mlp_ratio",
     "content": "content",
     "add_activation": "add_activation",
+    "velocity_prior": "velocity_prior",
 }
 OPTION_OF_MODEL_FIELD = {f: o for o, f in MODEL_OPTIONS.items()}
 TRAIN_OPTIONS = (
@@ -190,9 +199,7 @@ TRAIN_OPTIONS = (
     help="Where to train: auto = the Triton kernels on a CUDA GPU, MLX on Apple silicon, "
     "else PyTorch, else MLX on CPU. See `pntm backends`.",
 )
-@click.option(
-    "--steps", default=1500, show_default=True, type=click.IntRange(min=1), help="Optimizer steps."
-)
+@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps.")
 @click.option(
     "--train-length",
     type=int,
@@ -200,50 +207,36 @@ TRAIN_OPTIONS = (
 )
 @click.option(
     "--batch-size",
-    default=32,
-    show_default=True,
     type=click.IntRange(min=1),
     help="Sequences per step.",
 )
 @click.option(
     "--lr",
-    default=2e-3,
-    show_default=True,
     type=click.FloatRange(min=0, min_open=True),
     help="Peak learning rate of AdamW.",
 )
 @click.option(
     "--warmup-steps",
-    default=100,
-    show_default=True,
     type=click.IntRange(min=0),
     help="Linear warm-up steps before the cosine decay.",
 )
 @click.option(
     "--min-lr-ratio",
-    default=0.1,
-    show_default=True,
     type=click.FloatRange(0, 1),
     help="The cosine decays to lr x this.",
 )
 @click.option(
     "--weight-decay",
-    default=0.0,
-    show_default=True,
     type=click.FloatRange(min=0),
     help="Decoupled (AdamW) weight decay.",
 )
 @click.option(
     "--clip-norm",
-    default=1.0,
-    show_default=True,
     type=click.FloatRange(min=0, min_open=True),
     help="Global gradient-norm clip.",
 )
 @click.option(
     "--hard-from",
-    default=0.4,
-    show_default=True,
     type=click.FloatRange(0, 1),
     help="Fraction of the steps after which heads are straight-through hard (exact "
     "one-hot shifts, 0/1 gates, soft gradients); 1 keeps them soft throughout. Hard "
@@ -256,37 +249,25 @@ TRAIN_OPTIONS = (
     type=int,
     help="Seeds the parameters and the data stream.",
 )
-@click.option(
-    "--d-model", default=64, show_default=True, type=click.IntRange(min=1), help="Model width H."
-)
-@click.option(
-    "--layers", default=2, show_default=True, type=click.IntRange(min=1), help="P-NTM blocks."
-)
+@click.option("--d-model", type=click.IntRange(min=1), help="Model width H.")
+@click.option("--layers", type=click.IntRange(min=1), help="P-NTM blocks.")
 @click.option(
     "--memory-heads",
-    default=2,
-    show_default=True,
     type=click.IntRange(min=1),
     help="Memories per block (K), each with a write and a read head.",
 )
 @click.option(
     "--head-dim",
-    default=16,
-    show_default=True,
     type=click.IntRange(min=1),
     help="Width D of a memory slot.",
 )
 @click.option(
     "--max-shift",
-    default=1,
-    show_default=True,
     type=click.IntRange(min=0),
     help="Heads move by -S..S slots per step.",
 )
 @click.option(
     "--mlp-ratio",
-    default=2,
-    show_default=True,
     type=click.IntRange(min=1),
     help="Hidden width of the MLP, in multiples of --d-model.",
 )
@@ -297,10 +278,14 @@ TRAIN_OPTIONS = (
 )
 @click.option(
     "--add-activation",
-    default="tanh",
-    show_default=True,
     type=click.Choice(("tanh", "linear")),
     help="Activation of the add vector.",
+)
+@click.option(
+    "--velocity-prior",
+    type=float,
+    help="Initial bias of every head's +1 shift logit: a fresh head moves +1 per step with "
+    "probability e^v / (e^v + 2S).",
 )
 @click.option(
     "--out",
@@ -350,8 +335,12 @@ def train_command(ctx: click.Context, **opts: Any) -> None:
     Loss and accuracy count target tokens (and END) only. Memory slots N equal the length of
     each padded batch. Prints a progress bar (loss, target-token accuracy, tokens/s), writes
     metrics.jsonl and an atomically written safetensors checkpoint, then prints the greedy
-    exact-match table at the evaluation lengths."""
-    from pntm.train import CHECKPOINT_NAME, TrainConfig, Trainer, fit
+    exact-match table at the evaluation lengths.
+
+    Training and model options not given take the task's recipe: the settings found to make
+    that task generalize (`pntm tasks --show TASK` lists them; see docs/results.md)."""
+    from pntm import recipes
+    from pntm.train import CHECKPOINT_NAME, Trainer, fit
 
     resume_from = None
     if opts["resume"] is not None:
@@ -373,16 +362,13 @@ def train_command(ctx: click.Context, **opts: Any) -> None:
             )
 
     task = tasks.get(opts["task"])
-    if opts["train_length"] is None:
-        opts["train_length"] = task.default_train_length
-    if opts["content"] is None:
-        opts["content"] = task.needs_content
+    recipe = recipes.get(task.name)
     try:
-        train_config = TrainConfig(**{k: opts[k] for k in TRAIN_OPTIONS})
-        model_config = models.get(opts["model"]).config_class(
-            vocab_size=task.vocab_size, **{f: opts[o] for o, f in MODEL_OPTIONS.items()}
+        train_config = recipe.train_config(**{k: opts[k] for k in TRAIN_OPTIONS})
+        model_config = recipe.model_config(**{f: opts[o] for o, f in MODEL_OPTIONS.items()})
+        eval_lengths = opts["eval_lengths"] or _default_eval_lengths(
+            task, train_config.train_length
         )
-        eval_lengths = opts["eval_lengths"] or _default_eval_lengths(task, opts["train_length"])
         for length in eval_lengths:
             task.check_length(length)
     except ValueError as exc:
@@ -458,16 +444,26 @@ def _merge_resumed_options(
 ) -> None:
     """Options left at their defaults take the checkpoint's values."""
     saved = {**ckpt.train_config, "model": ckpt.model}
-    saved.update({o: ckpt.model_config[f] for o, f in MODEL_OPTIONS.items()})
+    model_config = _saved_model_config(ckpt)
+    saved.update({o: model_config[f] for o, f in MODEL_OPTIONS.items()})
     for name in (*TRAIN_OPTIONS, "model", *MODEL_OPTIONS):
         source = ctx.get_parameter_source(name)
         if source in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP) and name in saved:
             opts[name] = saved[name]
 
 
+def _saved_model_config(ckpt: checkpoint.Checkpoint) -> dict[str, Any]:
+    """The checkpoint's model config with every field, defaults filled in (a checkpoint
+    written before a field existed holds no value for it)."""
+    try:
+        return models.get(ckpt.model).config_class.from_dict(ckpt.model_config).to_dict()
+    except ValueError as exc:
+        raise click.ClickException(f"cannot resume: {exc}") from exc
+
+
 def _check_resume(ckpt: checkpoint.Checkpoint, model: str, model_config: Any, train_config: Any):
     given = {"model": model, **model_config.to_dict(), **train_config.to_dict()}
-    saved = {"model": ckpt.model, **ckpt.model_config, **ckpt.train_config}
+    saved = {"model": ckpt.model, **_saved_model_config(ckpt), **ckpt.train_config}
     for key, value in given.items():
         if saved.get(key) != value:
             option = "--" + OPTION_OF_MODEL_FIELD.get(key, key).replace("_", "-")

@@ -43,6 +43,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip_norm: float = 1.0
     hard_from: float = 0.4  # fraction of steps after which heads are hard (1.0: always soft)
+    # During the soft phase, add this weight times the loss of the same batch with hard
+    # (straight-through) heads: the soft circuit is pushed toward one that still works once
+    # its heads are hardened.
+    hard_mix: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -59,6 +63,8 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 <= self.hard_from <= 1:
             raise ValueError(f"hard_from must be in [0, 1], got {self.hard_from}")
+        if not 0 <= self.hard_mix < float("inf"):
+            raise ValueError(f"hard_mix must be a finite number >= 0, got {self.hard_mix}")
         if self.clip_norm <= 0 or self.weight_decay < 0:
             raise ValueError("clip_norm must be > 0 and weight_decay >= 0")
 
@@ -133,10 +139,15 @@ class Trainer:
         key = (n_slots, heads)
         if key not in self._value_and_grad:
             model, ops = self.model, self.ops
+            hard_mix = self.config.hard_mix if heads == "soft" else 0.0
 
             def loss_fn(params, tokens, labels, mask):
                 logits = model.forward(params, tokens, n_slots, heads=heads)
-                return cross_entropy(ops, logits, labels, mask), logits
+                loss = cross_entropy(ops, logits, labels, mask)
+                if hard_mix:
+                    hard = model.forward(params, tokens, n_slots, heads="hard")
+                    loss = loss + hard_mix * cross_entropy(ops, hard, labels, mask)
+                return loss, logits
 
             self._value_and_grad[key] = ops.value_and_grad(loss_fn, has_aux=True)
         return self._value_and_grad[key]

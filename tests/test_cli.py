@@ -111,14 +111,15 @@ def test_resume_from_a_middle_checkpoint(tmp_path):
     the checkpoint, and the result equals the uninterrupted run's."""
     import numpy as np
 
-    from pntm import checkpoint
-    from pntm.models.pntm import PNTMConfig
-    from pntm.train import TrainConfig, Trainer
+    from pntm import checkpoint, recipes
+    from pntm.train import Trainer
     from pntm.tree import tree_flatten
 
     name = TRAINABLE[0]
-    model = PNTMConfig(tasks.get("copy").vocab_size, d_model=16, n_layers=1, n_heads=1, head_dim=4)
-    config = TrainConfig(task="copy", train_length=3, steps=12, batch_size=8, warmup_steps=2)
+    # the settings TINY gives `pntm train`: the copy recipe where TINY is silent
+    recipe = recipes.get("copy")
+    model = recipe.model_config(d_model=16, n_layers=1, n_heads=1, head_dim=4)
+    config = recipe.train_config(train_length=3, steps=12, batch_size=8, warmup_steps=2)
     trainer = Trainer("pntm", model, config, backends.get(name), name)
     for _ in range(5):
         trainer.train_step()

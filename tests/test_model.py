@@ -21,7 +21,9 @@ from tests.tolerances import (
 CONFIGS = {
     "default": dict(d_model=16, n_layers=2, n_heads=2, head_dim=4),
     "content": dict(d_model=16, n_layers=2, n_heads=2, head_dim=4, content=True),
-    "shift2-odd": dict(d_model=12, n_layers=1, n_heads=3, head_dim=5, max_shift=2),
+    "shift2-odd": dict(
+        d_model=12, n_layers=1, n_heads=3, head_dim=5, max_shift=2, velocity_prior=1.5
+    ),
     "one-head-linear-add": dict(
         d_model=8, n_layers=3, n_heads=1, head_dim=3, add_activation="linear"
     ),
@@ -86,17 +88,60 @@ def test_state_hand_over_between_forms(ops, config):
     assert rel_err(np.stack(stepped, 1), full[:, 6:]) <= tol
 
 
-def test_hard_heads_are_exactly_one_hot(ops):
-    """Straight-through heads: the forward pass sees exact one-hot shifts and 0/1 gates, so
-    head positions stay exactly one-hot over a long sequence."""
+@pytest.mark.parametrize("T,n_slots", [(1, 1), (300, 37), (65_536, 64)])
+def test_hard_heads_are_exactly_the_discrete_machine(ops, T, n_slots):
+    """Straight-through heads in the parallel form: exact one-hot positions, equal to the
+    discrete machine's integer positions (move by the shift, or reset to slot 0) at every step,
+    up to T = 65,536 where the float32 FFT route alone drifts ~1e-3 off one-hot."""
+    model, _ = make(ops, "default")
+    rng = np.random.default_rng(T)
+    S = model.config.max_shift
+    moves = rng.integers(-S, S + 1, (2, T, 1))
+    resets = rng.uniform(size=(2, T, 1)) < 0.01
+    shift = ops.asarray(np.eye(2 * S + 1)[moves + S])
+    gate = ops.asarray(resets.astype(float))
+    got = ops.to_numpy(model.head_positions(shift, gate, n_slots, heads="hard"))
+    want = np.zeros((2, T, 1), dtype=np.int64)
+    position = np.zeros((2, 1), dtype=np.int64)
+    for t in range(T):
+        position = np.where(resets[:, t], 0, (position + moves[:, t]) % n_slots)
+        want[:, t] = position
+    assert np.array_equal(got, np.eye(n_slots)[want])
+
+
+def test_hard_heads_from_the_controller_are_one_hot(ops):
     model, params = make(ops, "default")
     params = model.params_from_numpy(params)
     tokens = ops.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, 300)))
     x = ops.take(params["embed"], tokens)
     ctl = model._controls(params["blocks"][0], x, "hard", 1.0)
-    positions = ops.to_numpy(model.head_positions(ctl["write_shift"], ctl["write_gate"], 37))
-    assert np.allclose(positions.max(-1), 1.0, atol=1e-5)
-    assert np.allclose(positions.sum(-1), 1.0, atol=1e-5)
+    positions = ops.to_numpy(
+        model.head_positions(ctl["write_shift"], ctl["write_gate"], 37, heads="hard")
+    )
+    assert np.array_equal(positions.max(-1), np.ones(positions.shape[:-1]))
+    assert np.array_equal(positions.sum(-1), np.ones(positions.shape[:-1]))
+
+
+@pytest.mark.parametrize("max_shift", [1, 3])
+def test_velocity_prior_biases_the_plus_one_shift(max_shift):
+    """A fresh head moves +1 with probability e^v / (e^v + 2S) (gates aside): the bias sits on
+    the +1 shift logit of every write and read head, nowhere else."""
+    v = 2.0
+    base = PNTMConfig(vocab_size=VOCAB, max_shift=max_shift, d_model=8, n_heads=3)
+    biased = PNTMConfig(**(base.to_dict() | {"velocity_prior": v}))
+    b0 = init_params(base, 0)["blocks"][0]["ctrl_b"].reshape(3, -1)
+    b1 = init_params(biased, 0)["blocks"][0]["ctrl_b"].reshape(3, -1)
+    changed = np.argwhere(b1 != b0)
+    offsets = {name: i for i, (name, _) in enumerate(base.controller_fields())}
+    starts = np.cumsum([0] + [n for _, n in base.controller_fields()])
+    plus_one = [starts[offsets[h]] + max_shift + 1 for h in ("write_shift", "read_shift")]
+    assert sorted({int(c) for c in changed[:, 1]}) == sorted(plus_one)
+    assert len(changed) == 2 * 3
+    logits = b1[
+        0, starts[offsets["write_shift"]] : starts[offsets["write_shift"]] + 2 * max_shift + 1
+    ]
+    p = np.exp(logits) / np.exp(logits).sum()
+    assert np.isclose(p[max_shift + 1], np.exp(v) / (np.exp(v) + 2 * max_shift))
 
 
 def _loss_and_data(model, seed=5, batch=2, T=8):
@@ -182,8 +227,20 @@ def test_bad_arguments_are_named(bad):
 
 @pytest.mark.parametrize(
     "field,value",
-    [("d_model", 0), ("max_shift", -1), ("add_activation", "relu"), ("vocab_size", 2.0)],
+    [
+        ("d_model", 0),
+        ("max_shift", -1),
+        ("add_activation", "relu"),
+        ("vocab_size", 2.0),
+        ("velocity_prior", float("nan")),
+        ("velocity_prior", "fast"),
+    ],
 )
 def test_bad_config_is_named(field, value):
     with pytest.raises(ValueError, match=field):
         PNTMConfig(**(dict(vocab_size=5) | {field: value}))
+
+
+def test_velocity_prior_needs_a_shift():
+    with pytest.raises(ValueError, match=r"velocity_prior 2.0 needs max_shift >= 1"):
+        PNTMConfig(vocab_size=5, max_shift=0, velocity_prior=2.0)

@@ -44,6 +44,11 @@ class PNTMConfig:
     mlp_ratio: int = 2
     content: bool = False  # content-addressed reads (SPEC §2), off by default
     add_activation: str = "tanh"  # "tanh" or "linear"
+    # Velocity prior: added at initialization to the controller bias of the +1 shift of every
+    # write and read head, so that a fresh head moves +1 per step with probability
+    # e^v / (e^v + 2S) (1/3 at v = 0, 0.79 at v = 2 for S = 1). Only the initial parameters
+    # change; the model computes the same function of its parameters (SPEC §7).
+    velocity_prior: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "mlp_ratio"):
@@ -52,6 +57,14 @@ class PNTMConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.max_shift, int) or self.max_shift < 0:
             raise ValueError(f"max_shift must be an integer >= 0, got {self.max_shift!r}")
+        if not isinstance(self.velocity_prior, (int, float)) or not np.isfinite(
+            self.velocity_prior
+        ):
+            raise ValueError(f"velocity_prior must be a finite number, got {self.velocity_prior!r}")
+        if self.velocity_prior and self.max_shift < 1:
+            raise ValueError(
+                f"velocity_prior {self.velocity_prior} needs max_shift >= 1 (a +1 shift to bias)"
+            )
         if self.add_activation not in ("tanh", "linear"):
             raise ValueError(
                 f"add_activation must be 'tanh' or 'linear', got {self.add_activation!r}"
@@ -99,6 +112,8 @@ def init_params(config: PNTMConfig, seed: int = 0) -> dict[str, Any]:
     for name, n in per_head:
         if name in ("write_gate", "read_gate", "gamma"):
             bias[:, offset : offset + n] = RESET_GATE_BIAS
+        if name in ("write_shift", "read_shift"):  # shifts -S..S: +1 is at index S + 1
+            bias[:, offset + config.max_shift + 1] = config.velocity_prior
         offset += n
     hidden = config.mlp_ratio * H
     blocks = [
@@ -216,10 +231,20 @@ class PNTM:
         return self._twiddles[n_slots]
 
     def head_positions(
-        self, shift: Array, gate: Array, n_slots: int, start: Array | None = None
+        self,
+        shift: Array,
+        gate: Array,
+        n_slots: int,
+        start: Array | None = None,
+        heads: str = "soft",
     ) -> Array:
         """All head distributions ``w_t`` (B, T, K, N) of SPEC §2 by a scan in Fourier space:
-        ``hat w_t(k) = (1 - g_t) hat s_t(k) hat w_{t-1}(k) + g_t`` (SPEC §3)."""
+        ``hat w_t(k) = (1 - g_t) hat s_t(k) hat w_{t-1}(k) + g_t`` (SPEC §3).
+
+        With hard heads every ``w_t`` is one-hot in exact arithmetic, but the float32 FFT
+        route leaves it up to ~1e-3 off at long T; it is snapped to the one-hot of its argmax
+        in the forward pass (gradients pass straight through), so that the parallel form is
+        exactly the discrete machine that :meth:`step` runs."""
         ops = self.ops
         cos, sin = self._spectrum(n_slots)
         keep = (1 - gate)[..., None]
@@ -231,7 +256,12 @@ class PNTM:
             h0 = ops.complex(ops.ones_like(spec_re[:, 0]), ops.zeros_like(spec_re[:, 0]))
         else:
             h0 = ops.rfft(start, axis=-1)
-        return ops.irfft(ops.linear_scan(a, b, h0), n=n_slots, axis=-1)
+        positions = ops.irfft(ops.linear_scan(a, b, h0), n=n_slots, axis=-1)
+        if heads == "hard":
+            positions = ops.one_hot(ops.argmax(positions, -1), n_slots) + (
+                positions - ops.stop_gradient(positions)
+            )
+        return positions
 
     def forward(
         self,
@@ -256,11 +286,11 @@ class PNTM:
         for i, block in enumerate(params["blocks"]):
             ctl = self._controls(block, x, heads, temperature)
             prev = state[i] if state is not None else {}
-            write = self.head_positions(
-                ctl["write_shift"], ctl["write_gate"], n_slots, prev.get("write")
-            )
-            read = self.head_positions(
-                ctl["read_shift"], ctl["read_gate"], n_slots, prev.get("read")
+            write, read = (
+                self.head_positions(
+                    ctl[f"{head}_shift"], ctl[f"{head}_gate"], n_slots, prev.get(head), heads
+                )
+                for head in ("write", "read")
             )
             reads, memory = ops.memory_scan_read(
                 write, ctl["erase"], ctl["add"], read, prev.get("memory"), *self._content(ctl)

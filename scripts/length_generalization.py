@@ -1,0 +1,282 @@
+"""Length generalization grid: train each task x seed with its recipe (``pntm.recipes``, the
+settings ``pntm train --task NAME`` uses), evaluate greedy exact match at L_train x 1, 2, 4, 8
+and 16 on fresh sequences, and write a Markdown report with a PNG.
+
+Each cell is a run directory ``GRID/TASK/seed-S`` (checkpoint, metrics.jsonl, result.json), so
+an interrupted grid continues where it stopped: finished cells are read back, unfinished ones
+resume from their last checkpoint. ``--set`` changes a recipe field for the whole grid (for
+experiments); a grid directory refuses a cell whose checkpoint was trained with other settings.
+
+    python scripts/length_generalization.py --grid runs/lengthgen --results docs/results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+FACTORS = (1, 2, 4, 8, 16)
+RESULT_NAME = "result.json"
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``train.steps=3000`` / ``model.velocity_prior=2`` -> {"train": {...}, "model": {...}}."""
+    out: dict[str, dict[str, Any]] = {"train": {}, "model": {}}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        group, dot, name = key.partition(".")
+        if not sep or not dot or group not in out:
+            raise SystemExit(f"--set {item!r}: expected train.FIELD=VALUE or model.FIELD=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[group][name] = value
+    return out
+
+
+def eval_lengths(task: Any, train_length: int) -> list[int]:
+    return sorted({min(f * train_length, task.max_length) for f in FACTORS})
+
+
+def run_cell(
+    grid: str,
+    task_name: str,
+    seed: int,
+    overrides: dict[str, dict[str, Any]],
+    samples: int,
+    eval_seed: int,
+    backend: str,
+    threads: int,
+) -> dict[str, Any]:
+    """Train (or resume) and evaluate one task x seed; returns its result (also on disk)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from pntm import backends, checkpoint, recipes, tasks
+    from pntm.evaluate import evaluate
+    from pntm.train import CHECKPOINT_NAME, METRICS_NAME, Trainer, fit
+
+    cell = Path(grid) / task_name / f"seed-{seed}"
+    result_path = cell / RESULT_NAME
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    recipe = recipes.get(task_name)
+    train_config = recipe.train_config(seed=seed, **overrides["train"])
+    model_config = recipe.model_config(**overrides["model"])
+    resume = None
+    if (cell / CHECKPOINT_NAME).exists():
+        resume = checkpoint.load(cell / CHECKPOINT_NAME)
+        if (resume.train_config, resume.model_config) != (
+            train_config.to_dict(),
+            model_config.to_dict(),
+        ):
+            raise ValueError(
+                f"{cell} holds a run with other settings than this grid's; use another grid "
+                "directory"
+            )
+    ops = backends.get(backend)
+    trainer = Trainer("pntm", model_config, train_config, ops, backend, resume)
+    if trainer.step < train_config.steps:
+        fit(trainer, cell, log_every=25, save_every=250, progress=False)
+    metrics = [json.loads(line) for line in (cell / METRICS_NAME).read_text().splitlines()]
+    task = tasks.get(task_name)
+    start = time.perf_counter()
+    results = evaluate(
+        trainer.model,
+        trainer.params,
+        task,
+        eval_lengths(task, train_config.train_length),
+        samples=samples,
+        seed=eval_seed,
+        heads=train_config.final_heads,
+    )
+    result = {
+        "task": task_name,
+        "seed": seed,
+        "recipe": recipe.describe(),
+        "overrides": overrides,
+        "train_config": train_config.to_dict(),
+        "model_config": model_config.to_dict(),
+        "backend": backend,
+        "threads": threads,
+        "steps": trainer.step,
+        "train_seconds": sum(m["seconds"] for m in metrics),
+        "final_loss": metrics[-1]["loss"],
+        "eval_seconds": time.perf_counter() - start,
+        "eval_seed": eval_seed,
+        "heads": train_config.final_heads,
+        "results": [asdict(r) for r in results],
+    }
+    checkpoint.atomic_write(
+        result_path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+    )
+    return result
+
+
+def summary_line(r: dict[str, Any]) -> str:
+    exact = " ".join(f"{x['exact_match']:.2f}" for x in r["results"])
+    lengths = "/".join(str(x["length"]) for x in r["results"])
+    return (
+        f"{r['task']:22s} seed {r['seed']}: exact at {lengths} = {exact} "
+        f"(loss {r['final_loss']:.2g}, {r['steps']} steps, {r['train_seconds']:.0f} s)"
+    )
+
+
+def write_report(path: Path, results: list[dict[str, Any]], command: str) -> None:
+    """Markdown tables (one per task, a row per seed) and a PNG next to ``path``."""
+    from pntm.checkpoint import atomic_write
+
+    png = path.with_suffix(".png")
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(results, key=lambda r: r["seed"]):
+        by_task.setdefault(r["task"], []).append(r)
+    lines = [
+        "# Length generalization results",
+        "",
+        "Written by `scripts/length_generalization.py`; do not edit by hand. Command:",
+        "",
+        f"    {command}",
+        "",
+        "Each row is one seed trained with the task's recipe (`pntm tasks`, `pntm/recipes.py`),",
+        "the settings `pntm train --task NAME` uses. Greedy exact match (every target token and",
+        "END right) with the heads of the end of training, on fresh sequences drawn from the",
+        "evaluation seed, memory N = the whole sequence length. Train time is the optimizer",
+        "steps' wall time on one thread.",
+        "",
+        f"![exact match against length]({png.name})",
+        "",
+    ]
+    for task, rows in by_task.items():
+        lengths = [x["length"] for x in rows[0]["results"]]
+        L = rows[0]["train_config"]["train_length"]
+        lines += [
+            f"## {task}",
+            "",
+            f"Recipe: `{rows[0]['recipe']}`"
+            + (f"; grid overrides `{rows[0]['overrides']}`" if _any(rows[0]["overrides"]) else ""),
+            "",
+            "| seed | steps | train time | final loss | "
+            + " | ".join(f"L={n} ({n / L:g}x)" for n in lengths)
+            + " |",
+            "|---" * (4 + len(lengths)) + "|",
+        ]
+        for r in rows:
+            cells = [f"{x['exact_match']:.3f}" for x in r["results"]]
+            lines.append(
+                f"| {r['seed']} | {r['steps']} | {r['train_seconds'] / 60:.1f} min | "
+                f"{r['final_loss']:.2g} | " + " | ".join(cells) + " |"
+            )
+        samples = rows[0]["results"][0]["samples"]
+        lines += ["", f"{samples} samples per length, evaluation seed {rows[0]['eval_seed']}.", ""]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
+    _plot(png, by_task)
+
+
+def _any(overrides: dict[str, dict[str, Any]]) -> bool:
+    return any(overrides.values())
+
+
+def _plot(path: Path, by_task: dict[str, list[dict[str, Any]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pntm.checkpoint import atomic_write
+
+    n = len(by_task)
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False, layout="constrained"
+    )
+    for ax, (task, runs) in zip(axes.flat, by_task.items(), strict=False):
+        for r in runs:
+            x = [p["length"] for p in r["results"]]
+            ax.plot(x, [p["exact_match"] for p in r["results"]], "o-", label=f"seed {r['seed']}")
+        L = runs[0]["train_config"]["train_length"]
+        ax.axvline(L, color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(x, [str(v) for v in x])
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("length")
+        ax.set_ylabel("exact match")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pntm import tasks
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--grid", type=Path, required=True, help="grid directory (resumable)")
+    parser.add_argument("--tasks", default="all", help="comma-separated task names, or all")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    parser.add_argument("--samples", type=int, default=200, help="fresh sequences per length")
+    parser.add_argument("--eval-seed", type=int, default=2026, help="seed of those sequences")
+    parser.add_argument("--workers", type=int, default=2, help="cells trained at once")
+    parser.add_argument("--threads", type=int, default=1, help="PyTorch threads per cell")
+    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--set", action="append", default=[], metavar="GROUP.FIELD=VALUE")
+    parser.add_argument("--results", type=Path, help="write the Markdown report here (+ .png)")
+    args = parser.parse_args(argv)
+
+    names = list(tasks.NAMES) if args.tasks == "all" else args.tasks.split(",")
+    for name in names:
+        tasks.get(name)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    overrides = parse_overrides(args.set)
+    cells = [(name, seed) for name in names for seed in seeds]
+    print(f"{len(cells)} cells in {args.grid}, {args.workers} at a time", flush=True)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    results, failed = [], []
+    start = time.perf_counter()
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+        futures = {
+            pool.submit(
+                run_cell,
+                str(args.grid),
+                name,
+                seed,
+                overrides,
+                args.samples,
+                args.eval_seed,
+                args.backend,
+                args.threads,
+            ): (name, seed)
+            for name, seed in cells
+        }
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except Exception as exc:  # one failed cell must not lose the others
+                failed.append(futures[future])
+                print(f"{futures[future]} failed: {exc!r}", flush=True)
+                continue
+            results.append(result)
+            print(f"[{time.perf_counter() - start:6.0f} s] {summary_line(result)}", flush=True)
+    if args.results is not None and results:
+        command = "python scripts/length_generalization.py " + " ".join(
+            sys.argv[1:] if argv is None else argv
+        )
+        write_report(args.results, results, command)
+        print(f"wrote {args.results} and {args.results.with_suffix('.png')}")
+    if failed:
+        raise SystemExit(f"{len(failed)} cells failed: {failed}")
+
+
+if __name__ == "__main__":
+    main()
