@@ -159,6 +159,7 @@ MODEL_OPTIONS = {
     "content": "content",
     "add_activation": "add_activation",
     "velocity_prior": "velocity_prior",
+    "overwrite": "overwrite",
 }
 OPTION_OF_MODEL_FIELD = {f: o for o, f in MODEL_OPTIONS.items()}
 TRAIN_OPTIONS = (
@@ -172,6 +173,9 @@ TRAIN_OPTIONS = (
     "weight_decay",
     "clip_norm",
     "hard_from",
+    "hard_mix",
+    "head_noise",
+    "noise_until",
     "seed",
 )
 
@@ -243,6 +247,23 @@ TRAIN_OPTIONS = (
     "heads are then also used at evaluation.",
 )
 @click.option(
+    "--hard-mix",
+    type=click.FloatRange(min=0),
+    help="Before --hard-from, add this weight times the loss of the same batch with hard "
+    "heads, so that the soft circuit keeps working once its heads are hardened.",
+)
+@click.option(
+    "--head-noise",
+    type=click.FloatRange(min=0),
+    help="Scale of Gumbel noise on the shift logits and logistic noise on the gate logits "
+    "in training (sampled heads), decaying linearly to 0 at --noise-until.",
+)
+@click.option(
+    "--noise-until",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Fraction of the steps at which the head noise reaches 0.",
+)
+@click.option(
     "--seed",
     default=0,
     show_default=True,
@@ -286,6 +307,11 @@ TRAIN_OPTIONS = (
     type=float,
     help="Initial bias of every head's +1 shift logit: a fresh head moves +1 per step with "
     "probability e^v / (e^v + 2S).",
+)
+@click.option(
+    "--overwrite/--no-overwrite",
+    default=None,
+    help="Every write replaces its slot's content (erase fixed to 1) instead of a learned erase.",
 )
 @click.option(
     "--out",

@@ -55,22 +55,33 @@ class Recipe:
         return " ".join(f"{k}={v}" for k, v in items.items()) or "-"
 
 
-# A constant-speed head is the discrete machine most tasks need; the velocity prior starts
-# training next to it (SPEC §7: it turns cycle navigation and duplicate from 0% into exact).
-_VELOCITY = {"velocity_prior": 2.0}
+# One recipe for every task so far (docs/research-log.md, sections 4-6):
+# - velocity prior 2: a constant-speed head is the discrete machine most tasks need, and the
+#   prior starts training next to it (SPEC §7);
+# - overwriting writes: a head parked on one slot cannot become a leaky counter;
+# - Gumbel/logistic noise of scale 3 on the head logits, decaying to 0 at the switch to hard
+#   heads (40% of 3,000 steps): a soft circuit that leans on blur or leaks does not survive
+#   sampling, so the circuit that fits is one that survives hardening.
+_MODEL = {"velocity_prior": 2.0, "overwrite": True}
+_TRAIN = {"steps": 3000, "head_noise": 3.0, "noise_until": 0.4}  # hard from 40% (default)
+_FOUND = "noisy soft phase + overwrite + velocity prior: exact at 16x on the explored seed"
+_PRIOR = "velocity prior alone: exact at 16x on the explored seed; noise kept it from fitting"
+_SHORT = "the shared recipe; no recipe found yet that generalizes (see docs/research-log.md)"
 
 RECIPES: dict[str, Recipe] = {
     r.task: r
     for r in (
-        Recipe("parity", model=_VELOCITY, why="velocity prior: seed 2 exact (SPEC §7)"),
-        Recipe("cycle_navigation", model=_VELOCITY, why="velocity prior (SPEC §7)"),
-        Recipe("modular_arithmetic", model=_VELOCITY, why="velocity prior (SPEC §7)"),
-        Recipe("copy", model=_VELOCITY, why="velocity prior (SPEC §7)"),
-        Recipe("reverse", model=_VELOCITY, why="velocity prior (SPEC §7)"),
-        Recipe("duplicate", model=_VELOCITY, why="velocity prior (SPEC §7)"),
-        Recipe("associative_recall", model=_VELOCITY, why="velocity prior (SPEC §7)"),
-        Recipe("binary_addition", model=_VELOCITY, why="velocity prior (SPEC §7)"),
-        Recipe("binary_multiplication", model=_VELOCITY, why="velocity prior (SPEC §7)"),
+        Recipe("parity", _TRAIN, _MODEL, _FOUND),
+        Recipe("cycle_navigation", _TRAIN, _MODEL, _FOUND),
+        # under the noise it did not fit in 1,200 soft steps (loss 0.41); the prior alone
+        # (plain defaults otherwise) was exact at 16x
+        Recipe("modular_arithmetic", model={"velocity_prior": 2.0}, why=_PRIOR),
+        Recipe("copy", _TRAIN, _MODEL, _FOUND),
+        Recipe("reverse", _TRAIN, _MODEL, _FOUND),
+        Recipe("duplicate", _TRAIN, _MODEL, _FOUND),
+        Recipe("associative_recall", _TRAIN, _MODEL, _SHORT),
+        Recipe("binary_addition", _TRAIN, _MODEL, _SHORT),
+        Recipe("binary_multiplication", _TRAIN, _MODEL, _SHORT),
     )
 }
 assert set(RECIPES) == set(tasks.NAMES), "every task needs a recipe"

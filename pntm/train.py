@@ -1,7 +1,8 @@
 """One training loop for every backend: teacher forcing on a task's sequences, AdamW, linear
 warm-up then cosine decay, global-norm clipping, and a head schedule (soft heads for the first
 ``hard_from`` fraction of the steps, then straight-through hard heads: the "st40" recipe of the
-prototype, SPEC §7).
+prototype, SPEC §7), optionally with noisy (sampled) heads early on and a hard-heads loss term
+during the soft phase (docs/research-log.md).
 
 :class:`Trainer` holds the parameters, optimizer state and data RNG on one backend and can be
 rebuilt exactly from a checkpoint; :func:`fit` runs it with a progress bar, JSONL metrics and
@@ -47,6 +48,11 @@ class TrainConfig:
     # (straight-through) heads: the soft circuit is pushed toward one that still works once
     # its heads are hardened.
     hard_mix: float = 0.0
+    # Gumbel (shifts) and logistic (gates) noise of this scale on the head logits at step 0,
+    # decaying linearly to 0 at ``noise_until`` x steps: sampled heads, so that a circuit
+    # cannot lean on the blur of soft heads, and hard heads explore other moves.
+    head_noise: float = 0.0
+    noise_until: float = 0.5
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -63,6 +69,10 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 <= self.hard_from <= 1:
             raise ValueError(f"hard_from must be in [0, 1], got {self.hard_from}")
+        if not 0 <= self.head_noise < float("inf"):
+            raise ValueError(f"head_noise must be a finite number >= 0, got {self.head_noise}")
+        if not 0 < self.noise_until <= 1:
+            raise ValueError(f"noise_until must be in (0, 1], got {self.noise_until}")
         if not 0 <= self.hard_mix < float("inf"):
             raise ValueError(f"hard_mix must be a finite number >= 0, got {self.hard_mix}")
         if self.clip_norm <= 0 or self.weight_decay < 0:
@@ -83,6 +93,10 @@ class TrainConfig:
         progress = min(1.0, (step - self.warmup_steps) / span)
         floor = self.lr * self.min_lr_ratio
         return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def noise_at(self, step: int) -> float:
+        """Scale of the head noise at update ``step``: linear decay to 0 at noise_until."""
+        return self.head_noise * max(0.0, 1 - step / (self.noise_until * self.steps))
 
     def heads_at(self, step: int) -> str:
         return "hard" if step >= self.hard_from * self.steps else "soft"
@@ -141,11 +155,11 @@ class Trainer:
             model, ops = self.model, self.ops
             hard_mix = self.config.hard_mix if heads == "soft" else 0.0
 
-            def loss_fn(params, tokens, labels, mask):
-                logits = model.forward(params, tokens, n_slots, heads=heads)
+            def loss_fn(params, tokens, labels, mask, noise=None):
+                logits = model.forward(params, tokens, n_slots, heads=heads, noise=noise)
                 loss = cross_entropy(ops, logits, labels, mask)
                 if hard_mix:
-                    hard = model.forward(params, tokens, n_slots, heads="hard")
+                    hard = model.forward(params, tokens, n_slots, heads="hard", noise=noise)
                     loss = loss + hard_mix * cross_entropy(ops, hard, labels, mask)
                 return loss, logits
 
@@ -161,11 +175,16 @@ class Trainer:
         n_slots = batch.tokens.shape[1]  # N = T of the padded batch
         heads = cfg.heads_at(self.step)
         lr = cfg.lr_at(self.step)
+        scale = cfg.noise_at(self.step)
+        noise = (
+            {"noise": self.model.head_noise(self.rng, *batch.tokens.shape, scale)} if scale else {}
+        )
         (loss, logits), grads = self._loss_and_grad(n_slots, heads)(
             self.params,
             ops.asarray(batch.tokens),
             ops.asarray(batch.labels),
             ops.asarray(batch.mask),
+            **noise,
         )
         grads, grad_norm = clip_by_global_norm(ops, grads, cfg.clip_norm)
         self.params, self.opt_state = self.optimizer.update(
@@ -182,6 +201,7 @@ class Trainer:
             "lr": lr,
             "grad_norm": grad_norm,
             "heads": heads,
+            "head_noise": scale,
             "tokens": int(batch.tokens.size),
             "seconds": time.perf_counter() - start,
         }
@@ -262,6 +282,7 @@ def _summarize(window: list[dict[str, Any]]) -> dict[str, Any]:
         "lr": window[-1]["lr"],
         "grad_norm": float(np.mean([m["grad_norm"] for m in window])),
         "heads": window[-1]["heads"],
+        "head_noise": window[-1]["head_noise"],
         "tokens_per_s": sum(m["tokens"] for m in window) / max(seconds, 1e-9),
         "seconds": seconds,
     }

@@ -154,7 +154,17 @@ def write_report(path: Path, results: list[dict[str, Any]], command: str) -> Non
         "",
         f"![exact match against length]({png.name})",
         "",
+        "| task | seeds | 100% at 8x on | worst seed at 8x | worst seed at 16x |",
+        "|---|---|---|---|---|",
     ]
+    for task, rows in by_task.items():
+        at = {f: [_exact_at(r, f) for r in rows] for f in (8, 16)}
+        lines.append(
+            f"| {task} | {', '.join(str(r['seed']) for r in rows)} | "
+            f"{sum(x == 1.0 for x in at[8])} of {len(rows)} | {min(at[8]):.3f} | "
+            f"{min(at[16]):.3f} |"
+        )
+    lines.append("")
     for task, rows in by_task.items():
         lengths = [x["length"] for x in rows[0]["results"]]
         L = rows[0]["train_config"]["train_length"]
@@ -179,6 +189,13 @@ def write_report(path: Path, results: list[dict[str, Any]], command: str) -> Non
         lines += ["", f"{samples} samples per length, evaluation seed {rows[0]['eval_seed']}.", ""]
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
     _plot(png, by_task)
+
+
+def _exact_at(result: dict[str, Any], factor: int) -> float:
+    """Exact match at ``factor`` x L_train (or the longest length evaluated, if capped)."""
+    L = result["train_config"]["train_length"]
+    points = [x for x in result["results"] if x["length"] <= factor * L]
+    return points[-1]["exact_match"]
 
 
 def _any(overrides: dict[str, dict[str, Any]]) -> bool:
@@ -232,6 +249,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--set", action="append", default=[], metavar="GROUP.FIELD=VALUE")
     parser.add_argument("--results", type=Path, help="write the Markdown report here (+ .png)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the report from the cells of the grid that are finished",
+    )
     args = parser.parse_args(argv)
 
     names = list(tasks.NAMES) if args.tasks == "all" else args.tasks.split(",")
@@ -240,39 +262,53 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     overrides = parse_overrides(args.set)
     cells = [(name, seed) for name in names for seed in seeds]
+    command = "python scripts/length_generalization.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    results, failed = [], []
+
+    def report() -> None:
+        # after every cell, so that an interrupted grid still has its finished rows reported
+        if args.results is not None and results:
+            write_report(args.results, results, command.replace(" --report-only", ""))
+
+    if args.report_only:
+        for name, seed in cells:
+            path = args.grid / name / f"seed-{seed}" / RESULT_NAME
+            if path.exists():
+                results.append(json.loads(path.read_text()))
+        print(f"{len(results)} of {len(cells)} cells finished in {args.grid}")
+        report()
+        return
     print(f"{len(cells)} cells in {args.grid}, {args.workers} at a time", flush=True)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    results, failed = [], []
     start = time.perf_counter()
-    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        futures = {
-            pool.submit(
-                run_cell,
-                str(args.grid),
-                name,
-                seed,
-                overrides,
-                args.samples,
-                args.eval_seed,
-                args.backend,
-                args.threads,
-            ): (name, seed)
-            for name, seed in cells
-        }
-        for future in as_completed(futures):
-            try:
-                result = future.result()
-            except Exception as exc:  # one failed cell must not lose the others
-                failed.append(futures[future])
-                print(f"{futures[future]} failed: {exc!r}", flush=True)
-                continue
-            results.append(result)
-            print(f"[{time.perf_counter() - start:6.0f} s] {summary_line(result)}", flush=True)
+    jobs = [
+        (str(args.grid), name, seed, overrides, args.samples, args.eval_seed, args.backend,
+         args.threads)
+        for name, seed in cells
+    ]  # fmt: skip
+
+    def finished(cell: tuple[str, int], outcome: Any) -> None:
+        try:
+            result = outcome()
+        except Exception as exc:  # one failed cell must not lose the others
+            failed.append(cell)
+            print(f"{cell} failed: {exc!r}", flush=True)
+            return
+        results.append(result)
+        print(f"[{time.perf_counter() - start:6.0f} s] {summary_line(result)}", flush=True)
+        report()
+
+    if args.workers == 1:  # in this process, one cell after another
+        for job in jobs:
+            finished(job[1:3], lambda job=job: run_cell(*job))
+    else:
+        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(run_cell, *job): job[1:3] for job in jobs}
+            for future in as_completed(futures):
+                finished(futures[future], future.result)
     if args.results is not None and results:
-        command = "python scripts/length_generalization.py " + " ".join(
-            sys.argv[1:] if argv is None else argv
-        )
-        write_report(args.results, results, command)
         print(f"wrote {args.results} and {args.results.with_suffix('.png')}")
     if failed:
         raise SystemExit(f"{len(failed)} cells failed: {failed}")

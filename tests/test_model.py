@@ -24,8 +24,8 @@ CONFIGS = {
     "shift2-odd": dict(
         d_model=12, n_layers=1, n_heads=3, head_dim=5, max_shift=2, velocity_prior=1.5
     ),
-    "one-head-linear-add": dict(
-        d_model=8, n_layers=3, n_heads=1, head_dim=3, add_activation="linear"
+    "one-head-linear-add-overwrite": dict(
+        d_model=8, n_layers=3, n_heads=1, head_dim=3, add_activation="linear", overwrite=True
     ),
 }
 # (batch, T, n_slots): T=1, N=1, N < 2S+1, N > T, odd everything
@@ -244,3 +244,51 @@ def test_bad_config_is_named(field, value):
 def test_velocity_prior_needs_a_shift():
     with pytest.raises(ValueError, match=r"velocity_prior 2.0 needs max_shift >= 1"):
         PNTMConfig(vocab_size=5, max_shift=0, velocity_prior=2.0)
+
+
+def test_overwrite_keeps_the_last_write_of_a_parked_head():
+    """With ``overwrite`` a slot holds exactly the last add written to it (erase is 1), in
+    both forms: a head parked on one slot is no leaky counter."""
+    from pntm import backends
+
+    ops = backends.get("numpy")
+    config = PNTMConfig(vocab_size=VOCAB, d_model=8, n_layers=1, n_heads=1, head_dim=3)
+    model = PNTM(PNTMConfig(**(config.to_dict() | {"overwrite": True})), ops)
+    assert "erase" not in dict(model.config.controller_fields())
+    params = init_params(model.config, 0)
+    tokens = np.random.default_rng(1).integers(0, VOCAB, (2, 9))
+    x = ops.take(params["embed"], tokens)
+    ctl = model._controls(params["blocks"][0], x, "hard", 1.0)
+    assert np.array_equal(ctl["erase"], np.ones_like(ctl["add"]))
+    parked = np.zeros((2, 9, 1, 5))
+    parked[..., 2] = 1.0  # the write head never leaves slot 2
+    _, memory = ops.memory_scan_read(parked, ctl["erase"], ctl["add"], parked, None)
+    np.testing.assert_allclose(memory[:, 0, 2], ctl["add"][:, -1, 0], rtol=1e-12)
+    state = model.init_state(2, 5)[0]["memory"]
+    for t in range(9):
+        state = ops.decay_write(state, parked[:, t], ctl["erase"][:, t], ctl["add"][:, t])
+    np.testing.assert_allclose(state, memory, rtol=1e-12)
+
+
+def test_head_noise_samples_the_heads():
+    """Zero noise is no noise; with hard heads the shifts are the argmax of logits + noise."""
+    from pntm import backends
+
+    ops = backends.get("numpy")
+    model, params = make(ops, "default")
+    tokens = np.random.default_rng(2).integers(0, VOCAB, (3, 7))
+    plain = model.forward(params, tokens, 8, heads="hard")
+    zero = model.head_noise(np.random.default_rng(0), 3, 7, 0.0)
+    assert [set(n) for n in zero] == [
+        {"write_shift", "write_gate", "read_shift", "read_gate"}
+    ] * model.config.n_layers
+    assert zero[0]["write_shift"].shape == (3, 7, 2, 3) and zero[0]["read_gate"].shape == (3, 7, 2)
+    np.testing.assert_array_equal(model.forward(params, tokens, 8, heads="hard", noise=zero), plain)
+    noise = model.head_noise(np.random.default_rng(0), 3, 7, 5.0)
+    x = ops.take(params["embed"], tokens)
+    block = params["blocks"][0]
+    clean = model._controls(block, x, "soft", 1.0)
+    noisy = model._controls(block, x, "hard", 1.0, noise[0])
+    raw = np.log(clean["write_shift"]) + noise[0]["write_shift"]
+    np.testing.assert_array_equal(noisy["write_shift"], np.eye(3)[raw.argmax(-1)])
+    assert not np.array_equal(noisy["write_shift"], np.eye(3)[clean["write_shift"].argmax(-1)])

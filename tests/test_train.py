@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 
@@ -59,6 +60,9 @@ def test_head_schedule():
         ({"task": "associative_recall", "train_length": 65}, r"allowed 1\.\.64"),
         ({"hard_from": 1.5}, "hard_from must be in"),
         ({"steps": 0}, "steps must be >= 1"),
+        ({"hard_mix": -1.0}, "hard_mix must be"),
+        ({"head_noise": float("nan")}, "head_noise must be"),
+        ({"noise_until": 0.0}, "noise_until must be in"),
     ],
 )
 def test_train_config_refuses_bad_values(bad, message):
@@ -79,19 +83,52 @@ def test_training_lowers_the_loss(trainable_ops, backend_name):
     assert np.isfinite(losses).all()
 
 
+def test_noise_schedule():
+    cfg = TrainConfig(steps=10, head_noise=2.0, noise_until=0.5)
+    assert [cfg.noise_at(s) for s in range(7)] == pytest.approx([2, 1.6, 1.2, 0.8, 0.4, 0, 0])
+    assert TrainConfig(steps=10).noise_at(0) == 0
+
+
+def test_hard_mix_adds_the_hard_heads_loss(tmp_path):
+    """In the soft phase the loss is CE(soft heads) + hard_mix x CE(hard heads), same batch."""
+    from pntm.models.pntm import cross_entropy
+
+    name = TRAINABLE[0]
+    trainer = make_trainer(name, hard_mix=0.5, hard_from=0.5)
+    ops, model, params = trainer.ops, trainer.model, trainer.params
+    rng = copy.deepcopy(trainer.rng)  # the batch train_step will draw
+    lengths = rng.integers(1, trainer.config.train_length + 1, trainer.config.batch_size)
+    batch = trainer.task.batch(rng, lengths)
+    args = [ops.asarray(a) for a in (batch.labels, batch.mask)]
+
+    def loss(heads):
+        logits = model.forward(
+            params, ops.asarray(batch.tokens), batch.tokens.shape[1], heads=heads
+        )
+        return float(ops.to_numpy(cross_entropy(ops, logits, *args)))
+
+    want = loss("soft") + 0.5 * loss("hard")
+    assert trainer.train_step()["loss"] == pytest.approx(want, rel=1e-5)
+
+
 def test_resume_is_exact(trainable_ops, backend_name, tmp_path):
     """Six steps straight equal three, a checkpoint, a new process-like Trainer, three more:
-    parameters, optimizer state and data stream are all restored (hard heads from step 3)."""
-    straight = make_trainer(backend_name, steps=6, hard_from=0.5)
+    parameters, optimizer state and data stream (head noise too) are all restored (hard heads
+    from step 3)."""
+    straight = make_trainer(backend_name, steps=6, hard_from=0.5, head_noise=1.0)
     for _ in range(6):
         straight.train_step()
 
-    first = make_trainer(backend_name, steps=6, hard_from=0.5)
+    first = make_trainer(backend_name, steps=6, hard_from=0.5, head_noise=1.0)
     for _ in range(3):
         first.train_step()
     checkpoint.save(tmp_path / "c.safetensors", first.to_checkpoint())
     resumed = make_trainer(
-        backend_name, checkpoint.load(tmp_path / "c.safetensors"), steps=6, hard_from=0.5
+        backend_name,
+        checkpoint.load(tmp_path / "c.safetensors"),
+        steps=6,
+        hard_from=0.5,
+        head_noise=1.0,
     )
     assert resumed.step == 3
     for _ in range(3):

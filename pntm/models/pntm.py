@@ -49,6 +49,10 @@ class PNTMConfig:
     # e^v / (e^v + 2S) (1/3 at v = 0, 0.79 at v = 2 for S = 1). Only the initial parameters
     # change; the model computes the same function of its parameters (SPEC §7).
     velocity_prior: float = 0.0
+    # Every write replaces what its head points at (erase fixed to 1, no erase output): a head
+    # parked on one slot then holds the last write, not a leaky sum of all of them (the
+    # length-dependent counter shortcut of SPEC §7).
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "mlp_ratio"):
@@ -65,6 +69,8 @@ class PNTMConfig:
             raise ValueError(
                 f"velocity_prior {self.velocity_prior} needs max_shift >= 1 (a +1 shift to bias)"
             )
+        if not isinstance(self.overwrite, bool):
+            raise ValueError(f"overwrite must be true or false, got {self.overwrite!r}")
         if self.add_activation not in ("tanh", "linear"):
             raise ValueError(
                 f"add_activation must be 'tanh' or 'linear', got {self.add_activation!r}"
@@ -87,7 +93,7 @@ class PNTMConfig:
         out = [
             ("write_shift", S),
             ("write_gate", 1),
-            ("erase", D),
+            *([] if self.overwrite else [("erase", D)]),
             ("add", D),
             ("read_shift", S),
             ("read_gate", 1),
@@ -171,8 +177,19 @@ class PNTM:
         ops = self.ops
         return x / ops.sqrt(ops.mean(x * x, axis=-1, keepdims=True) + RMS_EPS) * gain
 
-    def _controls(self, block: dict, x: Array, heads: str, temperature: float) -> dict[str, Array]:
-        """Controller outputs per head for inputs ``x`` (..., H): shapes (..., K, width)."""
+    def _controls(
+        self,
+        block: dict,
+        x: Array,
+        heads: str,
+        temperature: float,
+        noise: dict[str, Array] | None = None,
+    ) -> dict[str, Array]:
+        """Controller outputs per head for inputs ``x`` (..., H): shapes (..., K, width).
+
+        ``noise`` (training only) is added to the shift and gate logits of both heads: Gumbel
+        noise makes the shifts Gumbel-softmax samples and logistic noise the gates binary
+        concrete samples (with hard heads: exact samples of the discrete moves)."""
         ops, c = self.ops, self.config
         raw = ops.matmul(self._rms_norm(x, block["norm_ctrl"]), block["ctrl_w"]) + block["ctrl_b"]
         raw = ops.reshape(raw, (*x.shape[:-1], c.n_heads, -1))
@@ -182,8 +199,12 @@ class PNTM:
             out[name] = raw[..., offset : offset + n]
             offset += n
         for head in ("write", "read"):
-            shift = ops.softmax(out[f"{head}_shift"] / temperature, axis=-1)
-            gate = ops.sigmoid(out[f"{head}_gate"][..., 0] / temperature)
+            shift_logits, gate_logits = out[f"{head}_shift"], out[f"{head}_gate"][..., 0]
+            if noise is not None:
+                shift_logits = shift_logits + noise[f"{head}_shift"]
+                gate_logits = gate_logits + noise[f"{head}_gate"]
+            shift = ops.softmax(shift_logits / temperature, axis=-1)
+            gate = ops.sigmoid(gate_logits / temperature)
             if heads == "hard":  # straight-through: exact one-hot / 0-1 forward, soft gradient
                 shift = ops.one_hot(ops.argmax(shift, -1), c.n_shifts) + (
                     shift - ops.stop_gradient(shift)
@@ -192,7 +213,10 @@ class PNTM:
                     gate - ops.stop_gradient(gate)
                 )
             out[f"{head}_shift"], out[f"{head}_gate"] = shift, gate
-        out["erase"] = ops.sigmoid(out["erase"])
+        if c.overwrite:
+            out["erase"] = ops.ones_like(out["add"])
+        else:
+            out["erase"] = ops.sigmoid(out["erase"])
         if c.add_activation == "tanh":
             out["add"] = ops.tanh(out["add"])
         if c.content:
@@ -272,11 +296,13 @@ class PNTM:
         heads: str = "soft",
         temperature: float = 1.0,
         return_state: bool = False,
+        noise: list[dict[str, Array]] | None = None,
     ) -> Array | tuple[Array, list[dict[str, Array]]]:
         """Logits (B, T, V) for tokens (B, T), all positions at once.
 
         ``state`` continues from an earlier call (or :meth:`step`); ``return_state`` also returns
         the state after the last token, so that decoding can go on with :meth:`step`.
+        ``noise`` (one dict per block, from :meth:`head_noise`) samples the heads in training.
         """
         _check_slots(n_slots)
         _check_heads(heads, temperature)
@@ -284,7 +310,7 @@ class PNTM:
         x = ops.take(params["embed"], tokens)
         new_state = []
         for i, block in enumerate(params["blocks"]):
-            ctl = self._controls(block, x, heads, temperature)
+            ctl = self._controls(block, x, heads, temperature, noise[i] if noise else None)
             prev = state[i] if state is not None else {}
             write, read = (
                 self.head_positions(
@@ -299,6 +325,22 @@ class PNTM:
             new_state.append({"write": write[:, -1], "read": read[:, -1], "memory": memory})
         logits = self._logits(params, x)
         return (logits, new_state) if return_state else logits
+
+    def head_noise(
+        self, rng: np.random.Generator, batch: int, length: int, scale: float
+    ) -> list[dict[str, Array]]:
+        """``scale`` x Gumbel noise for the shift logits and ``scale`` x logistic noise (the
+        difference of two Gumbels) for the gate logits, per block, head and position."""
+        c, ops = self.config, self.ops
+        shape = (batch, length, c.n_heads)
+        out = []
+        for _ in range(c.n_layers):
+            draws = {}
+            for head in ("write", "read"):
+                draws[f"{head}_shift"] = scale * rng.gumbel(size=(*shape, c.n_shifts))
+                draws[f"{head}_gate"] = scale * rng.logistic(size=shape)
+            out.append({k: ops.asarray(v) for k, v in draws.items()})
+        return out
 
     # ------------------------------------------------------------------ recurrent (step) form
     def _delta(self, n_slots: int) -> Array:

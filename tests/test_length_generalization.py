@@ -1,0 +1,93 @@
+"""scripts/length_generalization.py: a tiny grid end to end, read back when finished, resumed
+from a checkpoint when interrupted, refused when a cell was trained with other settings."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from pntm import backends
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "length_generalization.py"
+spec = importlib.util.spec_from_file_location("length_generalization", SCRIPT)
+grid_script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(grid_script)
+
+pytestmark = pytest.mark.skipif(
+    not any(i.name == "torch" and i.runs for i in backends.available()),
+    reason="the grid trains with torch",
+)
+TINY = [
+    "--set", "train.steps=4", "--set", "train.train_length=2", "--set", "train.batch_size=4",
+    "--set", "model.d_model=8", "--set", "model.n_layers=1", "--set", "model.head_dim=2",
+    "--samples", "3", "--workers", "1",
+]  # fmt: skip
+
+
+def test_grid_trains_reports_and_reads_back(tmp_path):
+    grid, report = tmp_path / "grid", tmp_path / "results.md"
+    args = ["--grid", str(grid), "--tasks", "reverse", "--seeds", "0,1", *TINY]
+    grid_script.main([*args, "--results", str(report)])
+    for seed in (0, 1):
+        result = json.loads((grid / "reverse" / f"seed-{seed}" / "result.json").read_text())
+        assert result["steps"] == 4 and result["seed"] == seed
+        assert [r["length"] for r in result["results"]] == [2, 4, 8, 16, 32]
+        assert result["train_config"]["head_noise"] == 3.0  # the recipe, under the overrides
+    text = report.read_text()
+    assert "| reverse | 0, 1 |" in text and "| 0 | 4 |" in text and "| 1 | 4 |" in text
+    assert report.with_suffix(".png").stat().st_size > 0
+    # finished cells are read back, not trained again
+    stamps = {p: p.stat().st_mtime_ns for p in grid.rglob("checkpoint.safetensors")}
+    grid_script.main([*args, "--results", str(report), "--report-only"])
+    grid_script.main(args)
+    assert stamps == {p: p.stat().st_mtime_ns for p in grid.rglob("checkpoint.safetensors")}
+
+
+def test_interrupted_cell_resumes_and_other_settings_are_refused(tmp_path):
+    """A cell stopped at step 2 of 4 resumes from its checkpoint and ends where an
+    uninterrupted cell ends; a cell trained with other settings is refused."""
+    from pntm import checkpoint, recipes
+    from pntm.train import CHECKPOINT_NAME, Trainer
+    from pntm.tree import tree_flatten
+
+    args = ["--tasks", "copy", "--seeds", "0", *TINY]
+    grid_script.main(["--grid", str(tmp_path / "straight"), *args])
+    overrides = grid_script.parse_overrides(TINY[: TINY.index("--samples")][1::2])
+    recipe = recipes.get("copy")
+    trainer = Trainer(
+        "pntm",
+        recipe.model_config(**overrides["model"]),
+        recipe.train_config(seed=0, **overrides["train"]),
+        backends.get("torch"),
+        "torch",
+    )
+    trainer.train_step()
+    trainer.train_step()
+    cell = tmp_path / "resumed" / "copy" / "seed-0"
+    checkpoint.save(cell / CHECKPOINT_NAME, trainer.to_checkpoint())
+    grid_script.main(["--grid", str(tmp_path / "resumed"), *args])
+    resumed = checkpoint.load(cell / CHECKPOINT_NAME)
+    straight = checkpoint.load(tmp_path / "straight" / "copy" / "seed-0" / CHECKPOINT_NAME)
+    assert resumed.step == straight.step == 4
+    for key, value in tree_flatten(straight.params).items():
+        assert (tree_flatten(resumed.params)[key] == value).all(), key
+
+    (cell / "result.json").unlink()
+    with pytest.raises(SystemExit, match="1 cells failed"):
+        grid_script.main(["--grid", str(tmp_path / "resumed"), *args, "--set", "train.lr=1e-3"])
+    with pytest.raises(ValueError, match="other settings"):
+        grid_script.run_cell(
+            str(tmp_path / "resumed"), "copy", 0, grid_script.parse_overrides([]), 3, 0, "torch", 1
+        )
+
+
+def test_bad_overrides_are_named():
+    with pytest.raises(SystemExit, match=r"train\.FIELD=VALUE"):
+        grid_script.parse_overrides(["steps=3"])
+    assert grid_script.parse_overrides(["model.overwrite=false", "train.task=x"]) == {
+        "model": {"overwrite": False},
+        "train": {"task": "x"},
+    }
