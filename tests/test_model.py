@@ -88,7 +88,9 @@ def test_state_hand_over_between_forms(ops, config):
     assert rel_err(np.stack(stepped, 1), full[:, 6:]) <= tol
 
 
-@pytest.mark.parametrize("T,n_slots", [(1, 1), (300, 37), (65_536, 64)])
+# N = 7 at T = 65,536: few frequencies (the interpreted Triton scan is slow) whose twiddles are
+# not exact in float32, so the drift that snapping removes is there
+@pytest.mark.parametrize("T,n_slots", [(1, 1), (300, 37), (65_536, 7)])
 def test_hard_heads_are_exactly_the_discrete_machine(ops, T, n_slots):
     """Straight-through heads in the parallel form: exact one-hot positions, equal to the
     discrete machine's integer positions (move by the shift, or reset to slot 0) at every step,
@@ -96,13 +98,13 @@ def test_hard_heads_are_exactly_the_discrete_machine(ops, T, n_slots):
     model, _ = make(ops, "default")
     rng = np.random.default_rng(T)
     S = model.config.max_shift
-    moves = rng.integers(-S, S + 1, (2, T, 1))
-    resets = rng.uniform(size=(2, T, 1)) < 0.01
+    moves = rng.integers(-S, S + 1, (1, T, 1))
+    resets = rng.uniform(size=(1, T, 1)) < 0.01
     shift = ops.asarray(np.eye(2 * S + 1)[moves + S])
     gate = ops.asarray(resets.astype(float))
     got = ops.to_numpy(model.head_positions(shift, gate, n_slots, heads="hard"))
-    want = np.zeros((2, T, 1), dtype=np.int64)
-    position = np.zeros((2, 1), dtype=np.int64)
+    want = np.zeros((1, T, 1), dtype=np.int64)
+    position = np.zeros((1, 1), dtype=np.int64)
     for t in range(T):
         position = np.where(resets[:, t], 0, (position + moves[:, t]) % n_slots)
         want[:, t] = position
