@@ -140,6 +140,16 @@ def write_json(path: str | Path, info: dict[str, Any], results: list[LengthResul
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
 
 
+def style_length_axes(ax: Any, lengths: list[int], train_length: int) -> None:
+    """Accuracy against length on matplotlib axes ``ax``: log2 length axis ticked at the
+    evaluated lengths, accuracy from 0 to 1, the training length marked."""
+    ax.axvline(train_length, color="grey", lw=0.8, ls=":", label=f"L_train = {train_length}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("length")
+
+
 def plot(path: str | Path, title: str, results: list[LengthResult], train_length: int) -> None:
     """Exact match and token accuracy against length (log2 axis), training length marked."""
     import matplotlib
@@ -151,11 +161,7 @@ def plot(path: str | Path, title: str, results: list[LengthResult], train_length
     fig, ax = plt.subplots(figsize=(5.5, 3.5), layout="constrained")
     ax.plot(lengths, [r.exact_match for r in results], "o-", label="exact match")
     ax.plot(lengths, [r.token_accuracy for r in results], "s--", label="token accuracy")
-    ax.axvline(train_length, color="grey", lw=0.8, ls=":", label=f"L_train = {train_length}")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, [str(n) for n in lengths])
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_xlabel("length")
+    style_length_axes(ax, lengths, train_length)
     ax.set_ylabel("accuracy (greedy decoding)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, loc="best")

@@ -38,21 +38,25 @@ class Recipe:
 
     def train_config(self, **overrides: Any) -> TrainConfig:
         """The recipe's training config, with ``overrides`` (``None`` values ignored)."""
-        given = {k: v for k, v in overrides.items() if v is not None}
         base = {"task": self.task, "train_length": tasks.get(self.task).default_train_length}
-        return TrainConfig(**{**base, **self.train, **given})
+        return TrainConfig(**{**base, **self.train, **_given(overrides)})
 
     def model_config(self, **overrides: Any) -> PNTMConfig:
-        given = {k: v for k, v in overrides.items() if v is not None}
+        """The recipe's P-NTM config for its task, with ``overrides`` (``None`` ignored)."""
         task = tasks.get(self.task)
         base = {"content": task.needs_content, **self.model}
-        return PNTMConfig(vocab_size=task.vocab_size, **{**base, **given})
+        return PNTMConfig(vocab_size=task.vocab_size, **{**base, **_given(overrides)})
 
     def describe(self) -> str:
         """The settings that differ from the global defaults, ``key=value`` separated by
         spaces (``-`` when none)."""
         items = {**self.train, **self.model}
         return " ".join(f"{k}={v}" for k, v in items.items()) or "-"
+
+
+def _given(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The overrides actually given: ``None`` means "not given" (an option left unset)."""
+    return {k: v for k, v in overrides.items() if v is not None}
 
 
 # One recipe for every task so far (docs/research-log.md, sections 4-6):

@@ -176,15 +176,13 @@ class Trainer:
         heads = cfg.heads_at(self.step)
         lr = cfg.lr_at(self.step)
         scale = cfg.noise_at(self.step)
-        noise = (
-            {"noise": self.model.head_noise(self.rng, *batch.tokens.shape, scale)} if scale else {}
-        )
+        noise = self.model.head_noise(self.rng, *batch.tokens.shape, scale) if scale else None
         (loss, logits), grads = self._loss_and_grad(n_slots, heads)(
             self.params,
             ops.asarray(batch.tokens),
             ops.asarray(batch.labels),
             ops.asarray(batch.mask),
-            **noise,
+            noise=noise,
         )
         grads, grad_norm = clip_by_global_norm(ops, grads, cfg.clip_norm)
         self.params, self.opt_state = self.optimizer.update(

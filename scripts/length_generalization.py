@@ -43,10 +43,6 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def eval_lengths(task: Any, train_length: int) -> list[int]:
-    return sorted({min(f * train_length, task.max_length) for f in FACTORS})
-
-
 def run_cell(
     grid: str,
     task_name: str,
@@ -62,7 +58,7 @@ def run_cell(
 
     torch.set_num_threads(threads)
     from pntm import backends, checkpoint, recipes, tasks
-    from pntm.evaluate import evaluate
+    from pntm.evaluate import default_lengths, evaluate
     from pntm.train import CHECKPOINT_NAME, METRICS_NAME, Trainer, fit
 
     cell = Path(grid) / task_name / f"seed-{seed}"
@@ -94,7 +90,7 @@ def run_cell(
         trainer.model,
         trainer.params,
         task,
-        eval_lengths(task, train_config.train_length),
+        default_lengths(train_config.train_length, task, FACTORS),
         samples=samples,
         seed=eval_seed,
         heads=train_config.final_heads,
@@ -209,6 +205,7 @@ def _plot(path: Path, by_task: dict[str, list[dict[str, Any]]]) -> None:
     import matplotlib.pyplot as plt
 
     from pntm.checkpoint import atomic_write
+    from pntm.evaluate import style_length_axes
 
     n = len(by_task)
     cols = min(3, n)
@@ -220,13 +217,8 @@ def _plot(path: Path, by_task: dict[str, list[dict[str, Any]]]) -> None:
         for r in runs:
             x = [p["length"] for p in r["results"]]
             ax.plot(x, [p["exact_match"] for p in r["results"]], "o-", label=f"seed {r['seed']}")
-        L = runs[0]["train_config"]["train_length"]
-        ax.axvline(L, color="grey", lw=0.8, ls=":")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(x, [str(v) for v in x])
-        ax.set_ylim(-0.03, 1.03)
+        style_length_axes(ax, x, runs[0]["train_config"]["train_length"])
         ax.set_title(task, fontsize=9)
-        ax.set_xlabel("length")
         ax.set_ylabel("exact match")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:

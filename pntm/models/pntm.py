@@ -206,9 +206,7 @@ class PNTM:
             shift = ops.softmax(shift_logits / temperature, axis=-1)
             gate = ops.sigmoid(gate_logits / temperature)
             if heads == "hard":  # straight-through: exact one-hot / 0-1 forward, soft gradient
-                shift = ops.one_hot(ops.argmax(shift, -1), c.n_shifts) + (
-                    shift - ops.stop_gradient(shift)
-                )
+                shift = _straight_through_one_hot(ops, shift)
                 gate = ops.where(gate > 0.5, ops.ones_like(gate), ops.zeros_like(gate)) + (
                     gate - ops.stop_gradient(gate)
                 )
@@ -281,11 +279,7 @@ class PNTM:
         else:
             h0 = ops.rfft(start, axis=-1)
         positions = ops.irfft(ops.linear_scan(a, b, h0), n=n_slots, axis=-1)
-        if heads == "hard":
-            positions = ops.one_hot(ops.argmax(positions, -1), n_slots) + (
-                positions - ops.stop_gradient(positions)
-            )
-        return positions
+        return _straight_through_one_hot(ops, positions) if heads == "hard" else positions
 
     def forward(
         self,
@@ -380,6 +374,13 @@ class PNTM:
             x = self._residual(block, x, reads)
             new_state.append({"write": write, "read": read, "memory": memory})
         return self._logits(params, x), new_state
+
+
+def _straight_through_one_hot(ops: Backend, probs: Array) -> Array:
+    """The one-hot of the argmax of ``probs`` (last axis) in the forward pass, the gradient of
+    ``probs`` in the backward pass."""
+    hard = ops.one_hot(ops.argmax(probs, -1), probs.shape[-1])
+    return hard + (probs - ops.stop_gradient(probs))
 
 
 def _check_slots(n_slots: int) -> None:
