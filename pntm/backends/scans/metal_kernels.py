@@ -77,6 +77,18 @@ inline threadgroup float* group_reduce(
   return totals;
 }
 
+// Key ``row`` (D values of any input dtype) into float q; returns sqrt(|q|^2 + eps), the norm
+// the cosine uses. The buffer's type, address space included, is deduced.
+template <int D, typename Buffer>
+inline float load_key(Buffer key, int row, thread float* q) {
+  float key_sq = 0.0f;
+  for (int d = 0; d < D; ++d) {
+    q[d] = float(key[row * D + d]);
+    key_sq += q[d] * q[d];
+  }
+  return metal::precise::sqrt(key_sq + PNTM_COSINE_EPS);
+}
+
 // Content addressing over the slots this thread owns (row r of m, R x D, is slot
 // tid + r * n_threads; rows past N are padding): p[r] = softmax_i(beta cos(key, M_i)) over all N
 // slots of the threadgroup, with each row's cosine and norm sqrt(|M_i|^2 + eps) (the backward
@@ -170,12 +182,7 @@ MEMORY_FORWARD = KernelSource(
     }
     if (CONTENT) {  // mix in softmax_i(beta cos(key, M_i))
       float q[D];
-      float key_sq = 0.0f;
-      for (int d = 0; d < D; ++d) {
-        q[d] = float(key[row * D + d]);
-        key_sq += q[d] * q[d];
-      }
-      const float key_norm = metal::precise::sqrt(key_sq + PNTM_COSINE_EPS);
+      const float key_norm = load_key<D>(key, row, q);
       const float strength = float(beta[row]);
       const float gate = float(gamma[row]);
       float p[R];
@@ -307,12 +314,7 @@ MEMORY_BACKWARD = KernelSource(
       }
       if (CONTENT) {  // reverse mode of the content read (read_step_vjp of pntm.backends.base)
         float q[D];
-        float key_sq = 0.0f;
-        for (int d = 0; d < D; ++d) {
-          q[d] = float(key[row * D + d]);
-          key_sq += q[d] * q[d];
-        }
-        const float key_norm = metal::precise::sqrt(key_sq + PNTM_COSINE_EPS);
+        const float key_norm = load_key<D>(key, row, q);
         const float strength = float(beta[row]);
         const float gate = float(gamma[row]);
         float p[R];
