@@ -160,6 +160,7 @@ MODEL_OPTIONS = {
     "add_activation": "add_activation",
     "velocity_prior": "velocity_prior",
     "overwrite": "overwrite",
+    "gated_write": "gated_write",
 }
 OPTION_OF_MODEL_FIELD = {f: o for o, f in MODEL_OPTIONS.items()}
 TRAIN_OPTIONS = (
@@ -312,6 +313,12 @@ TRAIN_OPTIONS = (
     "--overwrite/--no-overwrite",
     default=None,
     help="Every write replaces its slot's content (erase fixed to 1) instead of a learned erase.",
+)
+@click.option(
+    "--gated-write/--no-gated-write",
+    default=None,
+    help="The erase is also the write strength (add <- erase * add), snapped to 0/1 with hard "
+    "heads: each write replaces or keeps a slot (a flip-flop).",
 )
 @click.option(
     "--out",

@@ -27,6 +27,7 @@ CONFIGS = {
     "one-head-linear-add-overwrite": dict(
         d_model=8, n_layers=3, n_heads=1, head_dim=3, add_activation="linear", overwrite=True
     ),
+    "gated-write": dict(d_model=8, n_layers=2, n_heads=2, head_dim=3, gated_write=True),
 }
 # (batch, T, n_slots): T=1, N=1, N < 2S+1, N > T, odd everything
 SHAPES = [(1, 1, 1), (2, 9, 1), (3, 11, 4), (2, 13, 13), (1, 24, 31)]
@@ -270,6 +271,42 @@ def test_overwrite_keeps_the_last_write_of_a_parked_head():
     for t in range(9):
         state = ops.decay_write(state, parked[:, t], ctl["erase"][:, t], ctl["add"][:, t])
     np.testing.assert_allclose(state, memory, rtol=1e-12)
+
+
+def test_gated_write_is_a_flip_flop_with_hard_heads():
+    """With ``gated_write`` and hard heads every erase component is 0 or 1 and the add is
+    gated by it, so a parked head's slot holds, per component, the add of the last step that
+    wrote it (a flip-flop), in both forms; soft heads keep e in (0, 1)."""
+    from pntm import backends
+
+    ops = backends.get("numpy")
+    config = PNTMConfig(vocab_size=VOCAB, d_model=8, n_layers=1, n_heads=1, head_dim=4)
+    model = PNTM(PNTMConfig(**(config.to_dict() | {"gated_write": True})), ops)
+    params = init_params(model.config, 0)
+    params["blocks"][0]["ctrl_w"] *= 8.0  # spread the erase logits over both signs
+    tokens = np.random.default_rng(1).integers(0, VOCAB, (2, 9))
+    x = ops.take(params["embed"], tokens)
+    soft = model._controls(params["blocks"][0], x, "soft", 1.0)
+    assert np.all((soft["erase"] > 0) & (soft["erase"] < 1))
+    ctl = model._controls(params["blocks"][0], x, "hard", 1.0)
+    erase = ctl["erase"]
+    assert set(np.unique(erase)) == {0.0, 1.0}
+    np.testing.assert_array_equal(ctl["add"] == 0, erase == 0)
+    parked = np.zeros((2, 9, 1, 5))
+    parked[..., 2] = 1.0  # the write head never leaves slot 2
+    _, memory = ops.memory_scan_read(parked, erase, ctl["add"], parked, None)
+    expected = np.zeros((2, 4))
+    for t in range(9):  # last write wins, per component; untouched components stay 0
+        expected = np.where(erase[:, t, 0] == 1, ctl["add"][:, t, 0], expected)
+    np.testing.assert_allclose(memory[:, 0, 2], expected, rtol=1e-12, atol=1e-15)
+    state = model.init_state(2, 5)[0]["memory"]
+    for t in range(9):
+        state = ops.decay_write(state, parked[:, t], erase[:, t], ctl["add"][:, t])
+    np.testing.assert_allclose(state, memory, rtol=1e-12, atol=1e-15)
+    noise = model.head_noise(np.random.default_rng(0), 2, 9, 1.0)
+    assert noise[0]["erase"].shape == (2, 9, 1, 4)
+    with pytest.raises(ValueError, match="overwrite and gated_write exclude each other"):
+        PNTMConfig(vocab_size=VOCAB, overwrite=True, gated_write=True)
 
 
 def test_head_noise_samples_the_heads():

@@ -140,6 +140,26 @@ def test_resume_is_exact(trainable_ops, backend_name, tmp_path):
     assert a.rng_state == b.rng_state and a.optimizer["step"] == b.optimizer["step"] == 6
 
 
+def test_gated_writes_train_through_the_snapped_gate(trainable_ops, backend_name):
+    """With ``gated_write`` and hard heads from step 0 the write gates are snapped to 0/1, yet
+    the first update moves their weights: the gradient passes straight through (Adam's first
+    step is zero where the gradient is zero). Noise also samples the gates."""
+    model, config = tiny(steps=2, hard_from=0.0, head_noise=1.0)
+    model = PNTMConfig(**(model.to_dict() | {"gated_write": True}))
+    trainer = Trainer("pntm", model, config, trainable_ops, backend_name)
+    names = [name for name, _ in model.controller_fields()]
+    start = sum(n for name, n in model.controller_fields()[: names.index("erase")])
+    erase_columns = slice(start, start + model.head_dim)  # K = 1: one head's fields
+
+    def erase_weights():
+        return trainable_ops.to_numpy(trainer.params["blocks"][0]["ctrl_w"])[:, erase_columns]
+
+    before = erase_weights()
+    metrics = trainer.train_step()
+    assert metrics["heads"] == "hard" and np.isfinite(metrics["loss"])
+    assert np.abs(erase_weights() - before).max() > 1e-4
+
+
 def test_fit_writes_metrics_and_checkpoint(tmp_path):
     trainer = make_trainer(TRAINABLE[0], steps=12)
     last = fit(trainer, tmp_path, log_every=5, save_every=5, progress=False)

@@ -53,6 +53,12 @@ class PNTMConfig:
     # parked on one slot then holds the last write, not a leaky sum of all of them (the
     # length-dependent counter shortcut of SPEC §7).
     overwrite: bool = False
+    # Gated writes: the erase vector e is also the write strength (add <- e * add), so a write
+    # blends toward the add rather than adding to the slot. With hard heads e is snapped to
+    # 0/1 (straight-through), so each slot component is either replaced or kept: exact
+    # flip-flops, which can hold a value across steps where overwrite cannot, and no
+    # accumulator. Training noise on heads also samples e (binary concrete).
+    gated_write: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "mlp_ratio"):
@@ -69,8 +75,14 @@ class PNTMConfig:
             raise ValueError(
                 f"velocity_prior {self.velocity_prior} needs max_shift >= 1 (a +1 shift to bias)"
             )
-        if not isinstance(self.overwrite, bool):
-            raise ValueError(f"overwrite must be true or false, got {self.overwrite!r}")
+        for name in ("overwrite", "gated_write"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.overwrite and self.gated_write:
+            raise ValueError(
+                "overwrite and gated_write exclude each other: overwrite fixes the erase to 1, "
+                "gated_write learns it as a 0/1 write gate"
+            )
         if self.add_activation not in ("tanh", "linear"):
             raise ValueError(
                 f"add_activation must be 'tanh' or 'linear', got {self.add_activation!r}"
@@ -207,16 +219,22 @@ class PNTM:
             gate = ops.sigmoid(gate_logits / temperature)
             if heads == "hard":  # straight-through: exact one-hot / 0-1 forward, soft gradient
                 shift = _straight_through_one_hot(ops, shift)
-                gate = ops.where(gate > 0.5, ops.ones_like(gate), ops.zeros_like(gate)) + (
-                    gate - ops.stop_gradient(gate)
-                )
+                gate = _straight_through_step(ops, gate)
             out[f"{head}_shift"], out[f"{head}_gate"] = shift, gate
         if c.overwrite:
             out["erase"] = ops.ones_like(out["add"])
+        elif c.gated_write:
+            logits = out["erase"] if noise is None else out["erase"] + noise["erase"]
+            erase = ops.sigmoid(logits)
+            if heads == "hard":
+                erase = _straight_through_step(ops, erase)
+            out["erase"] = erase
         else:
             out["erase"] = ops.sigmoid(out["erase"])
         if c.add_activation == "tanh":
             out["add"] = ops.tanh(out["add"])
+        if c.gated_write:
+            out["add"] = out["erase"] * out["add"]
         if c.content:
             out["beta"] = ops.softplus(out["beta"][..., 0])
             out["gamma"] = ops.sigmoid(out["gamma"][..., 0])
@@ -324,7 +342,8 @@ class PNTM:
         self, rng: np.random.Generator, batch: int, length: int, scale: float
     ) -> list[dict[str, Array]]:
         """``scale`` x Gumbel noise for the shift logits and ``scale`` x logistic noise (the
-        difference of two Gumbels) for the gate logits, per block, head and position."""
+        difference of two Gumbels) for the gate logits, per block, head and position; with
+        ``gated_write`` also logistic noise for the erase (write gate) logits."""
         c, ops = self.config, self.ops
         shape = (batch, length, c.n_heads)
         out = []
@@ -333,6 +352,8 @@ class PNTM:
             for head in ("write", "read"):
                 draws[f"{head}_shift"] = scale * rng.gumbel(size=(*shape, c.n_shifts))
                 draws[f"{head}_gate"] = scale * rng.logistic(size=shape)
+            if c.gated_write:
+                draws["erase"] = scale * rng.logistic(size=(*shape, c.head_dim))
             out.append({k: ops.asarray(v) for k, v in draws.items()})
         return out
 
@@ -380,6 +401,12 @@ def _straight_through_one_hot(ops: Backend, probs: Array) -> Array:
     """The one-hot of the argmax of ``probs`` (last axis) in the forward pass, the gradient of
     ``probs`` in the backward pass."""
     hard = ops.one_hot(ops.argmax(probs, -1), probs.shape[-1])
+    return hard + (probs - ops.stop_gradient(probs))
+
+
+def _straight_through_step(ops: Backend, probs: Array) -> Array:
+    """``probs > 0.5`` as 0/1 in the forward pass, the gradient of ``probs`` in the backward."""
+    hard = ops.where(probs > 0.5, ops.ones_like(probs), ops.zeros_like(probs))
     return hard + (probs - ops.stop_gradient(probs))
 
 
