@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
@@ -41,6 +42,19 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
             value = raw
         out[group][name] = value
     return out
+
+
+def exit_with_parent(parent: int, poll_s: float = 2.0) -> None:
+    """Pool initializer: end this worker once the grid process that started it is gone
+    (killed, not interrupted), so that no orphan goes on training into the grid directory.
+    Checkpoints are written by rename, so the cell resumes cleanly next time."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def run_cell(
@@ -296,7 +310,12 @@ def main(argv: list[str] | None = None) -> None:
         for job in jobs:
             finished(job[1:3], lambda job=job: run_cell(*job))
     else:
-        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(
+            args.workers,
+            mp_context=get_context("spawn"),
+            initializer=exit_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:
             futures = {pool.submit(run_cell, *job): job[1:3] for job in jobs}
             for future in as_completed(futures):
                 finished(futures[future], future.result)

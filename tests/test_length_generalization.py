@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,16 @@ def test_bad_overrides_are_named():
         "model": {"overwrite": False},
         "train": {"task": "x"},
     }
+
+
+def test_a_worker_ends_when_its_grid_process_is_gone():
+    """A worker whose recorded parent is no longer its parent (the grid process was killed)
+    exits by itself instead of training on as an orphan."""
+    code = (
+        "import importlib.util, time; "
+        f"spec = importlib.util.spec_from_file_location('g', {str(SCRIPT)!r}); "
+        "g = importlib.util.module_from_spec(spec); spec.loader.exec_module(g); "
+        "g.exit_with_parent(-1, poll_s=0.01); time.sleep(120)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], timeout=60)
+    assert done.returncode == 1
