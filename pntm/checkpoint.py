@@ -23,7 +23,10 @@ from pntm import models
 from pntm.tree import tree_flatten, tree_unflatten
 
 FORMAT = "pntm-checkpoint"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+# Version 1 kept the P-NTM head schedule in the training config; version 2 keeps every model's
+# own options in its model config. A version-1 checkpoint is read by moving them over.
+_V1_PNTM_SCHEDULE = ("hard_from", "hard_mix", "head_noise", "noise_until")
 
 
 class CheckpointError(ValueError):
@@ -98,23 +101,28 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
         ) from exc
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is a safetensors file but not a pntm checkpoint")
-    if metadata.get("format_version") != FORMAT_VERSION:
+    version = metadata.get("format_version")
+    if version not in ("1", FORMAT_VERSION):
         raise CheckpointError(
-            f"checkpoint {str(path)!r} has format version {metadata.get('format_version')!r}; "
-            f"this pntm reads version {FORMAT_VERSION}"
+            f"checkpoint {str(path)!r} has format version {version!r}; "
+            f"this pntm reads versions 1 and {FORMAT_VERSION}"
         )
     try:
-        spec = models.get(metadata["model"])
+        model_class = models.get(metadata["model"])
         model_config = json.loads(metadata["model_config"])
-        config = spec.config_class.from_dict(model_config)
         train_config = json.loads(metadata["train_config"])
+        if version == "1" and model_class.name == "pntm":
+            for key in _V1_PNTM_SCHEDULE:
+                if key in train_config:
+                    model_config[key] = train_config.pop(key)
+        config = model_class.config_class.from_dict(model_config)
         step = int(metadata["step"])
         rng_state = json.loads(metadata["rng_state"]) if metadata.get("rng_state") else None
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} has invalid metadata: {exc}") from exc
 
     # the tensors must be exactly the parameters this config defines, with their shapes
-    like = spec.init(config, 0)
+    like = model_class.init_params(config, 0)
     expected = {k: v.shape for k, v in tree_flatten(like).items()}
     params = _section(tensors, "params.", expected, path)
     optimizer = None
@@ -125,7 +133,7 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
             "v": tree_unflatten(_section(tensors, "optimizer.v.", expected, path), like),
         }
     return Checkpoint(
-        model=spec.name,
+        model=model_class.name,
         model_config=config.to_dict(),
         train_config=train_config,
         step=step,

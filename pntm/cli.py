@@ -7,15 +7,18 @@ a non-zero exit and nothing overwritten.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
-from click.core import ParameterSource
 
 from pntm import backends, checkpoint, models, tasks
+from pntm.config import options_of
+from pntm.train import TrainConfig
 from pntm.tree import tree_leaves
 
 BACKEND_CHOICES = ("auto", *backends.NAMES)
@@ -146,55 +149,116 @@ def tasks_command(show: str | None, length: int | None, count: int, seed: int) -
         click.echo("  " + task.decode(task.sequence(rng, length)))
 
 
-# ---------------------------------------------------------------------------------- train
+# ---------------------------------------------------------------------------------- options
+# Training, model and decoding options are generated from the fields of the config dataclasses
+# (declared with pntm.config.option): each field's flag, help and allowed values live with the
+# field, and every option defaults to "not given" (None) so that the task's recipe, the
+# checkpoint being resumed or the config's own default can fill it in.
 
-# CLI option -> (config, field); these must match a checkpoint's values on --resume
-MODEL_OPTIONS = {
-    "d_model": "d_model",
-    "layers": "n_layers",
-    "memory_heads": "n_heads",
-    "head_dim": "head_dim",
-    "max_shift": "max_shift",
-    "mlp_ratio": "mlp_ratio",
-    "content": "content",
-    "add_activation": "add_activation",
-    "velocity_prior": "velocity_prior",
-    "overwrite": "overwrite",
-    "gated_write": "gated_write",
-}
-OPTION_OF_MODEL_FIELD = {f: o for o, f in MODEL_OPTIONS.items()}
-TRAIN_OPTIONS = (
-    "task",
-    "train_length",
-    "steps",
-    "batch_size",
-    "lr",
-    "warmup_steps",
-    "min_lr_ratio",
-    "weight_decay",
-    "clip_norm",
-    "hard_from",
-    "hard_mix",
-    "head_noise",
-    "noise_until",
-    "seed",
+
+@dataclass(frozen=True)
+class ConfigOption:
+    """A command-line option and the config fields it sets: ``fields`` maps each owner (a
+    model name, or ``train``) to its field name."""
+
+    flag: str
+    param: str
+    fields: dict[str, str]
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata["option"]["flag"] or f.name.replace("_", "-")
+
+
+def _click_type(f: dataclasses.Field) -> Any:
+    meta, kind = f.metadata["option"], type(f.default)
+    if meta["choices"] is not None:
+        return click.Choice(meta["choices"])
+    bounds = {"min": meta["minimum"], "max": meta["maximum"]}
+    if kind is int:
+        return click.IntRange(**bounds) if any(v is not None for v in bounds.values()) else int
+    if kind is float and any(v is not None for v in bounds.values()):
+        return click.FloatRange(**bounds, min_open=meta["min_open"])
+    return kind
+
+
+def _generated_options(owners: dict[str, type | None]) -> list[tuple[ConfigOption, Any]]:
+    """One click option per distinct flag over the option fields of ``owners`` (owner name ->
+    config class); a flag several owners share must have one type."""
+    found: dict[str, tuple[ConfigOption, dataclasses.Field, list[str]]] = {}
+    for owner, config_class in owners.items():
+        for f in options_of(config_class) if config_class is not None else []:
+            flag = _flag(f)
+            if flag in found:
+                option, first, names = found[flag]
+                if type(first.default) is not type(f.default):
+                    raise TypeError(f"--{flag}: {owner} and {names[0]} give it different types")
+                option.fields[owner] = f.name
+                names.append(owner)
+            else:
+                option = ConfigOption(flag, flag.replace("-", "_"), {owner: f.name})
+                found[flag] = (option, f, [owner])
+    out = []
+    for option, f, names in found.values():
+        help_text = f.metadata["option"]["help"]
+        if "default" not in help_text:
+            default = "on" if f.default is True else "off" if f.default is False else f.default
+            help_text += f" (default: {default})"
+        if len(owners) > 1 and set(names) != set(owners):
+            help_text += f" [{', '.join(names)}]"
+        if isinstance(f.default, bool):
+            decl = click.option(f"--{option.flag}/--no-{option.flag}", default=None, help=help_text)
+        else:
+            decl = click.option(f"--{option.flag}", type=_click_type(f), help=help_text)
+        out.append((option, decl))
+    return out
+
+
+def _with_options(generated: list[tuple[ConfigOption, Any]]) -> Any:
+    def decorate(fn: Any) -> Any:
+        for _, decl in reversed(generated):
+            fn = decl(fn)
+        return fn
+
+    return decorate
+
+
+def _given(opts: dict[str, Any], generated: list[tuple[ConfigOption, Any]], owner: str):
+    """``{field: value}`` of the options given on the command line that ``owner`` has."""
+    return {
+        o.fields[owner]: opts[o.param]
+        for o, _ in generated
+        if owner in o.fields and opts[o.param] is not None
+    }
+
+
+def _refuse_foreign(
+    opts: dict[str, Any], generated: list[tuple[ConfigOption, Any]], owners: tuple[str, ...]
+) -> None:
+    """An option given that none of ``owners`` has (e.g. a P-NTM option for an LSTM)."""
+    for o, _ in generated:
+        if opts[o.param] is not None and not set(o.fields) & set(owners):
+            models_with = ", ".join(o.fields)
+            raise click.ClickException(
+                f"--{o.flag} is not an option of model {owners[-1]!r} (it is one of: {models_with})"
+            )
+
+
+MODEL_OPTIONS = _generated_options({name: models.get(name).config_class for name in models.NAMES})
+TRAIN_OPTIONS = _generated_options({"train": TrainConfig})
+DECODE_OPTIONS = _generated_options(
+    {name: models.get(name).decode_options for name in models.NAMES}
 )
+
+
+# ---------------------------------------------------------------------------------- train
 
 
 @main.command("train")
 @click.option(
-    "--task",
-    default="copy",
-    show_default=True,
-    type=click.Choice(tasks.NAMES),
-    help="Task to train on (see `pntm tasks`).",
-)
-@click.option(
     "--model",
-    default="pntm",
-    show_default=True,
     type=click.Choice(models.NAMES),
-    help="Model architecture.",
+    help="Model architecture (default: pntm; see `pntm models`).",
 )
 @click.option(
     "--backend",
@@ -204,122 +268,8 @@ TRAIN_OPTIONS = (
     help="Where to train: auto = the Triton kernels on a CUDA GPU, MLX on Apple silicon, "
     "else PyTorch, else MLX on CPU. See `pntm backends`.",
 )
-@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps.")
-@click.option(
-    "--train-length",
-    type=int,
-    help="Training lengths are drawn uniformly from 1..this (default: the task's).",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    help="Sequences per step.",
-)
-@click.option(
-    "--lr",
-    type=click.FloatRange(min=0, min_open=True),
-    help="Peak learning rate of AdamW.",
-)
-@click.option(
-    "--warmup-steps",
-    type=click.IntRange(min=0),
-    help="Linear warm-up steps before the cosine decay.",
-)
-@click.option(
-    "--min-lr-ratio",
-    type=click.FloatRange(0, 1),
-    help="The cosine decays to lr x this.",
-)
-@click.option(
-    "--weight-decay",
-    type=click.FloatRange(min=0),
-    help="Decoupled (AdamW) weight decay.",
-)
-@click.option(
-    "--clip-norm",
-    type=click.FloatRange(min=0, min_open=True),
-    help="Global gradient-norm clip.",
-)
-@click.option(
-    "--hard-from",
-    type=click.FloatRange(0, 1),
-    help="Fraction of the steps after which heads are straight-through hard (exact "
-    "one-hot shifts, 0/1 gates, soft gradients); 1 keeps them soft throughout. Hard "
-    "heads are then also used at evaluation.",
-)
-@click.option(
-    "--hard-mix",
-    type=click.FloatRange(min=0),
-    help="Before --hard-from, add this weight times the loss of the same batch with hard "
-    "heads, so that the soft circuit keeps working once its heads are hardened.",
-)
-@click.option(
-    "--head-noise",
-    type=click.FloatRange(min=0),
-    help="Scale of Gumbel noise on the shift logits and logistic noise on the gate logits "
-    "in training (sampled heads), decaying linearly to 0 at --noise-until.",
-)
-@click.option(
-    "--noise-until",
-    type=click.FloatRange(0, 1, min_open=True),
-    help="Fraction of the steps at which the head noise reaches 0.",
-)
-@click.option(
-    "--seed",
-    default=0,
-    show_default=True,
-    type=int,
-    help="Seeds the parameters and the data stream.",
-)
-@click.option("--d-model", type=click.IntRange(min=1), help="Model width H.")
-@click.option("--layers", type=click.IntRange(min=1), help="P-NTM blocks.")
-@click.option(
-    "--memory-heads",
-    type=click.IntRange(min=1),
-    help="Memories per block (K), each with a write and a read head.",
-)
-@click.option(
-    "--head-dim",
-    type=click.IntRange(min=1),
-    help="Width D of a memory slot.",
-)
-@click.option(
-    "--max-shift",
-    type=click.IntRange(min=0),
-    help="Heads move by -S..S slots per step.",
-)
-@click.option(
-    "--mlp-ratio",
-    type=click.IntRange(min=1),
-    help="Hidden width of the MLP, in multiples of --d-model.",
-)
-@click.option(
-    "--content/--no-content",
-    default=None,
-    help="Content-addressed reads (default: on for tasks that need them).",
-)
-@click.option(
-    "--add-activation",
-    type=click.Choice(("tanh", "linear")),
-    help="Activation of the add vector.",
-)
-@click.option(
-    "--velocity-prior",
-    type=float,
-    help="Initial bias of every head's +1 shift logit: a fresh head moves +1 per step with "
-    "probability e^v / (e^v + 2S).",
-)
-@click.option(
-    "--overwrite/--no-overwrite",
-    default=None,
-    help="Every write replaces its slot's content (erase fixed to 1) instead of a learned erase.",
-)
-@click.option(
-    "--gated-write/--no-gated-write",
-    default=None,
-    help="The erase is also the write strength (add <- erase * add), snapped to 0/1 with hard "
-    "heads: each write replaces or keeps a slot (a flip-flop).",
-)
+@_with_options(TRAIN_OPTIONS)
+@_with_options(MODEL_OPTIONS)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -361,18 +311,18 @@ TRAIN_OPTIONS = (
 )
 @click.option("--no-eval", is_flag=True, help="Skip the evaluation after training.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.pass_context
-def train_command(ctx: click.Context, **opts: Any) -> None:
+def train_command(**opts: Any) -> None:
     """Train a model on a task with teacher forcing, then evaluate length generalization.
 
-    Loss and accuracy count target tokens (and END) only. Memory slots N equal the length of
-    each padded batch. Prints a progress bar (loss, target-token accuracy, tokens/s), writes
-    metrics.jsonl and an atomically written safetensors checkpoint, then prints the greedy
-    exact-match table at the evaluation lengths.
+    Loss and accuracy count target tokens (and END) only. Memory models get as many slots as
+    each padded batch has positions. Prints a progress bar (loss, target-token accuracy,
+    tokens/s), writes metrics.jsonl and an atomically written safetensors checkpoint, then
+    prints the greedy exact-match table at the evaluation lengths.
 
-    Training and model options not given take the task's recipe: the settings found to make
-    that task generalize (`pntm tasks --show TASK` lists them; see docs/results.md)."""
-    from pntm import recipes
+    Training and model options not given take the task's recipe: for the P-NTM, the settings
+    found to make that task generalize (`pntm tasks --show TASK` lists them; see
+    docs/results.md); other models train with the same budget and their own defaults. Options
+    in [brackets] belong to the models named there."""
     from pntm.train import CHECKPOINT_NAME, Trainer, fit
 
     resume_from = None
@@ -384,21 +334,18 @@ def train_command(ctx: click.Context, **opts: Any) -> None:
                 f"--out {opts['out']} differs from the resumed run's directory {run_dir}; "
                 "drop --out when resuming"
             )
-        _merge_resumed_options(ctx, opts, resume_from)
+        train_config, model_name, model_config = _resumed_configs(opts, resume_from)
     else:
+        train_config, model_name, model_config = _new_configs(opts)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = opts["out"] or Path("runs") / f"{opts['task']}-{stamp}"
+        run_dir = opts["out"] or Path("runs") / f"{train_config.task}-{stamp}"
         if (run_dir / CHECKPOINT_NAME).exists():
             raise click.ClickException(
                 f"{run_dir / CHECKPOINT_NAME} exists; pass --resume {run_dir} to continue it "
                 "or --out with a new directory"
             )
-
-    task = tasks.get(opts["task"])
-    recipe = recipes.get(task.name)
+    task = tasks.get(train_config.task)
     try:
-        train_config = recipe.train_config(**{k: opts[k] for k in TRAIN_OPTIONS})
-        model_config = recipe.model_config(**{f: opts[o] for o, f in MODEL_OPTIONS.items()})
         eval_lengths = opts["eval_lengths"] or _default_eval_lengths(
             task, train_config.train_length
         )
@@ -406,26 +353,20 @@ def train_command(ctx: click.Context, **opts: Any) -> None:
             task.check_length(length)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
-    if resume_from is not None:
-        _check_resume(resume_from, opts["model"], model_config, train_config)
-        if resume_from.step >= train_config.steps:
-            raise click.ClickException(
-                f"the checkpoint is at step {resume_from.step}, already at --steps "
-                f"{train_config.steps}: nothing to resume"
-            )
 
     backend_name, ops = _ops(opts["backend"], train=True)
     try:
-        trainer = Trainer(opts["model"], model_config, train_config, ops, backend_name, resume_from)
+        trainer = Trainer(model_name, model_config, train_config, ops, backend_name, resume_from)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     n_params = sum(int(np.prod(p.shape)) for p in tree_leaves(trainer.params))
-    hard_step = int(np.ceil(train_config.hard_from * train_config.steps))
+    size = model_config.summary()
+    schedule = trainer.model.describe_schedule(train_config.steps)
     click.echo(
-        f"{opts['model']} ({model_config.n_layers} blocks x {model_config.n_heads} memories, "
-        f"{n_params / 1e3:.1f}k parameters) on {backend_name}: task {task.name}, lengths "
-        f"1..{train_config.train_length}, {train_config.steps} steps"
-        + (f", hard heads from step {hard_step}" if hard_step < train_config.steps else "")
+        f"{model_name} ({size + ', ' if size else ''}{n_params / 1e3:.1f}k parameters) on "
+        f"{backend_name}: task {task.name}, lengths 1..{train_config.train_length}, "
+        f"{train_config.steps} steps"
+        + (f", {schedule}" if schedule else "")
         + (f", resumed at step {trainer.step}" if resume_from else "")
     )
     click.echo(f"run directory: {run_dir}")
@@ -446,12 +387,63 @@ def train_command(ctx: click.Context, **opts: Any) -> None:
         eval_lengths,
         samples=opts["eval_samples"],
         seed=0,
-        heads=train_config.final_heads,
-        n_slots=None,
+        mode=trainer.decode_mode(),
+        capacity=None,
         json_path=run_dir / "eval.json",
         plot_path=run_dir / "eval.png",
         info={"checkpoint": str(run_dir / CHECKPOINT_NAME), "backend": backend_name},
     )
+
+
+def _new_configs(opts: dict[str, Any]) -> tuple[Any, str, Any]:
+    """The training and model configs of a new run: the recipe of (model, task) under the
+    options given."""
+    from pntm import recipes
+    from pntm.train import TrainConfig
+
+    model_name = opts["model"] or "pntm"
+    _refuse_foreign(opts, MODEL_OPTIONS, (model_name,))
+    recipe = recipes.get(opts["task"] or TrainConfig.task, model_name)
+    try:
+        train_config = recipe.train_config(**_given(opts, TRAIN_OPTIONS, "train"))
+        model_config = recipe.model_config(**_given(opts, MODEL_OPTIONS, model_name))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    return train_config, model_name, model_config
+
+
+def _resumed_configs(opts: dict[str, Any], ckpt: checkpoint.Checkpoint) -> tuple[Any, str, Any]:
+    """The checkpoint's configs; an option given must equal the checkpoint's value."""
+    from pntm.train import TrainConfig
+
+    if opts["model"] is not None and opts["model"] != ckpt.model:
+        raise click.ClickException(
+            f"cannot resume: --model {opts['model']!r} differs from the checkpoint's "
+            f"{ckpt.model!r}; drop it or pass the checkpoint's value"
+        )
+    _refuse_foreign(opts, MODEL_OPTIONS, (ckpt.model,))
+    for generated, owner, saved in (
+        (TRAIN_OPTIONS, "train", ckpt.train_config),
+        (MODEL_OPTIONS, ckpt.model, ckpt.model_config),
+    ):
+        for field, value in _given(opts, generated, owner).items():
+            if saved.get(field) != value:
+                flag = next(o.flag for o, _ in generated if o.fields.get(owner) == field)
+                raise click.ClickException(
+                    f"cannot resume: --{flag} {value!r} differs from the checkpoint's "
+                    f"{saved.get(field)!r}; drop it or pass the checkpoint's value"
+                )
+    try:
+        train_config = TrainConfig.from_dict(ckpt.train_config)
+        model_config = models.get(ckpt.model).config_class.from_dict(ckpt.model_config)
+    except (ValueError, TypeError) as exc:
+        raise click.ClickException(f"cannot resume: {exc}") from exc
+    if ckpt.step >= train_config.steps:
+        raise click.ClickException(
+            f"the checkpoint is at step {ckpt.step}, already at --steps "
+            f"{train_config.steps}: nothing to resume"
+        )
+    return train_config, ckpt.model, model_config
 
 
 def _default_eval_lengths(task: tasks.Task, train_length: int) -> list[int]:
@@ -470,40 +462,6 @@ def _load_checkpoint(path: Path) -> tuple[Path, checkpoint.Checkpoint]:
         return path, checkpoint.load(path)
     except checkpoint.CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
-
-
-def _merge_resumed_options(
-    ctx: click.Context, opts: dict[str, Any], ckpt: checkpoint.Checkpoint
-) -> None:
-    """Options left at their defaults take the checkpoint's values."""
-    saved = {**ckpt.train_config, "model": ckpt.model}
-    model_config = _saved_model_config(ckpt)
-    saved.update({o: model_config[f] for o, f in MODEL_OPTIONS.items()})
-    for name in (*TRAIN_OPTIONS, "model", *MODEL_OPTIONS):
-        source = ctx.get_parameter_source(name)
-        if source in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP) and name in saved:
-            opts[name] = saved[name]
-
-
-def _saved_model_config(ckpt: checkpoint.Checkpoint) -> dict[str, Any]:
-    """The checkpoint's model config with every field, defaults filled in (a checkpoint
-    written before a field existed holds no value for it)."""
-    try:
-        return models.get(ckpt.model).config_class.from_dict(ckpt.model_config).to_dict()
-    except ValueError as exc:
-        raise click.ClickException(f"cannot resume: {exc}") from exc
-
-
-def _check_resume(ckpt: checkpoint.Checkpoint, model: str, model_config: Any, train_config: Any):
-    given = {"model": model, **model_config.to_dict(), **train_config.to_dict()}
-    saved = {"model": ckpt.model, **_saved_model_config(ckpt), **ckpt.train_config}
-    for key, value in given.items():
-        if saved.get(key) != value:
-            option = "--" + OPTION_OF_MODEL_FIELD.get(key, key).replace("_", "-")
-            raise click.ClickException(
-                f"cannot resume: {option} {value!r} differs from the checkpoint's "
-                f"{saved.get(key)!r}; drop it or pass the checkpoint's value"
-            )
 
 
 # ---------------------------------------------------------------------------------- eval
@@ -528,27 +486,15 @@ def _check_resume(ckpt: checkpoint.Checkpoint, model: str, model_config: Any, tr
     type=click.IntRange(min=1),
     help="Samples per length.",
 )
-@click.option(
-    "--heads",
-    default="auto",
-    show_default=True,
-    type=click.Choice(("auto", "soft", "hard")),
-    help="Head mode: auto = the mode the checkpoint's last training step used.",
-)
-@click.option(
-    "--temperature",
-    default=1.0,
-    show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Temperature of the shift and gate logits (soft heads).",
-)
+@_with_options(DECODE_OPTIONS)
 @click.option(
     "--slots",
     default="auto",
     show_default=True,
     type=SlotCount(),
-    help="Memory slots N: auto = the whole sequence length at each length, or a fixed "
-    "N for every length (at least the longest input plus separator).",
+    help="Memory slots N of a memory model (its capacity): auto = the whole sequence length "
+    "at each length, or a fixed N for every length (at least the longest input plus "
+    "separator).",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the samples.")
 @click.option(
@@ -563,25 +509,14 @@ def _check_resume(ckpt: checkpoint.Checkpoint, model: str, model_config: Any, tr
     type=click.Path(dir_okay=False, path_type=Path),
     help="Where to write the plot (default: eval.png beside the checkpoint).",
 )
-def eval_command(
-    checkpoint_path: Path,
-    backend: str,
-    lengths: list[int] | None,
-    samples: int,
-    heads: str,
-    temperature: float,
-    slots: int | None,
-    seed: int,
-    json_path: Path | None,
-    plot_path: Path | None,
-) -> None:
+def eval_command(checkpoint_path: Path, **opts: Any) -> None:
     """Greedy-decode a checkpoint's task at several lengths: exact match and token accuracy.
 
     CHECKPOINT is a checkpoint file or a run directory. The prompt is prefilled with the
     parallel form, then each emitted token is fed back through the step form. Prints a table
-    and writes a JSON file and a PNG plot of accuracy against length."""
-    from pntm.evaluate import check_slots
-    from pntm.train import TrainConfig
+    and writes a JSON file and a PNG plot of accuracy against length. Options in [brackets]
+    belong to the models named there."""
+    from pntm.evaluate import check_capacity
 
     checkpoint_path, ckpt = _load_checkpoint(checkpoint_path)
     try:
@@ -589,19 +524,27 @@ def eval_command(
     except (ValueError, TypeError) as exc:
         raise click.ClickException(f"checkpoint {checkpoint_path}: {exc}") from exc
     task = tasks.get(train_config.task)
-    lengths = lengths or _default_eval_lengths(task, train_config.train_length)
+    lengths = opts["lengths"] or _default_eval_lengths(task, train_config.train_length)
+    slots = opts["slots"]
     try:
-        check_slots(task, lengths, slots)
+        check_capacity(task, lengths, slots)
+    except ValueError as exc:
+        raise click.ClickException(f"--slots {slots}: {exc}" if slots else str(exc)) from exc
+    _refuse_foreign(opts, DECODE_OPTIONS, (ckpt.model,))
+    backend_name, ops = _ops(opts["backend"], train=False)
+    model_class = models.get(ckpt.model)
+    model = model_class(model_class.config_class.from_dict(ckpt.model_config), ops)
+    params = model.params_from_numpy(ckpt.params)
+    try:
+        given = _given(opts, DECODE_OPTIONS, ckpt.model)
+        mode = model.decode_mode(ckpt.step, train_config.steps, **given)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
-    backend_name, ops = _ops(backend, train=False)
-    spec = models.get(ckpt.model)
-    model = spec.model_class(spec.config_class.from_dict(ckpt.model_config), ops)
-    params = model.params_from_numpy(ckpt.params)
-    heads = train_config.heads_at(max(ckpt.step - 1, 0)) if heads == "auto" else heads
+    described = ", ".join(f"{k} {v}" for k, v in mode.items())
     click.echo(
         f"{ckpt.model} checkpoint at step {ckpt.step} (trained on {ckpt.backend}, lengths "
-        f"1..{train_config.train_length}) evaluated on {backend_name}, {heads} heads"
+        f"1..{train_config.train_length}) evaluated on {backend_name}"
+        + (f", {described}" if described else "")
     )
     _evaluate_and_report(
         model,
@@ -609,14 +552,13 @@ def eval_command(
         task,
         train_config,
         lengths,
-        samples,
-        seed,
-        heads,
+        opts["samples"],
+        opts["seed"],
+        mode,
         slots,
-        json_path or checkpoint_path.parent / "eval.json",
-        plot_path or checkpoint_path.parent / "eval.png",
-        {"checkpoint": str(checkpoint_path), "backend": backend_name, "temperature": temperature},
-        temperature,
+        opts["json_path"] or checkpoint_path.parent / "eval.json",
+        opts["plot_path"] or checkpoint_path.parent / "eval.png",
+        {"checkpoint": str(checkpoint_path), "backend": backend_name},
     )
 
 
@@ -628,35 +570,34 @@ def _evaluate_and_report(
     lengths: list[int],
     samples: int,
     seed: int,
-    heads: str,
-    n_slots: int | None,
+    mode: dict[str, Any],
+    capacity: int | None,
     json_path: Path,
     plot_path: Path,
     info: dict[str, Any],
-    temperature: float = 1.0,
 ) -> None:
     from pntm.evaluate import evaluate, format_table, plot, write_json
 
     start = time.perf_counter()
-    results = evaluate(
-        model, params, task, lengths, samples, seed, heads, n_slots, temperature=temperature
-    )
+    results = evaluate(model, params, task, lengths, samples, seed, mode, capacity)
+    described = "".join(f", {k} {v}" for k, v in mode.items())
     click.echo(
-        f"\nlength generalization, task {task.name}, trained on lengths "
-        f"1..{train_config.train_length} ({task.length_unit}), greedy decoding, {heads} heads:"
+        f"\nlength generalization of {model.name}, task {task.name}, trained on lengths "
+        f"1..{train_config.train_length} ({task.length_unit}), greedy decoding{described}:"
     )
     click.echo(format_table(results, train_config.train_length))
     meta = {
         **info,
+        "model": model.name,
         "task": task.name,
         "train_length": train_config.train_length,
-        "heads": heads,
+        **mode,
         "seed": seed,
         "seconds": time.perf_counter() - start,
         "model_config": model.config.to_dict(),
     }
     write_json(json_path, meta, results)
-    title = f"{task.name}: trained on 1..{train_config.train_length}, {heads} heads"
+    title = f"{model.name}, {task.name}: trained on 1..{train_config.train_length}{described}"
     plot(plot_path, title, results, train_config.train_length)
     click.echo(f"wrote {json_path} and {plot_path}")
 

@@ -1,9 +1,15 @@
-"""Config dataclasses from plain dicts (JSON in checkpoints), refusing keys they do not know."""
+"""Config dataclasses: fields declared as user options (help, flag, bounds: the CLI generates
+its options from them), value checks, and construction from plain dicts (JSON in checkpoints),
+refusing keys they do not know."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any, TypeVar
+
+import numpy as np
 
 ConfigT = TypeVar("ConfigT")
 
@@ -15,3 +21,51 @@ def config_from_dict(cls: type[ConfigT], data: dict[str, Any], what: str) -> Con
     if unknown:
         raise ValueError(f"unknown {what} keys {sorted(unknown)}; known: {sorted(known)}")
     return cls(**data)
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    min_open: bool = False,
+    choices: Sequence[str] | None = None,
+) -> Any:
+    """A config field with what the command line needs to offer it: ``help``, the ``flag``
+    (default: the field name with dashes) and the allowed values (``minimum``/``maximum``,
+    ``min_open`` for a strict lower bound, or ``choices``). The config's ``__post_init__``
+    still validates every value, whoever builds it."""
+    meta = {
+        "help": help,
+        "flag": flag,
+        "minimum": minimum,
+        "maximum": maximum,
+        "min_open": min_open,
+        "choices": tuple(choices) if choices is not None else None,
+    }
+    return dataclasses.field(default=default, metadata={"option": meta})
+
+
+def options_of(config_class: type) -> list[dataclasses.Field]:
+    """The fields of a config that are user options (declared with :func:`option`)."""
+    return [f for f in dataclasses.fields(config_class) if "option" in f.metadata]
+
+
+def check_positive_ints(config: Any, names: Sequence[str]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_finite(value: Any, name: str, low: float | None = None, high: float | None = None):
+    """``value`` must be a finite real number in [low, high] (bounds optional)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ValueError(f"{name} must be in {bounds}, got {value!r}")

@@ -4,8 +4,8 @@ For each length L: draw ``samples`` examples (seeded by ``(seed, L)``, so a leng
 not depend on which other lengths are evaluated), prefill the prompt (input and SEP) with the
 parallel form, then decode with the step form, feeding each emitted token back, for the target
 length plus END. A sample is exact when every target token and END are right; token accuracy
-counts the same positions. Memory slots: N = the whole sequence length at each L (as in
-training, where N = T of the padded batch), unless a fixed N is given.
+counts the same positions. Capacity (memory slots N of the P-NTM and the NTM): the whole
+sequence length at each L (as in training, where it is T of the padded batch), unless fixed.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pntm.tasks.base import Task
 @dataclass(frozen=True)
 class LengthResult:
     length: int
-    n_slots: int
+    capacity: int
     samples: int
     exact_match: float
     token_accuracy: float
@@ -35,18 +35,18 @@ def default_lengths(train_length: int, task: Task, factors: tuple[int, ...] = (1
     return sorted({min(f * train_length, task.max_length) for f in factors})
 
 
-def check_slots(task: Task, lengths: list[int], n_slots: int | None) -> None:
-    """A fixed ``n_slots`` must hold the longest prompt (input and SEP)."""
+def check_capacity(task: Task, lengths: list[int], capacity: int | None) -> None:
+    """A fixed ``capacity`` must hold the longest prompt (input and SEP)."""
     for length in lengths:
         task.check_length(length)
-    if n_slots is None:
+    if capacity is None:
         return
     longest = max(lengths)
     need = task.prompt_length(longest)
-    if n_slots < need:
+    if capacity < need:
         raise ValueError(
-            f"--slots {n_slots} is too small for task {task.name!r} at length {longest}: "
-            f"its input and separator take {need} tokens, so N must be >= {need}"
+            f"capacity {capacity} is too small for task {task.name!r} at length {longest}: "
+            f"its input and separator take {need} tokens, so it must be >= {need}"
         )
 
 
@@ -55,24 +55,17 @@ def greedy_decode(
     params: Any,
     prompts: np.ndarray,
     n_new: int,
-    n_slots: int,
-    heads: str,
-    temperature: float = 1.0,
+    capacity: int,
+    mode: dict[str, Any],
 ) -> np.ndarray:
-    """``n_new`` greedily decoded tokens (B, n_new) after ``prompts`` (B, P)."""
+    """``n_new`` greedily decoded tokens (B, n_new) after ``prompts`` (B, P): the prompt by the
+    parallel form, then one step per token; ``mode`` is the model's :meth:`decode_mode`."""
     ops = model.ops
-    logits, state = model.forward(
-        params,
-        ops.asarray(prompts),
-        n_slots,
-        heads=heads,
-        temperature=temperature,
-        return_state=True,
-    )
+    logits, state = model.forward(params, ops.asarray(prompts), capacity, return_state=True, **mode)
     token = ops.argmax(logits[:, -1], -1)
     out = [ops.to_numpy(token)]
     for _ in range(n_new - 1):
-        logits, state = model.step(params, state, token, heads=heads, temperature=temperature)
+        logits, state = model.step(params, state, token, **mode)
         token = ops.argmax(logits, -1)
         out.append(ops.to_numpy(token))
     return np.stack(out, axis=1).astype(np.int64)
@@ -85,18 +78,20 @@ def evaluate(
     lengths: list[int],
     samples: int = 64,
     seed: int = 0,
-    heads: str = "hard",
-    n_slots: int | None = None,
+    mode: dict[str, Any] | None = None,
+    capacity: int | None = None,
     batch_size: int = 64,
-    temperature: float = 1.0,
 ) -> list[LengthResult]:
-    check_slots(task, lengths, n_slots)
+    """Greedy exact match and token accuracy at each length (module docstring); ``mode`` is
+    the model's :meth:`decode_mode`, ``capacity`` None = the sequence length."""
+    check_capacity(task, lengths, capacity)
+    mode = mode or {}
     results = []
     for length in lengths:
         rng = np.random.default_rng([seed, length])
         seqs = np.array([task.sequence(rng, length) for _ in range(samples)])
         prompt_len = task.prompt_length(length)
-        slots = n_slots or task.sequence_length(length)
+        size = capacity or task.sequence_length(length)
         predicted = np.concatenate(
             [
                 greedy_decode(
@@ -104,9 +99,8 @@ def evaluate(
                     params,
                     seqs[i : i + batch_size, :prompt_len],
                     seqs.shape[1] - prompt_len,
-                    slots,
-                    heads,
-                    temperature,
+                    size,
+                    mode,
                 )
                 for i in range(0, samples, batch_size)
             ]
@@ -115,7 +109,7 @@ def evaluate(
         results.append(
             LengthResult(
                 length=length,
-                n_slots=slots,
+                capacity=size,
                 samples=samples,
                 exact_match=float(correct.all(axis=1).mean()),
                 token_accuracy=float(correct.mean()),
@@ -125,11 +119,11 @@ def evaluate(
 
 
 def format_table(results: list[LengthResult], train_length: int) -> str:
-    header = ("length", "x train", "slots", "samples", "exact", "token acc")
-    lines = [" ".join(f"{h:>{w}}" for h, w in zip(header, (8, 8, 6, 8, 7, 9), strict=True))]
+    header = ("length", "x train", "capacity", "samples", "exact", "token acc")
+    lines = [" ".join(f"{h:>{w}}" for h, w in zip(header, (8, 8, 8, 8, 7, 9), strict=True))]
     for r in results:
         lines.append(
-            f"{r.length:>8d} {r.length / train_length:>7.3g}x {r.n_slots:>6d} {r.samples:>8d} "
+            f"{r.length:>8d} {r.length / train_length:>7.3g}x {r.capacity:>8d} {r.samples:>8d} "
             f"{r.exact_match:>7.3f} {r.token_accuracy:>9.3f}"
         )
     return "\n".join(lines)

@@ -1,8 +1,10 @@
 """Per-task training recipes: the settings ``pntm train --task NAME`` uses unless told otherwise.
 
-A recipe overrides the defaults of :class:`pntm.train.TrainConfig` and of the P-NTM config for
-one task. Every value here was chosen by the experiments logged in ``docs/research-log.md`` and
+A recipe overrides the defaults of :class:`pntm.train.TrainConfig` and of one model's config for
+one task. The P-NTM recipes were chosen by the experiments logged in ``docs/research-log.md`` and
 checked with ``scripts/length_generalization.py`` (``docs/results.md``); ``why`` says which.
+The other models train with the P-NTM recipe's budget (steps, batch, learning rate) and their own
+defaults, so that comparisons spend the same number of updates on every model.
 """
 
 from __future__ import annotations
@@ -10,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from pntm import tasks
-from pntm.models.pntm import PNTMConfig
+from pntm import models, tasks
 from pntm.train import TrainConfig
 
 __all__ = ["RECIPES", "Recipe", "get"]
@@ -21,13 +22,15 @@ __all__ = ["RECIPES", "Recipe", "get"]
 class Recipe:
     task: str
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
-    model: dict[str, Any] = field(default_factory=dict)  # PNTMConfig fields
+    model: dict[str, Any] = field(default_factory=dict)  # fields of the model's config
     why: str = ""
+    model_name: str = "pntm"
 
     def __post_init__(self) -> None:
+        config_class = models.get(self.model_name).config_class
         for what, cls, values in (
             ("training", TrainConfig, self.train),
-            ("model", PNTMConfig, self.model),
+            ("model", config_class, self.model),
         ):
             known = {f.name for f in fields(cls)} - {"task", "vocab_size", "seed"}
             unknown = set(values) - known
@@ -41,17 +44,29 @@ class Recipe:
         base = {"task": self.task, "train_length": tasks.get(self.task).default_train_length}
         return TrainConfig(**{**base, **self.train, **_given(overrides)})
 
-    def model_config(self, **overrides: Any) -> PNTMConfig:
-        """The recipe's P-NTM config for its task, with ``overrides`` (``None`` ignored)."""
+    def model_config(self, **overrides: Any) -> Any:
+        """The recipe's model config for its task, with ``overrides`` (``None`` ignored). A
+        model with optional content addressing gets it on tasks that need it."""
         task = tasks.get(self.task)
-        base = {"content": task.needs_content, **self.model}
-        return PNTMConfig(vocab_size=task.vocab_size, **{**base, **_given(overrides)})
+        config_class = models.get(self.model_name).config_class
+        base = {"content": task.needs_content} if "content" in _field_names(config_class) else {}
+        values = {**base, **self.model, **_given(overrides)}
+        unknown = set(values) - _field_names(config_class)
+        if unknown:
+            raise ValueError(
+                f"model {self.model_name!r} has no option {', '.join(sorted(unknown))}"
+            )
+        return config_class(vocab_size=task.vocab_size, **values)
 
     def describe(self) -> str:
         """The settings that differ from the global defaults, ``key=value`` separated by
         spaces (``-`` when none)."""
         items = {**self.train, **self.model}
         return " ".join(f"{k}={v}" for k, v in items.items()) or "-"
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
 
 
 def _given(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -66,8 +81,9 @@ def _given(overrides: dict[str, Any]) -> dict[str, Any]:
 # - Gumbel/logistic noise of scale 3 on the head logits, decaying to 0 at the switch to hard
 #   heads (40% of 3,000 steps): a soft circuit that leans on blur or leaks does not survive
 #   sampling, so the circuit that fits is one that survives hardening.
-_MODEL = {"velocity_prior": 2.0, "overwrite": True}
-_TRAIN = {"steps": 3000, "head_noise": 3.0, "noise_until": 0.4}  # hard from 40% (default)
+_NOISE = {"head_noise": 3.0, "noise_until": 0.4}  # hard heads from 40% (the default)
+_MODEL = {"velocity_prior": 2.0, "overwrite": True, **_NOISE}
+_TRAIN = {"steps": 3000}
 _FOUND = "noisy soft phase + overwrite + velocity prior: exact at 16x on the explored seed"
 _WIDE = "the shared recipe with K = 4 memories per block: exact at 16x on the explored seeds"
 _SHORT = "the best settings found; none generalizes yet (see docs/research-log.md)"
@@ -83,7 +99,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "modular_arithmetic",
             _TRAIN,
-            {"velocity_prior": 2.0, "gated_write": True, "n_heads": 4},
+            {"velocity_prior": 2.0, "gated_write": True, "n_heads": 4, **_NOISE},
             "the shared noisy soft phase with gated writes (flip-flops) instead of overwrite and "
             "K = 4: exact at 16x on the 2 explored seeds",
         ),
@@ -93,8 +109,15 @@ RECIPES: dict[str, Recipe] = {
         # the best found, not a solution: 0.56 at L_train, 0.19 at 8x (research log §8)
         Recipe(
             "associative_recall",
-            {"steps": 6000, "head_noise": 1.0, "noise_until": 0.6, "hard_from": 0.6},
-            {"velocity_prior": 2.0, "n_heads": 4, "head_dim": 32},
+            {"steps": 6000},
+            {
+                "velocity_prior": 2.0,
+                "n_heads": 4,
+                "head_dim": 32,
+                "head_noise": 1.0,
+                "noise_until": 0.6,
+                "hard_from": 0.6,
+            },
             _SHORT,
         ),
         # with K = 2 the fitted soft circuit died at the switch (0.34 at L_train); four
@@ -103,8 +126,8 @@ RECIPES: dict[str, Recipe] = {
         # the best found, not a solution: 0.78 at 8x on the explored seed (research log §9)
         Recipe(
             "binary_multiplication",
-            {**_TRAIN, "steps": 6000},
-            {"velocity_prior": 2.0, "gated_write": True, "n_heads": 4, "n_layers": 4},
+            {"steps": 6000},
+            {"velocity_prior": 2.0, "gated_write": True, "n_heads": 4, "n_layers": 4, **_NOISE},
             _SHORT,
         ),
     )
@@ -112,6 +135,18 @@ RECIPES: dict[str, Recipe] = {
 assert set(RECIPES) == set(tasks.NAMES), "every task needs a recipe"
 
 
-def get(task: str) -> Recipe:
+def get(task: str, model: str = "pntm") -> Recipe:
+    """The recipe of ``model`` on ``task``: the P-NTM's own, or for another model the P-NTM
+    recipe's training budget with that model's defaults."""
     tasks.get(task)  # the error for an unknown task names the known ones
-    return RECIPES[task]
+    models.get(model)
+    recipe = RECIPES[task]
+    if model == recipe.model_name:
+        return recipe
+    return Recipe(
+        task,
+        recipe.train,
+        {},
+        f"the P-NTM recipe's training budget, the {model} defaults",
+        model_name=model,
+    )

@@ -1,8 +1,6 @@
-"""One training loop for every backend: teacher forcing on a task's sequences, AdamW, linear
-warm-up then cosine decay, global-norm clipping, and a head schedule (soft heads for the first
-``hard_from`` fraction of the steps, then straight-through hard heads: the "st40" recipe of the
-prototype, SPEC §7), optionally with noisy (sampled) heads early on and a hard-heads loss term
-during the soft phase (docs/research-log.md).
+"""One training loop for every model and backend: teacher forcing on a task's sequences, AdamW,
+linear warm-up then cosine decay, global-norm clipping, and whatever schedule the model has of
+its own (the P-NTM head schedule: :meth:`pntm.models.base.Model.train_mode`).
 
 :class:`Trainer` holds the parameters, optimizer state and data RNG on one backend and can be
 rebuilt exactly from a checkpoint; :func:`fit` runs it with a progress bar, JSONL metrics and
@@ -23,8 +21,7 @@ import numpy as np
 
 from pntm import checkpoint, models, tasks
 from pntm.backends.base import Backend
-from pntm.config import config_from_dict
-from pntm.models.pntm import cross_entropy
+from pntm.config import check_finite, check_positive_ints, config_from_dict, option
 from pntm.optim import AdamW, clip_by_global_norm
 from pntm.tree import tree_map
 
@@ -34,49 +31,39 @@ METRICS_NAME = "metrics.jsonl"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    task: str = "copy"
-    train_length: int = 16  # lengths drawn uniformly from 1..train_length
-    steps: int = 1500
-    batch_size: int = 32
-    lr: float = 2e-3
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.0
-    clip_norm: float = 1.0
-    hard_from: float = 0.4  # fraction of steps after which heads are hard (1.0: always soft)
-    # During the soft phase, add this weight times the loss of the same batch with hard
-    # (straight-through) heads: the soft circuit is pushed toward one that still works once
-    # its heads are hardened.
-    hard_mix: float = 0.0
-    # Gumbel (shifts) and logistic (gates) noise of this scale on the head logits at step 0,
-    # decaying linearly to 0 at ``noise_until`` x steps: sampled heads, so that a circuit
-    # cannot lean on the blur of soft heads, and hard heads explore other moves.
-    head_noise: float = 0.0
-    noise_until: float = 0.5
-    seed: int = 0
+    """What every model's training shares; a model's own schedule (e.g. the P-NTM head
+    schedule) lives in its config (:meth:`pntm.models.base.Model.train_mode`)."""
+
+    task: str = option("copy", "Task to train on (see `pntm tasks`).", choices=tasks.NAMES)
+    train_length: int = option(
+        16, "Training lengths are drawn uniformly from 1..this (default: the task's)."
+    )
+    steps: int = option(1500, "Optimizer steps.", minimum=1)
+    batch_size: int = option(32, "Sequences per step.", minimum=1)
+    lr: float = option(2e-3, "Peak learning rate of AdamW.", minimum=0, min_open=True)
+    warmup_steps: int = option(100, "Linear warm-up steps before the cosine decay.", minimum=0)
+    min_lr_ratio: float = option(0.1, "The cosine decays to lr x this.", minimum=0, maximum=1)
+    weight_decay: float = option(0.0, "Decoupled (AdamW) weight decay.", minimum=0)
+    clip_norm: float = option(1.0, "Global gradient-norm clip.", minimum=0, min_open=True)
+    seed: int = option(0, "Seeds the parameters and the data stream.")
 
     def __post_init__(self) -> None:
-        task = tasks.get(self.task)
-        task.check_length(self.train_length)
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        tasks.get(self.task).check_length(self.train_length)
+        check_positive_ints(self, ("train_length", "steps", "batch_size"))
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int):
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0 <= self.hard_from <= 1:
-            raise ValueError(f"hard_from must be in [0, 1], got {self.hard_from}")
-        if not 0 <= self.head_noise < float("inf"):
-            raise ValueError(f"head_noise must be a finite number >= 0, got {self.head_noise}")
-        if not 0 < self.noise_until <= 1:
-            raise ValueError(f"noise_until must be in (0, 1], got {self.noise_until}")
-        if not 0 <= self.hard_mix < float("inf"):
-            raise ValueError(f"hard_mix must be a finite number >= 0, got {self.hard_mix}")
-        if self.clip_norm <= 0 or self.weight_decay < 0:
-            raise ValueError("clip_norm must be > 0 and weight_decay >= 0")
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        check_finite(self.lr, "lr", 0)
+        if self.lr == 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        check_finite(self.min_lr_ratio, "min_lr_ratio", 0, 1)
+        check_finite(self.weight_decay, "weight_decay", 0)
+        check_finite(self.clip_norm, "clip_norm", 0)
+        if self.clip_norm == 0:
+            raise ValueError(f"clip_norm must be > 0, got {self.clip_norm!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,21 +81,10 @@ class TrainConfig:
         floor = self.lr * self.min_lr_ratio
         return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def noise_at(self, step: int) -> float:
-        """Scale of the head noise at update ``step``: linear decay to 0 at noise_until."""
-        return self.head_noise * max(0.0, 1 - step / (self.noise_until * self.steps))
-
-    def heads_at(self, step: int) -> str:
-        return "hard" if step >= self.hard_from * self.steps else "soft"
-
-    @property
-    def final_heads(self) -> str:
-        """The head mode of the last training steps: the mode to evaluate with."""
-        return self.heads_at(self.steps - 1)
-
 
 class Trainer:
-    """Parameters, optimizer state, step and data RNG of one run, on one backend."""
+    """Parameters, optimizer state, step and data RNG of one run, on one backend. It speaks
+    only the model contract (:mod:`pntm.models.base`), so any model trains the same way."""
 
     def __init__(
         self,
@@ -124,17 +100,19 @@ class Trainer:
                 f"backend {backend_name!r} evaluates but does not train; "
                 "train with torch, triton or mlx"
             )
-        self.spec = models.get(model_name)
+        self.model_class = models.get(model_name)
         self.model_config = model_config
         self.config = config
         self.task = tasks.get(config.task)
         self.ops, self.backend_name = ops, backend_name
-        self.model = self.spec.model_class(model_config, ops)
+        self.model = self.model_class(model_config, ops)
         self.optimizer = AdamW(lr=config.lr, weight_decay=config.weight_decay)
         self.rng = np.random.default_rng([config.seed, 1])  # data stream, apart from init
         if resume_from is None:
             self.step = 0
-            self.params = self.model.params_from_numpy(self.spec.init(model_config, config.seed))
+            self.params = self.model.params_from_numpy(
+                self.model_class.init_params(model_config, config.seed)
+            )
             self.opt_state = self.optimizer.init(ops, self.params)
         else:
             if resume_from.optimizer is None or resume_from.rng_state is None:
@@ -147,37 +125,30 @@ class Trainer:
                 "v": self.model.params_from_numpy(resume_from.optimizer["v"]),
             }
             self.rng.bit_generator.state = resume_from.rng_state
-        self._value_and_grad: dict[tuple[int, str], Callable[..., Any]] = {}
+        self._value_and_grad: dict[tuple, Callable[..., Any]] = {}
 
-    def _loss_and_grad(self, n_slots: int, heads: str) -> Callable[..., Any]:
-        key = (n_slots, heads)
+    def _loss_and_grad(self, capacity: int, mode: dict[str, Any]) -> Callable[..., Any]:
+        key = (capacity, *sorted(mode.items()))
         if key not in self._value_and_grad:
-            model, ops = self.model, self.ops
-            hard_mix = self.config.hard_mix if heads == "soft" else 0.0
+            model = self.model
 
             def loss_fn(params, tokens, labels, mask, noise=None):
-                logits = model.forward(params, tokens, n_slots, heads=heads, noise=noise)
-                loss = cross_entropy(ops, logits, labels, mask)
-                if hard_mix:
-                    hard = model.forward(params, tokens, n_slots, heads="hard", noise=noise)
-                    loss = loss + hard_mix * cross_entropy(ops, hard, labels, mask)
-                return loss, logits
+                return model.loss(params, tokens, labels, mask, capacity, mode, noise)
 
-            self._value_and_grad[key] = ops.value_and_grad(loss_fn, has_aux=True)
+            self._value_and_grad[key] = self.ops.value_and_grad(loss_fn, has_aux=True)
         return self._value_and_grad[key]
 
     def train_step(self) -> dict[str, Any]:
         """One update on a fresh batch; returns its metrics."""
-        cfg, ops = self.config, self.ops
+        cfg, ops, model = self.config, self.ops, self.model
         start = time.perf_counter()
         lengths = self.rng.integers(1, cfg.train_length + 1, cfg.batch_size)
         batch = self.task.batch(self.rng, lengths)
-        n_slots = batch.tokens.shape[1]  # N = T of the padded batch
-        heads = cfg.heads_at(self.step)
+        capacity = batch.tokens.shape[1]  # memory models get N = T of the padded batch
+        mode = model.train_mode(self.step, cfg.steps)
         lr = cfg.lr_at(self.step)
-        scale = cfg.noise_at(self.step)
-        noise = self.model.head_noise(self.rng, *batch.tokens.shape, scale) if scale else None
-        (loss, logits), grads = self._loss_and_grad(n_slots, heads)(
+        noise = model.train_noise(self.rng, *batch.tokens.shape, self.step, cfg.steps)
+        (loss, logits), grads = self._loss_and_grad(capacity, mode)(
             self.params,
             ops.asarray(batch.tokens),
             ops.asarray(batch.labels),
@@ -191,6 +162,7 @@ class Trainer:
         ops.eval(self.params, self.opt_state["m"], self.opt_state["v"])
         predicted = ops.to_numpy(ops.argmax(logits, -1))
         accuracy = float(((predicted == batch.labels) * batch.mask).sum() / batch.mask.sum())
+        schedule = model.train_metrics(self.step, cfg.steps)
         self.step += 1
         return {
             "step": self.step,
@@ -198,16 +170,19 @@ class Trainer:
             "accuracy": accuracy,
             "lr": lr,
             "grad_norm": grad_norm,
-            "heads": heads,
-            "head_noise": scale,
+            **schedule,
             "tokens": int(batch.tokens.size),
             "seconds": time.perf_counter() - start,
         }
 
+    def decode_mode(self, **overrides: Any) -> dict[str, Any]:
+        """How the trained model decodes (e.g. P-NTM: the heads of the last update)."""
+        return self.model.decode_mode(self.step, self.config.steps, **overrides)
+
     def to_checkpoint(self) -> checkpoint.Checkpoint:
         to_np = self.ops.to_numpy
         return checkpoint.Checkpoint(
-            model=self.spec.name,
+            model=self.model_class.name,
             model_config=self.model_config.to_dict(),
             train_config=self.config.to_dict(),
             step=self.step,
@@ -258,7 +233,7 @@ def fit(
                         loss=f"{last['loss']:.4f}",
                         acc=f"{last['accuracy']:.3f}",
                         tok_s=f"{last['tokens_per_s']:.0f}",
-                        heads=last["heads"],
+                        **{k: last[k] for k in last if isinstance(last[k], str)},
                     )
                 if trainer.step % save_every == 0 and trainer.step < total:
                     checkpoint.save(ckpt_path, trainer.to_checkpoint())
@@ -271,16 +246,17 @@ def fit(
     return last
 
 
+_AVERAGED = ("loss", "accuracy", "grad_norm")
+
+
 def _summarize(window: list[dict[str, Any]]) -> dict[str, Any]:
+    """One metrics line for a window of updates: means of the loss, accuracy and gradient norm,
+    tokens/s, and the last update's other values (step, learning rate, the model's schedule)."""
     seconds = sum(m["seconds"] for m in window)
+    last = {k: v for k, v in window[-1].items() if k not in ("tokens", "seconds")}
     return {
-        "step": window[-1]["step"],
-        "loss": float(np.mean([m["loss"] for m in window])),
-        "accuracy": float(np.mean([m["accuracy"] for m in window])),
-        "lr": window[-1]["lr"],
-        "grad_norm": float(np.mean([m["grad_norm"] for m in window])),
-        "heads": window[-1]["heads"],
-        "head_noise": window[-1]["head_noise"],
+        **last,
+        **{k: float(np.mean([m[k] for m in window])) for k in _AVERAGED},
         "tokens_per_s": sum(m["tokens"] for m in window) / max(seconds, 1e-9),
         "seconds": seconds,
     }

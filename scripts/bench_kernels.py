@@ -37,7 +37,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pntm import backends
 from pntm.backends.base import Backend
-from pntm.models.pntm import PNTM, PNTMConfig, cross_entropy, init_params
+from pntm.models.base import cross_entropy
+from pntm.models.pntm import PNTM, PNTMConfig, init_params
 from pntm.optim import AdamW
 
 # framework -> implementation -> (backend, scan); the fused kernels first (the "vs kernel"

@@ -19,7 +19,8 @@ import click
 import numpy as np
 
 from pntm import backends
-from pntm.models.pntm import PNTM, PNTMConfig, cross_entropy, init_params
+from pntm.models.base import cross_entropy
+from pntm.models.pntm import PNTM, PNTMConfig, init_params
 
 
 def time_fwd_bwd(

@@ -107,7 +107,7 @@ def run_cell(
         default_lengths(train_config.train_length, task, FACTORS),
         samples=samples,
         seed=eval_seed,
-        heads=train_config.final_heads,
+        mode=trainer.decode_mode(),
     )
     result = {
         "task": task_name,
@@ -123,7 +123,7 @@ def run_cell(
         "final_loss": metrics[-1]["loss"],
         "eval_seconds": time.perf_counter() - start,
         "eval_seed": eval_seed,
-        "heads": train_config.final_heads,
+        "heads": trainer.decode_mode()["heads"],
         "results": [asdict(r) for r in results],
     }
     checkpoint.atomic_write(

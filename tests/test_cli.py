@@ -95,7 +95,7 @@ def test_eval_prints_the_table_on_every_backend(run_dir, tmp_path):
     )
     assert fixed.exit_code == 0, fixed.output
     rows = json.loads((tmp_path / "fixed.json").read_text())["results"]
-    assert [r["n_slots"] for r in rows] == [20, 20]
+    assert [r["capacity"] for r in rows] == [20, 20]
     (tmp_path / "fixed.json").unlink()
     # the same checkpoint decodes to the same accuracies everywhere
     results = {p.stem: json.loads(p.read_text())["results"] for p in tmp_path.glob("*.json")}
@@ -138,7 +138,7 @@ def test_resume_from_a_middle_checkpoint(tmp_path):
         "--plot",
         tmp_path / "e.png",
     )
-    assert early.exit_code == 0 and "soft heads" in early.output, early.output
+    assert early.exit_code == 0 and "heads soft" in early.output, early.output
     result = run("train", "--resume", tmp_path / "r", "--backend", name, "--quiet")
     assert result.exit_code == 0, result.output
     assert "resumed at step 5" in result.output and "exact" in result.output
@@ -176,7 +176,7 @@ def test_every_command_has_help():
 def test_unknown_task_backend_and_model():
     assert_refused(run("train", "--task", "copyy"), "'copyy'", "copy", code=2)
     assert_refused(run("train", "--backend", "jax"), "'jax'", "torch", code=2)
-    assert_refused(run("train", "--model", "lstm"), "'lstm'", "pntm", code=2)
+    assert_refused(run("train", "--model", "rnn"), "'rnn'", "pntm", code=2)
     assert_refused(run("tasks", "--show", "sorting"), "'sorting'", "parity", code=2)
 
 
@@ -223,8 +223,9 @@ def test_eval_bad_lengths_and_slots(run_dir):
     assert_refused(run("eval", run_dir, "--lengths", "3000"), "3000 is out of range", "1..2048")
     assert_refused(
         run("eval", run_dir, "--lengths", "4,8", "--slots", "8"),
-        "--slots 8 is too small",
-        "N must be >= 9",
+        "--slots 8",
+        "capacity 8 is too small",
+        "must be >= 9",
     )
     assert_refused(run("eval", run_dir, "--slots", "0"), "0 slots", ">= 1")
     assert_refused(run("eval", run_dir, "--samples", "0"), "--samples")

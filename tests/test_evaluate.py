@@ -10,7 +10,7 @@ import pytest
 from pntm import backends, tasks
 from pntm.evaluate import (
     LengthResult,
-    check_slots,
+    check_capacity,
     default_lengths,
     evaluate,
     greedy_decode,
@@ -38,12 +38,12 @@ class OracleModel:
             token = (token + 1) % task.vocab_size
         return np.eye(task.vocab_size)[token]
 
-    def forward(self, params, tokens, n_slots, heads, temperature, return_state):
+    def forward(self, params, tokens, capacity, return_state):
         histories = [list(map(int, row)) for row in tokens]
         logits = np.stack([[self._logits(h)] for h in histories])
         return logits, histories
 
-    def step(self, params, state, token, heads, temperature):
+    def step(self, params, state, token):
         histories = [[*h, int(t)] for h, t in zip(state, token, strict=True)]
         return np.stack([self._logits(h) for h in histories]), histories
 
@@ -54,7 +54,7 @@ def test_oracle_is_exact(name):
     lengths = [1, 3, min(9, task.max_length)]
     results = evaluate(OracleModel(task), None, task, lengths, samples=5)
     assert [(r.exact_match, r.token_accuracy) for r in results] == [(1.0, 1.0)] * 3
-    assert [r.n_slots for r in results] == [task.sequence_length(n) for n in lengths]
+    assert [r.capacity for r in results] == [task.sequence_length(n) for n in lengths]
 
 
 def test_one_wrong_token_fails_the_sample_but_not_the_other_tokens():
@@ -81,7 +81,7 @@ def test_greedy_decode_matches_full_recomputation(ops):
     params = model.params_from_numpy(init_params(config, 3))
     rng = np.random.default_rng(0)
     prompts = np.array([task.sequence(rng, 5)[:6] for _ in range(3)])
-    decoded = greedy_decode(model, params, prompts, 6, 12, "hard")
+    decoded = greedy_decode(model, params, prompts, 6, 12, {"heads": "hard"})
     seq = prompts
     for _ in range(6):
         logits = ops.to_numpy(model.forward(params, ops.asarray(seq), 12, heads="hard"))
@@ -94,11 +94,11 @@ def test_default_lengths_are_capped_at_the_task_limit():
     assert default_lengths(16, tasks.get("associative_recall")) == [16, 32, 64]
 
 
-def test_slots_too_small_are_refused():
+def test_capacity_too_small_is_refused():
     task = tasks.get("copy")
-    check_slots(task, [8, 16], 17)  # 16 input bits and SEP fit
-    with pytest.raises(ValueError, match=r"--slots 16 is too small .* N must be >= 17"):
-        check_slots(task, [8, 16], 16)
+    check_capacity(task, [8, 16], 17)  # 16 input bits and SEP fit
+    with pytest.raises(ValueError, match=r"capacity 16 is too small .* must be >= 17"):
+        check_capacity(task, [8, 16], 16)
 
 
 def test_json_and_plot_are_written(tmp_path):

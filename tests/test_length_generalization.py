@@ -37,7 +37,7 @@ def test_grid_trains_reports_and_reads_back(tmp_path):
         result = json.loads((grid / "reverse" / f"seed-{seed}" / "result.json").read_text())
         assert result["steps"] == 4 and result["seed"] == seed
         assert [r["length"] for r in result["results"]] == [2, 4, 8, 16, 32]
-        assert result["train_config"]["head_noise"] == 3.0  # the recipe, under the overrides
+        assert result["model_config"]["head_noise"] == 3.0  # the recipe, under the overrides
     text = report.read_text()
     assert "| reverse | 0, 1 |" in text and "| 0 | 4 |" in text and "| 1 | 4 |" in text
     assert report.with_suffix(".png").stat().st_size > 0

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pntm.models.pntm import PNTM, PNTMConfig, cross_entropy, init_params
+from pntm.models.base import cross_entropy
+from pntm.models.pntm import PNTM, PNTMConfig, init_params
 from pntm.tree import tree_flatten
 from tests.tolerances import (
     EXACT_RTOL,
@@ -216,14 +217,14 @@ def test_gradients_agree_across_backends(trainable_ops, config):
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(n_slots=0), dict(n_slots=2.5), dict(heads="sharp"), dict(temperature=0.0)]
+    "bad", [dict(capacity=0), dict(capacity=2.5), dict(heads="sharp"), dict(temperature=0.0)]
 )
 def test_bad_arguments_are_named(bad):
     from pntm import backends
 
     ops = backends.get("numpy")
     model, params = make(ops, "default")
-    kwargs = dict(n_slots=4) | bad
+    kwargs = dict(capacity=4) | bad
     with pytest.raises(ValueError, match=str(next(iter(bad.values())))):
         model.forward(params, np.zeros((1, 3), int), **kwargs)
 

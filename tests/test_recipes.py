@@ -35,8 +35,21 @@ def test_overrides_win_and_none_is_silent():
 def test_unknown_fields_and_tasks_are_named():
     with pytest.raises(ValueError, match=r"unknown training fields \['stepz'\]"):
         recipes.Recipe("copy", train={"stepz": 3})
+    with pytest.raises(ValueError, match=r"unknown model fields \['hard_from'\]"):
+        recipes.Recipe("copy", model={"hard_from": 0.5}, model_name="lstm")
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         recipes.get("nope")
+    with pytest.raises(ValueError, match="unknown model 'rnn'"):
+        recipes.get("copy", "rnn")
+
+
+@pytest.mark.parametrize("model", ["ntm", "lstm", "transformer"])
+def test_peers_take_the_pntm_budget_and_their_own_defaults(model):
+    recipe = recipes.get("reverse", model)
+    assert recipe.model_name == model and recipe.model == {}
+    assert recipe.train_config() == recipes.get("reverse").train_config()
+    config = recipe.model_config()
+    assert config == type(config)(vocab_size=tasks.get("reverse").vocab_size)
 
 
 def test_train_uses_the_recipe_where_the_command_line_is_silent(tmp_path):

@@ -22,10 +22,18 @@ needs_two = pytest.mark.skipif(
 )
 
 
-def tiny(task: str = "copy", **train) -> tuple[PNTMConfig, TrainConfig]:
-    model = PNTMConfig(tasks.get(task).vocab_size, d_model=16, n_layers=1, n_heads=1, head_dim=4)
-    options = {"task": task, "train_length": 4, "steps": 40, "batch_size": 8, "warmup_steps": 5}
-    return model, TrainConfig(**{**options, **train})
+SCHEDULE = ("hard_from", "hard_mix", "head_noise", "noise_until")  # P-NTM config fields
+
+
+def tiny(task: str = "copy", **options) -> tuple[PNTMConfig, TrainConfig]:
+    """A tiny P-NTM and its training config; ``options`` go to the config that has them."""
+    schedule = {k: v for k, v in options.items() if k in SCHEDULE}
+    train = {k: v for k, v in options.items() if k not in SCHEDULE}
+    model = PNTMConfig(
+        tasks.get(task).vocab_size, d_model=16, n_layers=1, n_heads=1, head_dim=4, **schedule
+    )
+    defaults = {"task": task, "train_length": 4, "steps": 40, "batch_size": 8, "warmup_steps": 5}
+    return model, TrainConfig(**{**defaults, **train})
 
 
 def make_trainer(name: str, resume_from=None, **train) -> Trainer:
@@ -45,11 +53,15 @@ def test_learning_rate_schedule():
 
 
 def test_head_schedule():
-    cfg = TrainConfig(steps=10, hard_from=0.4)
-    assert [cfg.heads_at(s) for s in range(10)] == ["soft"] * 4 + ["hard"] * 6
-    assert cfg.final_heads == "hard"
-    assert TrainConfig(steps=10, hard_from=1.0).final_heads == "soft"
-    assert TrainConfig(steps=10, hard_from=0.0).heads_at(0) == "hard"
+    model = PNTM(tiny(hard_from=0.4)[0], backends.get("numpy"))
+    assert [model.train_mode(s, 10)["heads"] for s in range(10)] == ["soft"] * 4 + ["hard"] * 6
+    assert model.decode_mode(10, 10) == {"heads": "hard", "temperature": 1.0}
+    assert model.decode_mode(4, 10) == {"heads": "soft", "temperature": 1.0}  # stopped early
+    assert model.decode_mode(10, 10, heads="soft", temperature=0.5)["heads"] == "soft"
+    soft = PNTM(tiny(hard_from=1.0)[0], backends.get("numpy"))
+    assert soft.decode_mode(10, 10)["heads"] == "soft"
+    assert PNTM(tiny(hard_from=0.0)[0], backends.get("numpy")).train_mode(0, 10)["heads"] == "hard"
+    assert model.train_metrics(3, 10) == {"heads": "soft", "head_noise": 0.0}
 
 
 @pytest.mark.parametrize(
@@ -59,7 +71,11 @@ def test_head_schedule():
         ({"train_length": 0}, "length 0 is out of range"),
         ({"task": "associative_recall", "train_length": 65}, r"allowed 1\.\.64"),
         ({"hard_from": 1.5}, "hard_from must be in"),
-        ({"steps": 0}, "steps must be >= 1"),
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"lr": float("inf")}, "lr must be finite"),
+        ({"weight_decay": float("nan")}, "weight_decay must be finite"),
+        ({"clip_norm": float("nan")}, "clip_norm must be finite"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
         ({"hard_mix": -1.0}, "hard_mix must be"),
         ({"head_noise": float("nan")}, "head_noise must be"),
         ({"noise_until": 0.0}, "noise_until must be in"),
@@ -67,7 +83,7 @@ def test_head_schedule():
 )
 def test_train_config_refuses_bad_values(bad, message):
     with pytest.raises(ValueError, match=message):
-        TrainConfig(**bad)
+        tiny(**bad)
 
 
 def test_numpy_backend_does_not_train():
@@ -84,14 +100,18 @@ def test_training_lowers_the_loss(trainable_ops, backend_name):
 
 
 def test_noise_schedule():
-    cfg = TrainConfig(steps=10, head_noise=2.0, noise_until=0.5)
-    assert [cfg.noise_at(s) for s in range(7)] == pytest.approx([2, 1.6, 1.2, 0.8, 0.4, 0, 0])
-    assert TrainConfig(steps=10).noise_at(0) == 0
+    cfg = tiny(head_noise=2.0, noise_until=0.5)[0]
+    assert [cfg.noise_at(s, 10) for s in range(7)] == pytest.approx([2, 1.6, 1.2, 0.8, 0.4, 0, 0])
+    assert tiny()[0].noise_at(0, 10) == 0
+    model = PNTM(cfg, backends.get("numpy"))
+    rng = np.random.default_rng(0)
+    assert model.train_noise(rng, 2, 3, 5, 10) is None  # decayed to 0: no draws
+    assert model.train_noise(rng, 2, 3, 0, 10)[0]["write_shift"].shape == (2, 3, 1, 3)
 
 
 def test_hard_mix_adds_the_hard_heads_loss(tmp_path):
     """In the soft phase the loss is CE(soft heads) + hard_mix x CE(hard heads), same batch."""
-    from pntm.models.pntm import cross_entropy
+    from pntm.models.base import cross_entropy
 
     name = TRAINABLE[0]
     trainer = make_trainer(name, hard_mix=0.5, hard_from=0.5)
@@ -206,7 +226,7 @@ def test_checkpoint_is_portable_across_backends(trained_on, tmp_path):
         logits[name] = model.ops.to_numpy(
             model.forward(params, model.ops.asarray(prompts), 16, heads="hard")
         )
-        decodes[name] = greedy_decode(model, params, prompts, 8, 16, "hard")
+        decodes[name] = greedy_decode(model, params, prompts, 8, 16, {"heads": "hard"})
     for name in TRAINABLE:
         assert rel_err(logits[name], logits["numpy"]) < FWD_RTOL, name
         np.testing.assert_array_equal(decodes[name], decodes["numpy"], err_msg=name)

@@ -1,38 +1,22 @@
-"""Model registry: name -> (config class, model class, parameter initialiser).
+"""Model registry: name -> model class (the contract is :class:`pntm.models.base.Model`).
 
 Every model is written once against the backend interface; its parameters are a nested dict of
-NumPy arrays from ``init(config, seed)``, so checkpoints move between backends.
+NumPy arrays from ``init_params(config, seed)``, so checkpoints move between backends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from pntm.models.base import Model, ModelConfig
+from pntm.models.pntm import PNTM
 
-from pntm.models.pntm import PNTM, PNTMConfig, init_params
+__all__ = ["MODELS", "NAMES", "Model", "ModelConfig", "get"]
 
-__all__ = ["MODELS", "NAMES", "ModelSpec", "get"]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    config_class: type
-    model_class: type
-    init: Callable[[Any, int], dict[str, Any]]
-    description: str
-
-
-MODELS: dict[str, ModelSpec] = {
-    "pntm": ModelSpec(
-        "pntm", PNTMConfig, PNTM, init_params, "Parallelizable Neural Turing Machine"
-    ),
-}
+MODELS: dict[str, type[Model]] = {cls.name: cls for cls in (PNTM,)}
 NAMES: tuple[str, ...] = tuple(MODELS)
 
 
-def get(name: str) -> ModelSpec:
+def get(name: str) -> type[Model]:
+    """The model class called ``name``."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(NAMES)}")
     return MODELS[name]

@@ -14,68 +14,119 @@ Two entry points compute the same function:
 * :meth:`PNTM.step` — one token, carrying per layer the two head positions and the memory:
   the plain recurrence of SPEC §2 (circular convolution in slot space), O(K N D) per token.
 
-``n_slots`` is a runtime argument: no parameter depends on it.
+The number of slots N is the run-time ``capacity`` of the model contract
+(:mod:`pntm.models.base`): no parameter depends on it.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from pntm.backends.base import Array, Backend, read_step
-from pntm.config import config_from_dict
-from pntm.tree import tree_map
+from pntm.config import check_finite, check_positive_ints, option
+from pntm.models.base import Model, ModelConfig, cross_entropy
 
 HEAD_MODES = ("soft", "hard")
+ACTIVATIONS = ("tanh", "linear")
 RMS_EPS = 1e-5
 RESET_GATE_BIAS = -2.0  # heads start mostly moving, rarely resetting (prototype setting)
 
 
 @dataclass(frozen=True)
-class PNTMConfig:
-    vocab_size: int
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 2  # K: memories (each with a write and a read head) per layer
-    head_dim: int = 16  # D: width of a memory slot
-    max_shift: int = 1  # S: shifts -S..S
-    mlp_ratio: int = 2
-    content: bool = False  # content-addressed reads (SPEC §2), off by default
-    add_activation: str = "tanh"  # "tanh" or "linear"
+class PNTMConfig(ModelConfig):
+    d_model: int = option(64, "Model width H.", minimum=1)
+    n_layers: int = option(2, "P-NTM blocks.", flag="layers", minimum=1)
+    n_heads: int = option(
+        2,
+        "Memories per block (K), each with a write and a read head.",
+        flag="memory-heads",
+        minimum=1,
+    )
+    head_dim: int = option(16, "Width D of a memory slot.", minimum=1)
+    max_shift: int = option(1, "Heads move by -S..S slots per step.", minimum=0)
+    mlp_ratio: int = option(2, "Hidden width of the MLP, in multiples of the width.", minimum=1)
+    content: bool = option(
+        False, "Content-addressed reads (SPEC §2); the task's recipe turns them on where needed."
+    )
+    add_activation: str = option("tanh", "Activation of the add vector.", choices=ACTIVATIONS)
     # Velocity prior: added at initialization to the controller bias of the +1 shift of every
     # write and read head, so that a fresh head moves +1 per step with probability
     # e^v / (e^v + 2S) (1/3 at v = 0, 0.79 at v = 2 for S = 1). Only the initial parameters
     # change; the model computes the same function of its parameters (SPEC §7).
-    velocity_prior: float = 0.0
+    velocity_prior: float = option(
+        0.0,
+        "Initial bias of every head's +1 shift logit: a fresh head moves +1 per step with "
+        "probability e^v / (e^v + 2S).",
+    )
     # Every write replaces what its head points at (erase fixed to 1, no erase output): a head
     # parked on one slot then holds the last write, not a leaky sum of all of them (the
     # length-dependent counter shortcut of SPEC §7).
-    overwrite: bool = False
+    overwrite: bool = option(
+        False, "Every write replaces its slot's content (erase fixed to 1), no learned erase."
+    )
     # Gated writes: the erase vector e is also the write strength (add <- e * add), so a write
     # blends toward the add rather than adding to the slot. With hard heads e is snapped to
     # 0/1 (straight-through), so each slot component is either replaced or kept: exact
     # flip-flops, which can hold a value across steps where overwrite cannot, and no
     # accumulator. Training noise on heads also samples e (binary concrete).
-    gated_write: bool = False
+    gated_write: bool = option(
+        False,
+        "The erase is also the write strength (add <- erase * add), snapped to 0/1 with hard "
+        "heads: each write replaces or keeps a slot (a flip-flop).",
+    )
+    # The head schedule of training (the "st40" recipe of the prototype, SPEC §7): soft heads
+    # for the first ``hard_from`` fraction of the updates, then straight-through hard heads,
+    # which are also the heads decoding uses.
+    hard_from: float = option(
+        0.4,
+        "Fraction of the training steps after which heads are straight-through hard (exact "
+        "one-hot shifts, 0/1 gates, soft gradients); 1 keeps them soft throughout. Decoding "
+        "uses the heads of the last step.",
+        minimum=0,
+        maximum=1,
+    )
+    # During the soft phase, add this weight times the loss of the same batch with hard
+    # (straight-through) heads: the soft circuit is pushed toward one that still works once
+    # its heads are hardened.
+    hard_mix: float = option(
+        0.0,
+        "Before hard_from, add this weight times the loss of the same batch with hard heads.",
+        minimum=0,
+    )
+    # Gumbel (shifts) and logistic (gates) noise of this scale on the head logits at step 0,
+    # decaying linearly to 0 at ``noise_until`` x steps: sampled heads, so that a circuit
+    # cannot lean on the blur of soft heads, and hard heads explore other moves.
+    head_noise: float = option(
+        0.0,
+        "Scale of Gumbel noise on the shift logits and logistic noise on the gate logits in "
+        "training (sampled heads), decaying linearly to 0 at noise_until.",
+        minimum=0,
+    )
+    noise_until: float = option(
+        0.5,
+        "Fraction of the training steps at which the head noise reaches 0.",
+        minimum=0,
+        maximum=1,
+        min_open=True,
+    )
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "mlp_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.max_shift, int) or self.max_shift < 0:
+        check_positive_ints(
+            self, ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "mlp_ratio")
+        )
+        if isinstance(self.max_shift, bool) or not isinstance(self.max_shift, int):
             raise ValueError(f"max_shift must be an integer >= 0, got {self.max_shift!r}")
-        if not isinstance(self.velocity_prior, (int, float)) or not np.isfinite(
-            self.velocity_prior
-        ):
-            raise ValueError(f"velocity_prior must be a finite number, got {self.velocity_prior!r}")
+        if self.max_shift < 0:
+            raise ValueError(f"max_shift must be an integer >= 0, got {self.max_shift!r}")
+        check_finite(self.velocity_prior, "velocity_prior")
         if self.velocity_prior and self.max_shift < 1:
             raise ValueError(
                 f"velocity_prior {self.velocity_prior} needs max_shift >= 1 (a +1 shift to bias)"
             )
-        for name in ("overwrite", "gated_write"):
+        for name in ("content", "overwrite", "gated_write"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.overwrite and self.gated_write:
@@ -83,21 +134,32 @@ class PNTMConfig:
                 "overwrite and gated_write exclude each other: overwrite fixes the erase to 1, "
                 "gated_write learns it as a 0/1 write gate"
             )
-        if self.add_activation not in ("tanh", "linear"):
+        if self.add_activation not in ACTIVATIONS:
             raise ValueError(
-                f"add_activation must be 'tanh' or 'linear', got {self.add_activation!r}"
+                f"add_activation must be one of {ACTIVATIONS}, got {self.add_activation!r}"
             )
+        check_finite(self.hard_from, "hard_from", 0, 1)
+        check_finite(self.hard_mix, "hard_mix", 0)
+        check_finite(self.head_noise, "head_noise", 0)
+        check_finite(self.noise_until, "noise_until", 0, 1)
+        if self.noise_until == 0:
+            raise ValueError(f"noise_until must be in (0, 1], got {self.noise_until!r}")
+
+    def summary(self) -> str:
+        return f"{self.n_layers} blocks x {self.n_heads} memories"
+
+    # ------------------------------------------------------------------ head schedule
+    def heads_at(self, step: int, steps: int) -> str:
+        """Head mode of training update ``step`` (0-based) of ``steps``."""
+        return "hard" if step >= self.hard_from * steps else "soft"
+
+    def noise_at(self, step: int, steps: int) -> float:
+        """Scale of the head noise at update ``step``: linear decay to 0 at noise_until."""
+        return self.head_noise * max(0.0, 1 - step / (self.noise_until * steps))
 
     @property
     def n_shifts(self) -> int:
         return 2 * self.max_shift + 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PNTMConfig:
-        return config_from_dict(cls, data, "P-NTM config")
 
     def controller_fields(self) -> list[tuple[str, int]]:
         """Per-head slices of the controller output, in order."""
@@ -156,21 +218,84 @@ def init_params(config: PNTMConfig, seed: int = 0) -> dict[str, Any]:
     }
 
 
-class PNTM:
-    """A P-NTM bound to a backend. Parameters are passed in (functional style)."""
+@dataclass(frozen=True)
+class PNTMDecoding:
+    """How a trained P-NTM decodes (``pntm eval`` options)."""
+
+    heads: str = option(
+        "auto",
+        "Head mode: auto = the mode of the checkpoint's last training step.",
+        choices=("auto", *HEAD_MODES),
+    )
+    temperature: float = option(
+        1.0, "Temperature of the shift and gate logits (soft heads).", minimum=0, min_open=True
+    )
+
+
+class PNTM(Model):
+    """A P-NTM bound to a backend. Parameters are passed in (functional style);
+    ``capacity`` is the number of memory slots N."""
+
+    name = "pntm"
+    description = "Parallelizable Neural Turing Machine (parallel scans, constant-time decoding)"
+    config_class = PNTMConfig
+    decode_options = PNTMDecoding
 
     def __init__(self, config: PNTMConfig, ops: Backend) -> None:
-        self.config = config
-        self.ops = ops
+        super().__init__(config, ops)
         self._twiddles: dict[int, tuple[Array, Array]] = {}
         self._delta0: dict[int, Array] = {}
 
-    # ------------------------------------------------------------------ parameters and state
-    def params_from_numpy(self, params: Any) -> Any:
-        return tree_map(lambda p: self.ops.asarray(p), params)
+    @staticmethod
+    def init_params(config: PNTMConfig, seed: int = 0) -> dict[str, Any]:
+        return init_params(config, seed)
 
-    def init_state(self, batch: int, n_slots: int) -> list[dict[str, Array]]:
+    # ------------------------------------------------------------------ schedule and modes
+    def train_mode(self, step: int, steps: int) -> dict[str, Any]:
+        return {"heads": self.config.heads_at(step, steps)}
+
+    def train_noise(
+        self, rng: np.random.Generator, batch: int, length: int, step: int, steps: int
+    ) -> list[dict[str, Array]] | None:
+        scale = self.config.noise_at(step, steps)
+        return self.head_noise(rng, batch, length, scale) if scale else None
+
+    def train_metrics(self, step: int, steps: int) -> dict[str, Any]:
+        c = self.config
+        return {"heads": c.heads_at(step, steps), "head_noise": c.noise_at(step, steps)}
+
+    def describe_schedule(self, steps: int) -> str:
+        hard_step = int(np.ceil(self.config.hard_from * steps))
+        return f"hard heads from step {hard_step}" if hard_step < steps else ""
+
+    def loss(
+        self,
+        params: Any,
+        tokens: Array,
+        labels: Array,
+        mask: Array,
+        capacity: int,
+        mode: dict[str, Any],
+        noise: Any = None,
+    ) -> tuple[Array, Array]:
+        loss, logits = super().loss(params, tokens, labels, mask, capacity, mode, noise)
+        if self.config.hard_mix and mode.get("heads") == "soft":
+            hard = self.forward(params, tokens, capacity, heads="hard", noise=noise)
+            loss = loss + self.config.hard_mix * cross_entropy(self.ops, hard, labels, mask)
+        return loss, logits
+
+    def decode_mode(self, step: int, steps: int, **overrides: Any) -> dict[str, Any]:
+        options = PNTMDecoding(**overrides)
+        heads = options.heads
+        if heads == "auto":  # the heads of the last training update
+            heads = self.config.heads_at(max(step - 1, 0), steps)
+        _check_heads(heads, options.temperature)
+        return {"heads": heads, "temperature": options.temperature}
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, batch: int, capacity: int) -> list[dict[str, Array]]:
         """Heads on slot 0, memories empty: the state before the first token."""
+        n_slots = capacity
         _check_slots(n_slots)
         c, ops = self.config, self.ops
         delta = np.zeros((batch, c.n_heads, n_slots))
@@ -303,19 +428,21 @@ class PNTM:
         self,
         params: dict,
         tokens: Array,
-        n_slots: int,
+        capacity: int,
         state: list[dict[str, Array]] | None = None,
+        return_state: bool = False,
         heads: str = "soft",
         temperature: float = 1.0,
-        return_state: bool = False,
         noise: list[dict[str, Array]] | None = None,
     ) -> Array | tuple[Array, list[dict[str, Array]]]:
-        """Logits (B, T, V) for tokens (B, T), all positions at once.
+        """Logits (B, T, V) for tokens (B, T), all positions at once, with ``capacity`` = N
+        memory slots.
 
         ``state`` continues from an earlier call (or :meth:`step`); ``return_state`` also returns
         the state after the last token, so that decoding can go on with :meth:`step`.
         ``noise`` (one dict per block, from :meth:`head_noise`) samples the heads in training.
         """
+        n_slots = capacity
         _check_slots(n_slots)
         _check_heads(heads, temperature)
         ops = self.ops
@@ -420,9 +547,3 @@ def _check_heads(heads: str, temperature: float) -> None:
         raise ValueError(f"heads must be one of {HEAD_MODES}, got {heads!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-
-
-def cross_entropy(ops: Backend, logits: Array, targets: Array, mask: Array) -> Array:
-    """Mean negative log-likelihood of ``targets`` over positions where ``mask`` is 1."""
-    logp = ops.sum(ops.log_softmax(logits, -1) * ops.one_hot(targets, logits.shape[-1]), axis=-1)
-    return -ops.sum(logp * mask) / ops.sum(mask)
