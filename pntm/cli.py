@@ -1,4 +1,4 @@
-"""The ``pntm`` command line: ``train``, ``eval``, ``tasks``, ``backends``.
+"""The ``pntm`` command line: ``train``, ``eval``, ``bench``, ``tasks``, ``models``, ``backends``.
 
 Every entry point is backend-neutral: ``--backend`` picks where it runs, and checkpoints move
 between backends. Bad input ends with one ``Error:`` line naming the value and what is allowed,
@@ -17,6 +17,7 @@ import click
 import numpy as np
 
 from pntm import backends, checkpoint, models, tasks
+from pntm.bench import DECODE_LENGTHS, TRAIN_LENGTHS
 from pntm.config import options_of
 from pntm.train import TrainConfig
 from pntm.tree import tree_leaves
@@ -184,34 +185,51 @@ def _click_type(f: dataclasses.Field) -> Any:
 
 def _generated_options(owners: dict[str, type | None]) -> list[tuple[ConfigOption, Any]]:
     """One click option per distinct flag over the option fields of ``owners`` (owner name ->
-    config class); a flag several owners share must have one type."""
-    found: dict[str, tuple[ConfigOption, dataclasses.Field, list[str]]] = {}
+    config class); a flag several owners share must have one type. Its help names the owners
+    that have it when not all do, and each owner's text or default where they differ."""
+    found: dict[str, tuple[ConfigOption, list[dataclasses.Field]]] = {}
     for owner, config_class in owners.items():
         for f in options_of(config_class) if config_class is not None else []:
             flag = _flag(f)
-            if flag in found:
-                option, first, names = found[flag]
-                if type(first.default) is not type(f.default):
-                    raise TypeError(f"--{flag}: {owner} and {names[0]} give it different types")
-                option.fields[owner] = f.name
-                names.append(owner)
-            else:
-                option = ConfigOption(flag, flag.replace("-", "_"), {owner: f.name})
-                found[flag] = (option, f, [owner])
+            option, fields_ = found.setdefault(
+                flag, (ConfigOption(flag, flag.replace("-", "_"), {}), [])
+            )
+            if fields_ and type(fields_[0].default) is not type(f.default):
+                first = next(iter(option.fields))
+                raise TypeError(f"--{flag}: {owner} and {first} give it different types")
+            option.fields[owner] = f.name
+            fields_.append(f)
     out = []
-    for option, f, names in found.values():
-        help_text = f.metadata["option"]["help"]
+    for option, fields_ in found.values():
+        names = list(option.fields)
+        helps = [f.metadata["option"]["help"] for f in fields_]
+        defaults = [_shown_default(f) for f in fields_]
+        if len(set(helps)) == 1:
+            help_text = helps[0]
+        else:  # owners with the same text share one entry
+            by_text: dict[str, list[str]] = {}
+            for name, text in zip(names, helps, strict=True):
+                by_text.setdefault(text, []).append(name)
+            help_text = " ".join(f"{', '.join(n)}: {text}" for text, n in by_text.items())
         if "default" not in help_text:
-            default = "on" if f.default is True else "off" if f.default is False else f.default
-            help_text += f" (default: {default})"
+            if len(set(defaults)) == 1:
+                help_text += f" (default: {defaults[0]})"
+            else:
+                pairs = ", ".join(f"{n} {d}" for n, d in zip(names, defaults, strict=True))
+                help_text += f" (defaults: {pairs})"
         if len(owners) > 1 and set(names) != set(owners):
             help_text += f" [{', '.join(names)}]"
+        f = fields_[0]
         if isinstance(f.default, bool):
             decl = click.option(f"--{option.flag}/--no-{option.flag}", default=None, help=help_text)
         else:
             decl = click.option(f"--{option.flag}", type=_click_type(f), help=help_text)
         out.append((option, decl))
     return out
+
+
+def _shown_default(f: dataclasses.Field) -> str:
+    return "on" if f.default is True else "off" if f.default is False else str(f.default)
 
 
 def _with_options(generated: list[tuple[ConfigOption, Any]]) -> Any:
@@ -600,6 +618,163 @@ def _evaluate_and_report(
     title = f"{model.name}, {task.name}: trained on 1..{train_config.train_length}{described}"
     plot(plot_path, title, results, train_config.train_length)
     click.echo(f"wrote {json_path} and {plot_path}")
+
+
+# ---------------------------------------------------------------------------------- models
+
+
+@main.command("models")
+def models_command() -> None:
+    """List the models and their options (each `pntm train --model NAME` option is one of
+    its config fields; `pntm train --help` lists them all)."""
+    for name in models.NAMES:
+        cls = models.get(name)
+        click.echo(f"{name:12s} {cls.description}")
+        for f in options_of(cls.config_class):
+            click.echo(f"    --{_flag(f):22s} default {f.default}")
+
+
+# ---------------------------------------------------------------------------------- bench
+
+
+class NameList(click.ParamType):
+    """Comma-separated names out of a fixed set."""
+
+    name = "NAMES"
+
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        self.choices = choices
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        names = tuple(dict.fromkeys(part.strip() for part in str(value).split(",")))
+        for name in names:
+            if name not in self.choices:
+                self.fail(f"{name!r} is not one of {', '.join(self.choices)}", param, ctx)
+        return names
+
+
+@main.command("bench")
+@click.option(
+    "--backend",
+    default="auto",
+    show_default=True,
+    type=click.Choice(BACKEND_CHOICES),
+    help="Where to measure (see `pntm backends`).",
+)
+@click.option(
+    "--models",
+    "model_names",
+    default=",".join(models.NAMES),
+    show_default=True,
+    type=NameList(models.NAMES),
+    help="Comma-separated models to compare (pntm is always the reference of the ratios).",
+)
+@click.option(
+    "--lengths",
+    default=",".join(map(str, TRAIN_LENGTHS)),
+    show_default=True,
+    type=LengthList(),
+    help="Sequence lengths T of the training-step timings.",
+)
+@click.option(
+    "--decode-lengths",
+    default=",".join(map(str, DECODE_LENGTHS)),
+    show_default=True,
+    type=LengthList(),
+    help="Numbers of tokens generated in the decoding timings.",
+)
+@click.option(
+    "--recompute-max",
+    default=512,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Longest T of the recompute-the-prefix decoding baseline (it costs O(T^2)).",
+)
+@click.option(
+    "--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Batch."
+)
+@click.option(
+    "--d-model",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Width of every model (of the P-NTM with --match params).",
+)
+@click.option(
+    "--match",
+    default="width",
+    show_default=True,
+    type=click.Choice(("width", "params")),
+    help="width: every model at --d-model; params: the other models at the width whose "
+    "parameter count is nearest the P-NTM's.",
+)
+@click.option(
+    "--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Timed repeats."
+)
+@click.option(
+    "--warmup",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Untimed repeats first (compilation, caches).",
+)
+@click.option(
+    "--budget",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds after which a measurement stops repeating (one timed repeat at least).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for bench.json, bench.md and bench.png (default: runs/bench-BACKEND-DATE).",
+)
+@click.option("--quiet", is_flag=True, help="Do not print each measurement as it starts.")
+def bench_command(**opts: Any) -> None:
+    """Time a training step of every model over T, and greedy decoding tokens/s.
+
+    Every model gets the same batch, width (or parameter count) and memory size (N = T slots).
+    Warm-up excluded, medians of repeats; ratios to the P-NTM are from the same run. Prints
+    Markdown tables and writes them with a JSON file and a PNG plot."""
+    from pntm import bench
+
+    try:
+        cfg = bench.BenchConfig(
+            models=opts["model_names"],
+            lengths=tuple(opts["lengths"]),
+            decode_lengths=tuple(opts["decode_lengths"]),
+            recompute_max=opts["recompute_max"],
+            batch_size=opts["batch_size"],
+            d_model=opts["d_model"],
+            match=opts["match"],
+            repeats=opts["repeats"],
+            warmup=opts["warmup"],
+            budget_s=opts["budget"],
+        )
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    backend_name, ops = _ops(opts["backend"], train=True)
+    out = opts["out"] or Path("runs") / f"bench-{backend_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_writable(out)
+    say = (lambda _: None) if opts["quiet"] else (lambda line: click.echo(line, err=True))
+    report = bench.run(cfg, ops, backend_name, progress=say)
+    click.echo(bench.format_report(report))
+    paths = bench.write(report, out)
+    click.echo(f"wrote {', '.join(map(str, paths))}")
+
+
+def _check_writable(directory: Path) -> None:
+    """Fail now, not after the measurements, when ``directory`` cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".pntm-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise click.ClickException(f"cannot write to {directory}: {exc.strerror}") from exc
 
 
 if __name__ == "__main__":

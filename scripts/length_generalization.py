@@ -1,11 +1,13 @@
-"""Length generalization grid: train each task x seed with its recipe (``pntm.recipes``, the
-settings ``pntm train --task NAME`` uses), evaluate greedy exact match at L_train x 1, 2, 4, 8
-and 16 on fresh sequences, and write a Markdown report with a PNG.
+"""Length generalization grid: train each model x task x seed with its recipe
+(``pntm.recipes``, the settings ``pntm train --model MODEL --task NAME`` uses), evaluate greedy
+exact match at L_train x 1, 2, 4, 8 and 16 on fresh sequences as ``pntm eval`` does, and write
+a Markdown report with a PNG.
 
-Each cell is a run directory ``GRID/TASK/seed-S`` (checkpoint, metrics.jsonl, result.json), so
-an interrupted grid continues where it stopped: finished cells are read back, unfinished ones
-resume from their last checkpoint. ``--set`` changes a recipe field for the whole grid (for
-experiments); a grid directory refuses a cell whose checkpoint was trained with other settings.
+Each cell is a run directory ``GRID/MODEL/TASK/seed-S`` (checkpoint, metrics.jsonl,
+result.json), so an interrupted grid continues where it stopped: finished cells are read back,
+unfinished ones resume from their last checkpoint. ``--set`` changes a recipe field for the whole
+grid (for experiments); a grid directory refuses a cell whose checkpoint was trained with other
+settings. ``scripts/reproduce.py`` runs it for every model and task.
 
     python scripts/length_generalization.py --grid runs/lengthgen --results docs/results.md
 """
@@ -23,6 +25,8 @@ from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 FACTORS = (1, 2, 4, 8, 16)
 RESULT_NAME = "result.json"
@@ -57,8 +61,13 @@ def exit_with_parent(parent: int, poll_s: float = 2.0) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def cell_dir(grid: str | Path, model: str, task: str, seed: int) -> Path:
+    return Path(grid) / model / task / f"seed-{seed}"
+
+
 def run_cell(
     grid: str,
+    model_name: str,
     task_name: str,
     seed: int,
     overrides: dict[str, dict[str, Any]],
@@ -75,11 +84,11 @@ def run_cell(
     from pntm.evaluate import default_lengths, evaluate
     from pntm.train import CHECKPOINT_NAME, METRICS_NAME, Trainer, fit
 
-    cell = Path(grid) / task_name / f"seed-{seed}"
+    cell = cell_dir(grid, model_name, task_name, seed)
     result_path = cell / RESULT_NAME
     if result_path.exists():
         return json.loads(result_path.read_text())
-    recipe = recipes.get(task_name)
+    recipe = recipes.get(task_name, model_name)
     train_config = recipe.train_config(seed=seed, **overrides["train"])
     model_config = recipe.model_config(**overrides["model"])
     resume = None
@@ -94,11 +103,12 @@ def run_cell(
                 "directory"
             )
     ops = backends.get(backend)
-    trainer = Trainer("pntm", model_config, train_config, ops, backend, resume)
+    trainer = Trainer(model_name, model_config, train_config, ops, backend, resume)
     if trainer.step < train_config.steps:
         fit(trainer, cell, log_every=25, save_every=250, progress=False)
     metrics = [json.loads(line) for line in (cell / METRICS_NAME).read_text().splitlines()]
     task = tasks.get(task_name)
+    mode = trainer.decode_mode()
     start = time.perf_counter()
     results = evaluate(
         trainer.model,
@@ -107,9 +117,10 @@ def run_cell(
         default_lengths(train_config.train_length, task, FACTORS),
         samples=samples,
         seed=eval_seed,
-        mode=trainer.decode_mode(),
+        mode=mode,
     )
     result = {
+        "model": model_name,
         "task": task_name,
         "seed": seed,
         "recipe": recipe.describe(),
@@ -123,7 +134,7 @@ def run_cell(
         "final_loss": metrics[-1]["loss"],
         "eval_seconds": time.perf_counter() - start,
         "eval_seed": eval_seed,
-        "heads": trainer.decode_mode()["heads"],
+        "decode_mode": mode,
         "results": [asdict(r) for r in results],
     }
     checkpoint.atomic_write(
@@ -132,23 +143,29 @@ def run_cell(
     return result
 
 
+def model_of(result: dict[str, Any]) -> str:
+    return result.get("model", "pntm")  # results written before the grid had models
+
+
 def summary_line(r: dict[str, Any]) -> str:
     exact = " ".join(f"{x['exact_match']:.2f}" for x in r["results"])
     lengths = "/".join(str(x["length"]) for x in r["results"])
     return (
-        f"{r['task']:22s} seed {r['seed']}: exact at {lengths} = {exact} "
+        f"{model_of(r):11s} {r['task']:22s} seed {r['seed']}: exact at {lengths} = {exact} "
         f"(loss {r['final_loss']:.2g}, {r['steps']} steps, {r['train_seconds']:.0f} s)"
     )
 
 
 def write_report(path: Path, results: list[dict[str, Any]], command: str) -> None:
-    """Markdown tables (one per task, a row per seed) and a PNG next to ``path``."""
+    """Markdown: a summary (model x task: median and range over seeds at 1x..16x), then one
+    table per task with a row per model and seed; and a PNG next to ``path``."""
     from pntm.checkpoint import atomic_write
 
     png = path.with_suffix(".png")
-    by_task: dict[str, list[dict[str, Any]]] = {}
+    by_task: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in sorted(results, key=lambda r: r["seed"]):
-        by_task.setdefault(r["task"], []).append(r)
+        by_task.setdefault(r["task"], {}).setdefault(model_of(r), []).append(r)
+    models_seen = list(dict.fromkeys(model_of(r) for r in results))
     lines = [
         "# Length generalization results",
         "",
@@ -156,49 +173,69 @@ def write_report(path: Path, results: list[dict[str, Any]], command: str) -> Non
         "",
         f"    {command}",
         "",
-        "Each row is one seed trained with the task's recipe (`pntm tasks`, `pntm/recipes.py`),",
-        "the settings `pntm train --task NAME` uses. Greedy exact match (every target token and",
-        "END right) with the heads of the end of training, on fresh sequences drawn from the",
-        "evaluation seed, memory N = the whole sequence length. Train time is the optimizer",
-        "steps' wall time on one thread.",
+        "Each row is one seed trained with its recipe (`pntm tasks`, `pntm/recipes.py`): the",
+        "settings `pntm train --model MODEL --task NAME` uses (the other models train with the",
+        "P-NTM recipe's number of steps and their own defaults). Greedy exact match (every target",
+        "token and END right) in each model's decoding mode (the P-NTM: the heads of the end of",
+        "training), on fresh sequences drawn from the evaluation seed, memory N = the whole",
+        "sequence length. Train time is the optimizer steps' wall time on one thread.",
         "",
         f"![exact match against length]({png.name})",
         "",
-        "| task | seeds | 100% at 8x on | worst seed at 8x | worst seed at 16x |",
-        "|---|---|---|---|---|",
+        "Exact match, median over seeds [min, max]:",
+        "",
+        "| task | model | seeds | 1x | 2x | 4x | 8x | 16x | 100% at 8x on |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for task, rows in by_task.items():
-        at = {f: [_exact_at(r, f) for r in rows] for f in (8, 16)}
-        lines.append(
-            f"| {task} | {', '.join(str(r['seed']) for r in rows)} | "
-            f"{sum(x == 1.0 for x in at[8])} of {len(rows)} | {min(at[8]):.3f} | "
-            f"{min(at[16]):.3f} |"
-        )
+    for task, by_model in by_task.items():
+        for model in models_seen:
+            rows = by_model.get(model)
+            if not rows:
+                continue
+            cells = []
+            for factor in FACTORS:
+                values = [_exact_at(r, factor) for r in rows]
+                cells.append(
+                    f"{np.median(values):.2f}"
+                    + (f" [{min(values):.2f}, {max(values):.2f}]" if len(values) > 1 else "")
+                )
+            at8 = [_exact_at(r, 8) for r in rows]
+            lines.append(
+                f"| {task} | {model} | {', '.join(str(r['seed']) for r in rows)} | "
+                + " | ".join(cells)
+                + f" | {sum(x == 1.0 for x in at8)} of {len(rows)} |"
+            )
     lines.append("")
-    for task, rows in by_task.items():
-        lengths = [x["length"] for x in rows[0]["results"]]
-        L = rows[0]["train_config"]["train_length"]
+    for task, by_model in by_task.items():
+        first = next(iter(by_model.values()))[0]
+        lengths = [x["length"] for x in first["results"]]
+        L = first["train_config"]["train_length"]
         lines += [
             f"## {task}",
             "",
-            f"Recipe: `{rows[0]['recipe']}`"
-            + (f"; grid overrides `{rows[0]['overrides']}`" if _any(rows[0]["overrides"]) else ""),
-            "",
-            "| seed | steps | train time | final loss | "
+            "| model | seed | steps | train time | final loss | "
             + " | ".join(f"L={n} ({n / L:g}x)" for n in lengths)
             + " |",
-            "|---" * (4 + len(lengths)) + "|",
+            "|---" * (5 + len(lengths)) + "|",
         ]
-        for r in rows:
-            cells = [f"{x['exact_match']:.3f}" for x in r["results"]]
+        for model, rows in by_model.items():
+            for r in rows:
+                cells = [f"{x['exact_match']:.3f}" for x in r["results"]]
+                lines.append(
+                    f"| {model} | {r['seed']} | {r['steps']} | {r['train_seconds'] / 60:.1f} min "
+                    f"| {r['final_loss']:.2g} | " + " | ".join(cells) + " |"
+                )
+        lines.append("")
+        for model, rows in by_model.items():
+            overrides = rows[0]["overrides"]
             lines.append(
-                f"| {r['seed']} | {r['steps']} | {r['train_seconds'] / 60:.1f} min | "
-                f"{r['final_loss']:.2g} | " + " | ".join(cells) + " |"
+                f"- {model} recipe: `{rows[0]['recipe']}`"
+                + (f"; grid overrides `{overrides}`" if _any(overrides) else "")
             )
-        samples = rows[0]["results"][0]["samples"]
-        lines += ["", f"{samples} samples per length, evaluation seed {rows[0]['eval_seed']}.", ""]
+        samples = first["results"][0]["samples"]
+        lines += ["", f"{samples} samples per length, evaluation seed {first['eval_seed']}.", ""]
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
-    _plot(png, by_task)
+    _plot(png, by_task, models_seen)
 
 
 def _exact_at(result: dict[str, Any], factor: int) -> float:
@@ -212,7 +249,10 @@ def _any(overrides: dict[str, dict[str, Any]]) -> bool:
     return any(overrides.values())
 
 
-def _plot(path: Path, by_task: dict[str, list[dict[str, Any]]]) -> None:
+def _plot(
+    path: Path, by_task: dict[str, dict[str, list[dict[str, Any]]]], models_seen: list[str]
+) -> None:
+    """One panel per task: exact match against length, one colour per model, a line per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,11 +267,18 @@ def _plot(path: Path, by_task: dict[str, list[dict[str, Any]]]) -> None:
     fig, axes = plt.subplots(
         rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False, layout="constrained"
     )
-    for ax, (task, runs) in zip(axes.flat, by_task.items(), strict=False):
-        for r in runs:
-            x = [p["length"] for p in r["results"]]
-            ax.plot(x, [p["exact_match"] for p in r["results"]], "o-", label=f"seed {r['seed']}")
-        style_length_axes(ax, x, runs[0]["train_config"]["train_length"])
+    colours = {m: f"C{i}" for i, m in enumerate(models_seen)}
+    for ax, (task, by_model) in zip(axes.flat, by_task.items(), strict=False):
+        for model, runs in by_model.items():
+            for i, r in enumerate(runs):
+                x = [p["length"] for p in r["results"]]
+                ax.plot(
+                    x, [p["exact_match"] for p in r["results"]], "o-", color=colours[model],
+                    alpha=0.75, ms=3, label=model if len(models_seen) > 1 and i == 0 else
+                    (f"seed {r['seed']}" if len(models_seen) == 1 else None),
+                )  # fmt: skip
+        first = next(iter(by_model.values()))[0]
+        style_length_axes(ax, x, first["train_config"]["train_length"])
         ax.set_title(task, fontsize=9)
         ax.set_ylabel("exact match")
         ax.legend(fontsize=7)
@@ -242,10 +289,11 @@ def _plot(path: Path, by_task: dict[str, list[dict[str, Any]]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pntm import tasks
+    from pntm import models, tasks
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid", type=Path, required=True, help="grid directory (resumable)")
+    parser.add_argument("--models", default="pntm", help="comma-separated model names, or all")
     parser.add_argument("--tasks", default="all", help="comma-separated task names, or all")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     parser.add_argument("--samples", type=int, default=200, help="fresh sequences per length")
@@ -265,9 +313,12 @@ def main(argv: list[str] | None = None) -> None:
     names = list(tasks.NAMES) if args.tasks == "all" else args.tasks.split(",")
     for name in names:
         tasks.get(name)
+    model_names = list(models.NAMES) if args.models == "all" else args.models.split(",")
+    for name in model_names:
+        models.get(name)
     seeds = [int(s) for s in args.seeds.split(",")]
     overrides = parse_overrides(args.set)
-    cells = [(name, seed) for name in names for seed in seeds]
+    cells = [(model, name, seed) for name in names for model in model_names for seed in seeds]
     command = "python scripts/length_generalization.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
@@ -279,8 +330,8 @@ def main(argv: list[str] | None = None) -> None:
             write_report(args.results, results, command.replace(" --report-only", ""))
 
     if args.report_only:
-        for name, seed in cells:
-            path = args.grid / name / f"seed-{seed}" / RESULT_NAME
+        for cell in cells:
+            path = cell_dir(args.grid, *cell) / RESULT_NAME
             if path.exists():
                 results.append(json.loads(path.read_text()))
         print(f"{len(results)} of {len(cells)} cells finished in {args.grid}")
@@ -290,12 +341,12 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     start = time.perf_counter()
     jobs = [
-        (str(args.grid), name, seed, overrides, args.samples, args.eval_seed, args.backend,
+        (str(args.grid), *cell, overrides, args.samples, args.eval_seed, args.backend,
          args.threads)
-        for name, seed in cells
+        for cell in cells
     ]  # fmt: skip
 
-    def finished(cell: tuple[str, int], outcome: Any) -> None:
+    def finished(cell: tuple[str, str, int], outcome: Any) -> None:
         try:
             result = outcome()
         except Exception as exc:  # one failed cell must not lose the others
@@ -308,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.workers == 1:  # in this process, one cell after another
         for job in jobs:
-            finished(job[1:3], lambda job=job: run_cell(*job))
+            finished(job[1:4], lambda job=job: run_cell(*job))
     else:
         with ProcessPoolExecutor(
             args.workers,
@@ -316,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
             initializer=exit_with_parent,
             initargs=(os.getpid(),),
         ) as pool:
-            futures = {pool.submit(run_cell, *job): job[1:3] for job in jobs}
+            futures = {pool.submit(run_cell, *job): job[1:4] for job in jobs}
             for future in as_completed(futures):
                 finished(futures[future], future.result)
     if args.results is not None and results:

@@ -295,8 +295,8 @@ def test_mismatched_checkpoints(fresh_run, tmp_path):
 
     # a different model name, and an unknown config key
     bad = tmp_path / "model.safetensors"
-    save_file(tensors, str(bad), metadata={**metadata, "model": "lstm"})
-    assert_refused(run("eval", bad), "unknown model 'lstm'")
+    save_file(tensors, str(bad), metadata={**metadata, "model": "rnn"})
+    assert_refused(run("eval", bad), "unknown model 'rnn'")
     bad = tmp_path / "key.safetensors"
     extra = json.loads(metadata["model_config"]) | {"n_experts": 4}
     save_file(tensors, str(bad), metadata={**metadata, "model_config": json.dumps(extra)})

@@ -34,12 +34,14 @@ def test_grid_trains_reports_and_reads_back(tmp_path):
     args = ["--grid", str(grid), "--tasks", "reverse", "--seeds", "0,1", *TINY]
     grid_script.main([*args, "--results", str(report)])
     for seed in (0, 1):
-        result = json.loads((grid / "reverse" / f"seed-{seed}" / "result.json").read_text())
+        cell = grid / "pntm" / "reverse" / f"seed-{seed}"
+        result = json.loads((cell / "result.json").read_text())
         assert result["steps"] == 4 and result["seed"] == seed
         assert [r["length"] for r in result["results"]] == [2, 4, 8, 16, 32]
         assert result["model_config"]["head_noise"] == 3.0  # the recipe, under the overrides
     text = report.read_text()
-    assert "| reverse | 0, 1 |" in text and "| 0 | 4 |" in text and "| 1 | 4 |" in text
+    assert "| reverse | pntm | 0, 1 |" in text
+    assert "| pntm | 0 | 4 |" in text and "| pntm | 1 | 4 |" in text
     assert report.with_suffix(".png").stat().st_size > 0
     # finished cells are read back, not trained again
     stamps = {p: p.stat().st_mtime_ns for p in grid.rglob("checkpoint.safetensors")}
@@ -68,11 +70,11 @@ def test_interrupted_cell_resumes_and_other_settings_are_refused(tmp_path):
     )
     trainer.train_step()
     trainer.train_step()
-    cell = tmp_path / "resumed" / "copy" / "seed-0"
+    cell = tmp_path / "resumed" / "pntm" / "copy" / "seed-0"
     checkpoint.save(cell / CHECKPOINT_NAME, trainer.to_checkpoint())
     grid_script.main(["--grid", str(tmp_path / "resumed"), *args])
     resumed = checkpoint.load(cell / CHECKPOINT_NAME)
-    straight = checkpoint.load(tmp_path / "straight" / "copy" / "seed-0" / CHECKPOINT_NAME)
+    straight = checkpoint.load(tmp_path / "straight" / "pntm" / "copy" / "seed-0" / CHECKPOINT_NAME)
     assert resumed.step == straight.step == 4
     for key, value in tree_flatten(straight.params).items():
         assert (tree_flatten(resumed.params)[key] == value).all(), key
@@ -82,7 +84,15 @@ def test_interrupted_cell_resumes_and_other_settings_are_refused(tmp_path):
         grid_script.main(["--grid", str(tmp_path / "resumed"), *args, "--set", "train.lr=1e-3"])
     with pytest.raises(ValueError, match="other settings"):
         grid_script.run_cell(
-            str(tmp_path / "resumed"), "copy", 0, grid_script.parse_overrides([]), 3, 0, "torch", 1
+            str(tmp_path / "resumed"),
+            "pntm",
+            "copy",
+            0,
+            grid_script.parse_overrides([]),
+            3,
+            0,
+            "torch",
+            1,
         )
 
 

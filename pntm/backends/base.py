@@ -203,6 +203,14 @@ class Backend(abc.ABC):
     def eval(self, *arrays: Any) -> None:  # noqa: B027 - only lazy backends (MLX) override it
         """Force evaluation of lazily computed arrays (no-op on eager backends)."""
 
+    def reset_peak_memory(self) -> None:  # noqa: B027 - only GPU backends track it
+        """Start a new peak of :meth:`peak_memory`."""
+
+    def peak_memory(self) -> int | None:
+        """Bytes of device memory at the peak since :meth:`reset_peak_memory`, where the
+        framework reports it (CUDA, Metal); None elsewhere."""
+        return None
+
     # ------------------------------------------------------------------ memory-write arithmetic
     # Defaults in plain operations; backends may fuse them (they run every step of every scan).
     def decay_mul(self, x: Array, w: Array, erase: Array) -> Array:
@@ -274,6 +282,111 @@ class Backend(abc.ABC):
         if m0 is None:
             m0 = self.zeros_like(w[:, 0, ..., None] * add[:, 0, :, None, :])
         return self.scan_module.memory_scan_read(self, w, erase, add, rho, m0, key, beta, gamma)
+
+    # ------------------------------------------------------------------ the peers' primitives
+    # The LSTM and the Transformer (pntm.models.lstm, pntm.models.transformer) are compared with
+    # the P-NTM for speed too, so each reaches its framework's fastest native kernel through
+    # these two methods. The defaults here are plain loops and an explicit masked softmax in
+    # the operations above: the float64 reference (NumPy) runs them as they are.
+
+    def lstm(
+        self, x: Array, h0: Array, c0: Array, w_ih: Array, w_hh: Array, bias: Array
+    ) -> tuple[Array, tuple[Array, Array]]:
+        """One LSTM layer over a whole sequence: ``(outputs, (h_T, c_T))``.
+
+        Shapes: ``x`` (B, T, I); ``h0``, ``c0`` (B, H); ``w_ih`` (I, 4H); ``w_hh`` (H, 4H);
+        ``bias`` (4H,); outputs ``h_1..h_T`` (B, T, H). The four gate blocks of the last axis
+        of ``w_ih``, ``w_hh`` and ``bias`` are, in order, input ``i``, forget ``f``, cell
+        ``g`` and output ``o`` (PyTorch's order):
+
+        ``z_t = x_t W_ih + h_{t-1} W_hh + bias``, ``i, f, o = sigmoid(z_i, z_f, z_o)``,
+        ``g = tanh(z_g)``, ``c_t = f c_{t-1} + i g``, ``h_t = o tanh(c_t)``.
+
+        This default computes ``x W_ih + bias`` for all steps in one matmul, then loops over
+        time (the plain recurrence; what ``mlx.nn.LSTM`` does).
+        """
+        check_lstm_shapes(x, h0, c0, w_ih, w_hh, bias)
+        hidden = h0.shape[-1]
+        inputs = self.unstack(self.matmul(x, w_ih) + bias, 1)
+        h, c, outputs = h0, c0, []
+        for z in inputs:
+            z = z + self.matmul(h, w_hh)
+            i = self.sigmoid(z[..., :hidden])
+            f = self.sigmoid(z[..., hidden : 2 * hidden])
+            g = self.tanh(z[..., 2 * hidden : 3 * hidden])
+            o = self.sigmoid(z[..., 3 * hidden :])
+            c = f * c + i * g
+            h = o * self.tanh(c)
+            outputs.append(h)
+        return self.stack(outputs, 1), (h, c)
+
+    def attention(self, q: Array, k: Array, v: Array, causal: bool) -> Array:
+        """Scaled dot-product attention ``softmax(q k^T / sqrt(d) + mask) v`` per head.
+
+        Shapes: ``q`` (B, heads, Tq, d); ``k``, ``v`` (B, heads, Tk, d); out (B, heads, Tq, d).
+        ``causal``: the Tq queries are the *last* Tq of the Tk positions (a KV cache holds the
+        first Tk - Tq), so query ``i`` sees keys ``0 .. Tk - Tq + i`` (the mask aligned to the
+        lower right); it needs Tq <= Tk. With Tq = Tk it is the usual causal mask, with Tq = 1
+        (one decoding step) no mask at all.
+
+        This default is the explicit masked softmax.
+        """
+        check_attention_shapes(q, k, v, causal)
+        scores = self.matmul(q, self.transpose(k, (0, 1, 3, 2))) * (1.0 / float(q.shape[-1]) ** 0.5)
+        if causal and q.shape[-2] > 1:
+            scores = scores + self.asarray(causal_bias(q.shape[-2], k.shape[-2]))
+        return self.matmul(self.softmax(scores, -1), v)
+
+
+def causal_mask(n_queries: int, n_keys: int) -> np.ndarray:
+    """Boolean (Tq, Tk): query ``i`` (position ``Tk - Tq + i``) may see key ``j``, lower-right
+    aligned as :meth:`Backend.attention` describes."""
+    return np.tril(np.ones((n_queries, n_keys), dtype=bool), n_keys - n_queries)
+
+
+def causal_bias(n_queries: int, n_keys: int) -> np.ndarray:
+    """:func:`causal_mask` as an additive float64 mask: 0 where seen, -inf where not."""
+    return np.where(causal_mask(n_queries, n_keys), 0.0, -np.inf)
+
+
+def check_lstm_shapes(x, h0, c0, w_ih, w_hh, bias) -> None:
+    hidden = h0.shape[-1]
+    want = {
+        "x": (None, None, w_ih.shape[0]),
+        "h0": (x.shape[0], hidden),
+        "c0": (x.shape[0], hidden),
+        "w_ih": (w_ih.shape[0], 4 * hidden),
+        "w_hh": (hidden, 4 * hidden),
+        "bias": (4 * hidden,),
+    }
+    got = {"x": x, "h0": h0, "c0": c0, "w_ih": w_ih, "w_hh": w_hh, "bias": bias}
+    for name, shape in want.items():
+        actual = tuple(got[name].shape)
+        if len(actual) != len(shape) or any(
+            s is not None and a != s for a, s in zip(actual, shape, strict=True)
+        ):
+            expected = tuple("*" if s is None else s for s in shape)
+            raise ValueError(
+                f"lstm: {name} has shape {actual}, expected {expected} "
+                "(x (B, T, I), h0/c0 (B, H), w_ih (I, 4H), w_hh (H, 4H), bias (4H,))"
+            )
+
+
+def check_attention_shapes(q, k, v, causal: bool) -> None:
+    if q.ndim != 4 or tuple(k.shape) != tuple(v.shape) or k.ndim != 4:
+        raise ValueError(
+            "attention needs q (B, heads, Tq, d) and k, v (B, heads, Tk, d); got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if tuple(q.shape[:2]) != tuple(k.shape[:2]) or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, heads or d"
+        )
+    if causal and q.shape[-2] > k.shape[-2]:
+        raise ValueError(
+            f"causal attention needs Tq <= Tk (the queries are the last Tq positions), got "
+            f"Tq {q.shape[-2]} > Tk {k.shape[-2]}"
+        )
 
 
 def load_scans(scan: str, framework: str) -> ModuleType:

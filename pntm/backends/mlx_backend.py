@@ -11,7 +11,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from pntm.backends.base import Array, Backend
+from pntm.backends.base import Array, Backend, check_attention_shapes, check_lstm_shapes
 
 
 class MLXBackend(Backend):
@@ -150,6 +150,28 @@ class MLXBackend(Backend):
     def irfft(self, x, n, axis=-1):
         return mx.fft.irfft(x, n=n, axis=axis)
 
+    # the peers' primitives
+    def lstm(self, x, h0, c0, w_ih, w_hh, bias):
+        """MLX has no fused LSTM: ``x W_ih + bias`` for all steps in one matmul, then the
+        recurrence step by step with ``addmm`` (what ``mlx.nn.LSTM`` does)."""
+        check_lstm_shapes(x, h0, c0, w_ih, w_hh, bias)
+        xw = mx.addmm(bias, x, w_ih)
+        h, c, outputs = h0, c0, []
+        for z in self.unstack(xw, 1):
+            i, f, g, o = mx.split(mx.addmm(z, h, w_hh), 4, axis=-1)
+            c = mx.sigmoid(f) * c + mx.sigmoid(i) * mx.tanh(g)
+            h = mx.sigmoid(o) * mx.tanh(c)
+            outputs.append(h)
+        return mx.stack(outputs, axis=1), (h, c)
+
+    def attention(self, q, k, v, causal):
+        """``mx.fast.scaled_dot_product_attention``; its ``"causal"`` mask is aligned to the
+        lower right (the last query sees the last key), as a KV cache needs."""
+        check_attention_shapes(q, k, v, causal)
+        mask = "causal" if causal and q.shape[-2] > 1 else None
+        scale = 1.0 / float(q.shape[-1]) ** 0.5
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
     # autodiff
     def stop_gradient(self, x):
         return mx.stop_gradient(x)
@@ -160,6 +182,13 @@ class MLXBackend(Backend):
 
     def eval(self, *arrays):
         mx.eval(*arrays)
+
+    def reset_peak_memory(self) -> None:
+        if not self.on_cpu:
+            mx.reset_peak_memory()
+
+    def peak_memory(self) -> int | None:
+        return None if self.on_cpu else int(mx.get_peak_memory())
 
     def custom_vjp(self, forward, backward, n_outputs, **static):
         def op(*inputs):

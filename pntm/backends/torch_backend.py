@@ -6,14 +6,16 @@ scans (fused kernels on the same tensors), the ``triton`` backend.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
-from pntm.backends.base import Array, Backend
+from pntm.backends.base import Array, Backend, check_attention_shapes, check_lstm_shapes
 from pntm.tree import tree_flatten, tree_map, tree_unflatten
 
 
@@ -165,6 +167,37 @@ class TorchBackend(Backend):
     def outer_add(self, x, u, v):
         return torch.addcmul(x, u[..., None], v[..., None, :])
 
+    # the peers' primitives: PyTorch's fused kernels
+    def lstm(self, x, h0, c0, w_ih, w_hh, bias):
+        """``torch.lstm``, the kernel behind ``nn.LSTM``: cuDNN on CUDA, ATen's fused cell on
+        the CPU. Our (I, 4H) weights are PyTorch's (4H, I) transposed (same gate order); the
+        one bias goes in as ``b_ih`` with a zero ``b_hh``."""
+        check_lstm_shapes(x, h0, c0, w_ih, w_hh, bias)
+        weights = [w_ih.T, w_hh.T, bias, torch.zeros_like(bias)]
+        with warnings.catch_warnings():
+            # cuDNN copies weights that are not one flat buffer into one (nn.LSTM keeps them
+            # flat); ours are the model's own parameters, a few kB per layer: the copy is cheap
+            warnings.filterwarnings("ignore", message="RNN module weights are not part")
+            out, h, c = torch.lstm(
+                x, (h0[None], c0[None]), weights, True, 1, 0.0, torch.is_grad_enabled(), False, True
+            )
+        return out, (h[0], c[0])
+
+    def attention(self, q, k, v, causal):
+        """``scaled_dot_product_attention`` (flash / memory-efficient kernels on CUDA, the
+        fused CPU kernel). Its ``is_causal`` aligns the mask to the *upper left* when Tq != Tk,
+        so it is used only for Tq = Tk; with a KV cache (Tq < Tk) the mask is the lower-right
+        one (``causal_lower_right`` keeps the fused kernels on CUDA), and one query (Tq = 1)
+        needs none."""
+        check_attention_shapes(q, k, v, causal)
+        n_queries, n_keys = q.shape[-2], k.shape[-2]
+        if not causal or n_queries == 1:
+            return F.scaled_dot_product_attention(q, k, v)
+        if n_queries == n_keys:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        mask = causal_lower_right(n_queries, n_keys)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
     # autodiff
     def stop_gradient(self, x):
         return x.detach()
@@ -188,6 +221,15 @@ class TorchBackend(Backend):
     def eval(self, *arrays):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def reset_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory(self) -> int | None:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return None
 
     def custom_vjp(self, forward, backward, n_outputs, **static):
         def op(*inputs):

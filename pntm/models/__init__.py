@@ -7,11 +7,14 @@ NumPy arrays from ``init_params(config, seed)``, so checkpoints move between bac
 from __future__ import annotations
 
 from pntm.models.base import Model, ModelConfig
+from pntm.models.lstm import LSTM
+from pntm.models.ntm import NTM
 from pntm.models.pntm import PNTM
+from pntm.models.transformer import Transformer
 
 __all__ = ["MODELS", "NAMES", "Model", "ModelConfig", "get"]
 
-MODELS: dict[str, type[Model]] = {cls.name: cls for cls in (PNTM,)}
+MODELS: dict[str, type[Model]] = {cls.name: cls for cls in (PNTM, LSTM, Transformer, NTM)}
 NAMES: tuple[str, ...] = tuple(MODELS)
 
 

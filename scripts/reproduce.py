@@ -1,0 +1,42 @@
+"""Reproduce the comparison: every model (P-NTM, NTM, LSTM, Transformer) on every task over
+seeds, each with its recipe (the P-NTM's own; the peers with the P-NTM recipe's number of steps
+and their own defaults), evaluated for length generalization as ``pntm eval`` does, written to
+``docs/results.md`` with a plot. CPU-sized defaults; resumable: run it again after an
+interruption and it continues (finished cells are read back, unfinished ones resume).
+
+    python scripts/reproduce.py                       # all models x all tasks x seeds 0, 1, 2
+    python scripts/reproduce.py --models lstm --tasks copy,parity --seeds 0
+
+Any option of ``scripts/length_generalization.py`` may be given; these are the defaults.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+DEFAULTS = {
+    "--grid": "runs/lengthgen",
+    "--models": "all",
+    "--tasks": "all",
+    "--seeds": "0,1,2",
+    "--results": "docs/results.md",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
+    for flag, value in DEFAULTS.items():
+        if flag not in given:
+            argv += [flag, value]
+    path = Path(__file__).with_name("length_generalization.py")
+    spec = importlib.util.spec_from_file_location("length_generalization", path)
+    grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid)
+    grid.main(argv)
+
+
+if __name__ == "__main__":
+    main()
