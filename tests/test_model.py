@@ -9,15 +9,7 @@ import pytest
 from pntm.models.base import cross_entropy
 from pntm.models.pntm import PNTM, PNTMConfig, init_params
 from pntm.tree import tree_flatten
-from tests.tolerances import (
-    EXACT_RTOL,
-    FD_RTOL_FLOAT32,
-    FWD_RTOL,
-    GRAD_RTOL,
-    central_difference,
-    grad_errors,
-    rel_err,
-)
+from tests import model_checks as checks
 
 CONFIGS = {
     "default": dict(d_model=16, n_layers=2, n_heads=2, head_dim=4),
@@ -32,62 +24,33 @@ CONFIGS = {
 }
 # (batch, T, n_slots): T=1, N=1, N < 2S+1, N > T, odd everything
 SHAPES = [(1, 1, 1), (2, 9, 1), (3, 11, 4), (2, 13, 13), (1, 24, 31)]
-VOCAB = 7
 
 
 def make(ops, name, seed=0):
-    config = PNTMConfig(vocab_size=VOCAB, **CONFIGS[name])
-    model = PNTM(config, ops)
-    return model, init_params(config, seed)
-
-
-def step_logits(model, params, tokens, n_slots, heads="soft"):
-    """Logits of the recurrent form, one token at a time (the plain loop of SPEC §2)."""
-    ops = model.ops
-    state = model.init_state(tokens.shape[0], n_slots)
-    out = []
-    for t in range(tokens.shape[1]):
-        logits, state = model.step(params, state, tokens[:, t], heads=heads)
-        out.append(ops.to_numpy(logits))
-    return np.stack(out, 1)
+    return checks.make_model(PNTM, CONFIGS[name], ops, seed)
 
 
 @pytest.mark.parametrize("heads", ["soft", "hard"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-T{}-N{}".format(*s))
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_forward_matches_float64_step_reference(ops, ref, config, shape, heads):
+    """The parallel form and the step form on this backend against the step form (the plain
+    loop of SPEC §2) of the float64 NumPy backend."""
     batch, T, n_slots = shape
-    tokens = np.random.default_rng(T).integers(0, VOCAB, (batch, T))
+    tokens = checks.random_tokens(batch, T)
     ref_model, params = make(ref, config)
-    want = step_logits(ref_model, ref_model.params_from_numpy(params), tokens, n_slots, heads)
+    native = ref_model.params_from_numpy(params)
+    want = checks.step_logits(ref_model, native, tokens, n_slots, heads=heads)
     model = PNTM(ref_model.config, ops)
-    native = model.params_from_numpy(params)
-    got = ops.to_numpy(model.forward(native, ops.asarray(tokens), n_slots, heads=heads))
-    tol = EXACT_RTOL if ops.name == "numpy" else FWD_RTOL
-    assert rel_err(got, want) <= tol
-    # the step form on this backend, position by position
-    assert rel_err(step_logits(model, native, ops.asarray(tokens), n_slots, heads), want) <= tol
+    checks.forward_and_step(model, params, tokens, want, capacity=n_slots, heads=heads)
 
 
 @pytest.mark.parametrize("config", ["default", "content"])
 def test_state_hand_over_between_forms(ops, config):
     """forward(prefix) -> state -> forward(rest) and -> step(...) give forward(all)."""
     model, params = make(ops, config)
-    params = model.params_from_numpy(params)
-    tokens = np.random.default_rng(3).integers(0, VOCAB, (2, 15))
-    n_slots = 16
-    full = ops.to_numpy(model.forward(params, ops.asarray(tokens), n_slots))
-    head, state = model.forward(params, ops.asarray(tokens[:, :6]), n_slots, return_state=True)
-    tail = model.forward(params, ops.asarray(tokens[:, 6:]), n_slots, state=state)
-    joined = np.concatenate([ops.to_numpy(head), ops.to_numpy(tail)], 1)
-    tol = EXACT_RTOL if ops.name == "numpy" else FWD_RTOL
-    assert rel_err(joined, full) <= tol
-    _, state = model.forward(params, ops.asarray(tokens[:, :6]), n_slots, return_state=True)
-    stepped = []
-    for t in range(6, 15):
-        logits, state = model.step(params, state, ops.asarray(tokens[:, t]))
-        stepped.append(ops.to_numpy(logits))
-    assert rel_err(np.stack(stepped, 1), full[:, 6:]) <= tol
+    tokens = checks.random_tokens(2, 15, seed=3)
+    checks.hand_over(model, params, tokens, capacity=16, split=6, restate=True)
 
 
 # N = 7 at T = 65,536: few frequencies (the interpreted Triton scan is slow) whose twiddles are
@@ -116,7 +79,7 @@ def test_hard_heads_are_exactly_the_discrete_machine(ops, T, n_slots):
 def test_hard_heads_from_the_controller_are_one_hot(ops):
     model, params = make(ops, "default")
     params = model.params_from_numpy(params)
-    tokens = ops.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, 300)))
+    tokens = ops.asarray(np.random.default_rng(0).integers(0, checks.VOCAB, (2, 300)))
     x = ops.take(params["embed"], tokens)
     ctl = model._controls(params["blocks"][0], x, "hard", 1.0)
     positions = ops.to_numpy(
@@ -131,7 +94,7 @@ def test_velocity_prior_biases_the_plus_one_shift(max_shift):
     """A fresh head moves +1 with probability e^v / (e^v + 2S) (gates aside): the bias sits on
     the +1 shift logit of every write and read head, nowhere else."""
     v = 2.0
-    base = PNTMConfig(vocab_size=VOCAB, max_shift=max_shift, d_model=8, n_heads=3)
+    base = PNTMConfig(vocab_size=checks.VOCAB, max_shift=max_shift, d_model=8, n_heads=3)
     biased = PNTMConfig(**(base.to_dict() | {"velocity_prior": v}))
     b0 = init_params(base, 0)["blocks"][0]["ctrl_b"].reshape(3, -1)
     b1 = init_params(biased, 0)["blocks"][0]["ctrl_b"].reshape(3, -1)
@@ -148,72 +111,35 @@ def test_velocity_prior_biases_the_plus_one_shift(max_shift):
     assert np.isclose(p[max_shift + 1], np.exp(v) / (np.exp(v) + 2 * max_shift))
 
 
-def _loss_and_data(model, seed=5, batch=2, T=8):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, VOCAB, (batch, T))
-    targets = rng.integers(0, VOCAB, (batch, T))
-    mask = (rng.uniform(size=(batch, T)) < 0.7).astype(float)
-    mask[:, -1] = 1.0
-    return tokens, targets, mask
-
-
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_gradients_match_finite_differences_of_reference(trainable_ops, ref, config):
     """Every parameter's gradient on this backend (float32 autodiff through the parallel path)
     against central differences of the float64 NumPy forward, on a sample of coordinates."""
     ops = trainable_ops
     ref_model, params = make(ref, config, seed=1)
-    tokens, targets, mask = _loss_and_data(ref_model)
+    data = checks.loss_data(T=8)
+    tokens, targets, mask = data
     n_slots = 7
 
     def ref_loss():
         logits = ref_model.forward(params, tokens, n_slots)
         return float(cross_entropy(ref, logits, targets, mask))
 
-    model = PNTM(ref_model.config, ops)
-    native_tokens, native_targets, native_mask = (ops.asarray(x) for x in (tokens, targets, mask))
-
-    def loss_fn(p):
-        return cross_entropy(
-            ops, model.forward(p, native_tokens, n_slots), native_targets, native_mask
-        )
-
-    _, grads = ops.value_and_grad(loss_fn)(model.params_from_numpy(params))
-    grads = {k: ops.to_numpy(v) for k, v in tree_flatten(grads).items()}
-    flat_params = tree_flatten(params)
-    rng = np.random.default_rng(0)
-    checked = 0
-    for name, value in flat_params.items():
-        for k in rng.choice(value.size, size=min(3, value.size), replace=False):
-            index = np.unravel_index(k, value.shape)
-            want = central_difference(ref_loss, value, index)
-            got = grads[name][index]
-            assert abs(got - want) <= FD_RTOL_FLOAT32 * max(abs(want), 1e-2), (name, got, want)
-            checked += 1
-    assert checked >= 3 * len(flat_params) - 2
+    grads = checks.native_grads(ops, PNTM(ref_model.config, ops), params, data, n_slots)
+    checked = checks.finite_differences(grads, params, ref_loss)
+    assert checked >= 3 * len(tree_flatten(params)) - 2
 
 
 @pytest.mark.parametrize("config", ["default", "content"])
 def test_gradients_agree_across_backends(trainable_ops, config):
     """Full gradients on this backend against the same computation run in PyTorch float64
     sequential mode when PyTorch is installed (a second, independent autodiff)."""
-    torch_backend = pytest.importorskip("pntm.backends.torch_backend")
-    import torch
-
-    ops = trainable_ops
-    reference_ops = torch_backend.TorchBackend(device="cpu", dtype=torch.float64, scan="sequential")
-    results = []
-    for backend in (ops, reference_ops):
-        model, params = make(backend, config, seed=2)
-        tokens, targets, mask = (backend.asarray(x) for x in _loss_and_data(model, T=20))
-
-        def loss_fn(p, model=model, backend=backend, tokens=tokens, targets=targets, mask=mask):
-            return cross_entropy(backend, model.forward(p, tokens, 11), targets, mask)
-
-        _, grads = backend.value_and_grad(loss_fn)(model.params_from_numpy(params))
-        results.append({k: backend.to_numpy(v) for k, v in tree_flatten(grads).items()})
-    errors = grad_errors(*results)
-    assert max(errors.values()) <= GRAD_RTOL, errors
+    reference = checks.float64_torch(scan="sequential")
+    model, params = make(trainable_ops, config, seed=2)
+    data = checks.loss_data(T=20)
+    got = checks.native_grads(trainable_ops, model, params, data, 11)
+    want = checks.native_grads(reference, PNTM(model.config, reference), params, data, 11)
+    checks.gradients_agree(got, want)
 
 
 @pytest.mark.parametrize(
@@ -241,8 +167,7 @@ def test_bad_arguments_are_named(bad):
     ],
 )
 def test_bad_config_is_named(field, value):
-    with pytest.raises(ValueError, match=field):
-        PNTMConfig(**(dict(vocab_size=5) | {field: value}))
+    checks.config_refused(PNTMConfig, {field: value}, field)
 
 
 def test_velocity_prior_needs_a_shift():
@@ -256,11 +181,11 @@ def test_overwrite_keeps_the_last_write_of_a_parked_head():
     from pntm import backends
 
     ops = backends.get("numpy")
-    config = PNTMConfig(vocab_size=VOCAB, d_model=8, n_layers=1, n_heads=1, head_dim=3)
+    config = PNTMConfig(vocab_size=checks.VOCAB, d_model=8, n_layers=1, n_heads=1, head_dim=3)
     model = PNTM(PNTMConfig(**(config.to_dict() | {"overwrite": True})), ops)
     assert "erase" not in dict(model.config.controller_fields())
     params = init_params(model.config, 0)
-    tokens = np.random.default_rng(1).integers(0, VOCAB, (2, 9))
+    tokens = np.random.default_rng(1).integers(0, checks.VOCAB, (2, 9))
     x = ops.take(params["embed"], tokens)
     ctl = model._controls(params["blocks"][0], x, "hard", 1.0)
     assert np.array_equal(ctl["erase"], np.ones_like(ctl["add"]))
@@ -281,11 +206,11 @@ def test_gated_write_is_a_flip_flop_with_hard_heads():
     from pntm import backends
 
     ops = backends.get("numpy")
-    config = PNTMConfig(vocab_size=VOCAB, d_model=8, n_layers=1, n_heads=1, head_dim=4)
+    config = PNTMConfig(vocab_size=checks.VOCAB, d_model=8, n_layers=1, n_heads=1, head_dim=4)
     model = PNTM(PNTMConfig(**(config.to_dict() | {"gated_write": True})), ops)
     params = init_params(model.config, 0)
     params["blocks"][0]["ctrl_w"] *= 8.0  # spread the erase logits over both signs
-    tokens = np.random.default_rng(1).integers(0, VOCAB, (2, 9))
+    tokens = np.random.default_rng(1).integers(0, checks.VOCAB, (2, 9))
     x = ops.take(params["embed"], tokens)
     soft = model._controls(params["blocks"][0], x, "soft", 1.0)
     assert np.all((soft["erase"] > 0) & (soft["erase"] < 1))
@@ -307,7 +232,7 @@ def test_gated_write_is_a_flip_flop_with_hard_heads():
     noise = model.head_noise(np.random.default_rng(0), 2, 9, 1.0)
     assert noise[0]["erase"].shape == (2, 9, 1, 4)
     with pytest.raises(ValueError, match="overwrite and gated_write exclude each other"):
-        PNTMConfig(vocab_size=VOCAB, overwrite=True, gated_write=True)
+        PNTMConfig(vocab_size=checks.VOCAB, overwrite=True, gated_write=True)
 
 
 def test_head_noise_samples_the_heads():
@@ -316,7 +241,7 @@ def test_head_noise_samples_the_heads():
 
     ops = backends.get("numpy")
     model, params = make(ops, "default")
-    tokens = np.random.default_rng(2).integers(0, VOCAB, (3, 7))
+    tokens = np.random.default_rng(2).integers(0, checks.VOCAB, (3, 7))
     plain = model.forward(params, tokens, 8, heads="hard")
     zero = model.head_noise(np.random.default_rng(0), 3, 7, 0.0)
     assert [set(n) for n in zero] == [

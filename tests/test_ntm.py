@@ -20,24 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from pntm import backends, models, tasks
+from pntm import backends, models
 from pntm.backends.base import COSINE_EPS
-from pntm.models.base import cross_entropy
-from pntm.models.ntm import NTM, NTMConfig, init_params
-from pntm.tree import tree_flatten
-from tests.tolerances import (
-    EXACT_RTOL,
-    FD_RTOL_REFERENCE,
-    FWD_RTOL,
-    GRAD_RTOL,
-    central_difference,
-    grad_errors,
-    rel_err,
-)
+from pntm.models.ntm import NTM, NTMConfig
+from tests import model_checks as checks
+from tests.tolerances import FD_RTOL_REFERENCE, rel_err
 
-VOCAB = 7
 CONFIGS = {
     "default-small": dict(d_model=8, head_dim=3),
     # two layers, two heads of each kind, S = 2 (N = 3 < 2S + 1 below), odd sizes
@@ -173,22 +162,7 @@ def ref_forward(params, config: NTMConfig, tokens: np.ndarray, n_slots: int) -> 
 
 # ------------------------------------------------------------------------------ helpers
 def make(ops, name: str, seed: int = 0):
-    config = NTMConfig(vocab_size=VOCAB, **CONFIGS[name])
-    return NTM(config, ops), init_params(config, seed)
-
-
-def tolerance(ops) -> float:
-    return EXACT_RTOL if ops.name == "numpy" else FWD_RTOL
-
-
-def step_logits(model, params, tokens, n_slots) -> np.ndarray:
-    ops = model.ops
-    state = model.init_state(tokens.shape[0], n_slots)
-    out = []
-    for t in range(tokens.shape[1]):
-        logits, state = model.step(params, state, ops.asarray(tokens[:, t]))
-        out.append(ops.to_numpy(logits))
-    return np.stack(out, 1)
+    return checks.make_model(NTM, CONFIGS[name], ops, seed)
 
 
 # ------------------------------------------------------------------------------ conformance
@@ -213,8 +187,8 @@ def test_addressing_matches_reference(ops, n_slots, max_shift):
     want = np.array(
         [[ref_address(memory[b], *(a[b, k] for a in args[1:])) for k in range(K)] for b in range(B)]
     )
-    assert rel_err(got, want) <= tolerance(ops)
-    np.testing.assert_allclose(got.sum(-1), 1.0, rtol=tolerance(ops))
+    assert rel_err(got, want) <= checks.forward_tolerance(ops)
+    np.testing.assert_allclose(got.sum(-1), 1.0, rtol=checks.forward_tolerance(ops))
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -231,7 +205,7 @@ def test_one_step_matches_reference(ops, config):
         "weights": rng.dirichlet(np.ones(N), (B, c.n_heads)),
         "memory": rng.normal(0, 0.5, (B, N, c.head_dim)),
     }
-    token = rng.integers(0, VOCAB, B)
+    token = rng.integers(0, checks.VOCAB, B)
     want_logits, want = ref_step(params, c, state, token)
     native = {
         "h": [ops.asarray(h) for h in state["h"]],
@@ -239,7 +213,7 @@ def test_one_step_matches_reference(ops, config):
         **{k: ops.asarray(state[k]) for k in ("reads", "weights", "memory")},
     }
     logits, got = model.step(model.params_from_numpy(params), native, ops.asarray(token))
-    tol = tolerance(ops)
+    tol = checks.forward_tolerance(ops)
     assert rel_err(ops.to_numpy(logits), want_logits) <= tol
     for name in ("reads", "weights", "memory"):
         assert rel_err(ops.to_numpy(got[name]), want[name]) <= tol, name
@@ -253,32 +227,17 @@ def test_forward_and_decoding_match_reference(ops, config, shape):
     """The forward pass over a sequence and step-by-step decoding from the initial state
     (learned initial reads and weightings) equal the reference."""
     batch, T, n_slots = shape
-    tokens = np.random.default_rng(T).integers(0, VOCAB, (batch, T))
+    tokens = checks.random_tokens(batch, T)
     model, params = make(ops, config)
     want = ref_forward(params, model.config, tokens, n_slots)
-    native = model.params_from_numpy(params)
-    got = ops.to_numpy(model.forward(native, ops.asarray(tokens), n_slots))
-    assert rel_err(got, want) <= tolerance(ops)
-    assert rel_err(step_logits(model, native, tokens, n_slots), want) <= tolerance(ops)
+    checks.forward_and_step(model, params, tokens, want, capacity=n_slots)
 
 
 @pytest.mark.parametrize("config", ["default-small", "multi"])
 def test_state_hand_over(ops, config):
     """forward(prefix, return_state) then forward(rest) or step(...) = forward(whole)."""
     model, params = make(ops, config)
-    params = model.params_from_numpy(params)
-    tokens = np.random.default_rng(3).integers(0, VOCAB, (2, 12))
-    n_slots = 7
-    full = ops.to_numpy(model.forward(params, ops.asarray(tokens), n_slots))
-    head, state = model.forward(params, ops.asarray(tokens[:, :5]), n_slots, return_state=True)
-    tail = model.forward(params, ops.asarray(tokens[:, 5:]), n_slots, state=state)
-    joined = np.concatenate([ops.to_numpy(head), ops.to_numpy(tail)], 1)
-    assert rel_err(joined, full) <= tolerance(ops)
-    stepped = []
-    for t in range(5, 12):
-        logits, state = model.step(params, state, ops.asarray(tokens[:, t]))
-        stepped.append(ops.to_numpy(logits))
-    assert rel_err(np.stack(stepped, 1), full[:, 5:]) <= tolerance(ops)
+    checks.hand_over(model, params, checks.random_tokens(2, 12, seed=3), capacity=7, split=5)
 
 
 def test_initial_weighting_and_memory():
@@ -319,74 +278,33 @@ def test_sharpening_survives_float32_underflow(trainable_ops):
 
 
 # ------------------------------------------------------------------------------ gradients
-def _loss_data(seed=5, batch=2, T=6):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, VOCAB, (batch, T))
-    targets = rng.integers(0, VOCAB, (batch, T))
-    mask = (rng.uniform(size=(batch, T)) < 0.7).astype(float)
-    mask[:, -1] = 1.0
-    return tokens, targets, mask
-
-
-def _gradients(ops, model, params, data, n_slots):
-    tokens, targets, mask = (ops.asarray(x) for x in data)
-
-    def loss_fn(p):
-        return cross_entropy(ops, model.forward(p, tokens, n_slots), targets, mask)
-
-    _, grads = ops.value_and_grad(loss_fn)(model.params_from_numpy(params))
-    return {k: ops.to_numpy(v) for k, v in tree_flatten(grads).items()}
-
-
 @pytest.mark.parametrize("config", ["default-small", "multi"])
 def test_gradients_match_float64_and_finite_differences(trainable_ops, config):
     """Every gradient on this backend = the same model in PyTorch float64 (GRAD_RTOL), whose
     gradient = central differences of the reference NTM above at sampled coordinates."""
-    torch_backend = pytest.importorskip("pntm.backends.torch_backend")
-    import torch
-
-    f64 = torch_backend.TorchBackend(device="cpu", dtype=torch.float64, scan="sequential")
+    f64 = checks.float64_torch(scan="sequential")
     model, params = make(trainable_ops, config, seed=1)
-    data, n_slots = _loss_data(), 5
-    got = _gradients(trainable_ops, model, params, data, n_slots)
-    exact = _gradients(f64, NTM(model.config, f64), params, data, n_slots)
+    data, n_slots = checks.loss_data(T=6), 5
+    got = checks.native_grads(trainable_ops, model, params, data, n_slots)
+    exact = checks.native_grads(f64, NTM(model.config, f64), params, data, n_slots)
     assert all(np.all(np.isfinite(g)) for g in got.values())
-    errors = grad_errors(got, exact)
-    assert max(errors.values()) <= GRAD_RTOL, errors
+    checks.gradients_agree(got, exact)
     if trainable_ops.name != "torch":
         return  # the float64 side is the same on every backend: checked once
     tokens, targets, mask = data
 
     def ref_loss():
-        logits = ref_forward(params, model.config, tokens, n_slots)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        picked = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
-        return -(picked * mask).sum() / mask.sum()
+        return checks.np_cross_entropy(
+            ref_forward(params, model.config, tokens, n_slots), targets, mask
+        )
 
-    flat = tree_flatten(params)
-    rng = np.random.default_rng(0)
-    for name, value in flat.items():
-        for k in rng.choice(value.size, size=min(2, value.size), replace=False):
-            index = np.unravel_index(k, value.shape)
-            want = central_difference(ref_loss, value, index)
-            assert abs(exact[name][index] - want) <= FD_RTOL_REFERENCE * max(abs(want), 1.0), (
-                name,
-                exact[name][index],
-                want,
-            )
+    checks.finite_differences(exact, params, ref_loss, samples=2, rtol=FD_RTOL_REFERENCE, floor=1.0)
 
 
-def test_training_lowers_the_loss(trainable_ops, backend_name):
-    from pntm.train import TrainConfig, Trainer
-
-    config = NTMConfig(vocab_size=tasks.get("copy").vocab_size, d_model=16, head_dim=4)
-    train = TrainConfig(
-        task="copy", train_length=3, steps=40, batch_size=8, lr=1e-2, warmup_steps=3
+def test_training_lowers_the_loss(trainable_ops):
+    checks.training_lowers_the_loss(
+        trainable_ops, "ntm", dict(d_model=16, head_dim=4), batch_size=8, warmup_steps=3, window=8
     )
-    trainer = Trainer("ntm", config, train, trainable_ops, backend_name)
-    losses = [trainer.train_step()["loss"] for _ in range(40)]
-    assert np.isfinite(losses).all()
-    assert np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8])
 
 
 # ------------------------------------------------------------------------------ config
@@ -407,8 +325,7 @@ def test_training_lowers_the_loss(trainable_ops, backend_name):
     ],
 )
 def test_bad_config_is_named(field, value):
-    with pytest.raises(ValueError, match=rf"{field}.*{value!r}".replace("(", r"\(")):
-        NTMConfig(**(dict(vocab_size=5) | {field: value}))
+    checks.config_refused(NTMConfig, {field: value}, rf"{field}.*{value!r}".replace("(", r"\("))
 
 
 @pytest.mark.parametrize("capacity", [0, 2.5, True])
@@ -429,32 +346,22 @@ def test_registry_and_summary():
     assert models.get("ntm") is NTM
     assert NTMConfig(vocab_size=5).summary() == "LSTM 64, 1 read + 1 write head"
     two = NTMConfig(vocab_size=5, n_layers=2, read_heads=2, d_model=32)
-    assert two.summary() == "LSTM 32 x 2 layers, 2 read + 1 write heads"
+    checks.config_round_trip(two, "LSTM 32 x 2 layers, 2 read + 1 write heads", "positions")
 
 
 # ------------------------------------------------------------------------------ CLI
+@checks.needs_trainable
 def test_cli_trains_and_evaluates_an_ntm(tmp_path: Path):
-    from pntm.cli import main
-
-    trainable = [i.name for i in backends.available() if i.runs and i.trainable]
-    if not trainable:
-        pytest.skip("no trainable backend installed")
-    out = tmp_path / "run"
-    args = ["train", "--model", "ntm", "--task", "copy", "--steps", "3", "--train-length", "3",
-            "--batch-size", "4", "--d-model", "8", "--head-dim", "4", "--read-heads", "2",
-            "--warmup-steps", "1", "--eval-lengths", "2", "--eval-samples", "3", "--quiet",
-            "--backend", trainable[0], "--out", str(out)]  # fmt: skip
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    assert "ntm (LSTM 8, 2 read + 1 write heads" in result.output
-    result = CliRunner().invoke(
-        main, ["eval", str(out), "--backend", "numpy", "--lengths", "2,3", "--samples", "3"]
+    out = checks.cli_trains_and_evaluates(
+        tmp_path,
+        "ntm",
+        [*checks.TINY_TRAIN, "--head-dim", "4", "--read-heads", "2"],
+        banner="ntm (LSTM 8, 2 read + 1 write heads",
+        model_config=NTMConfig(vocab_size=6, d_model=8, head_dim=4, read_heads=2).to_dict(),
     )
+    # without --json, eval writes the run's eval.json
+    result = checks.run_cli("eval", out, "--backend", "numpy", "--lengths", "2,3", "--samples", "3")
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "eval.json").read_text())["results"]
     assert [r["length"] for r in rows] == [2, 3]
-    refused = CliRunner().invoke(
-        main, ["train", "--model", "pntm", "--read-heads", "2", "--out", str(tmp_path / "x")]
-    )
-    assert refused.exit_code != 0
-    assert "--read-heads is not an option of model 'pntm'" in refused.output
+    checks.cli_refuses(tmp_path, "pntm", "--read-heads", "2")

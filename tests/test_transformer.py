@@ -15,30 +15,14 @@ EXACT_RTOL.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 
-from pntm import backends, tasks
-from pntm.cli import main
-from pntm.models.base import cross_entropy
-from pntm.models.transformer import Transformer, TransformerConfig, init_params
-from pntm.train import TrainConfig, Trainer
-from pntm.tree import tree_flatten
-from tests.tolerances import (
-    EXACT_RTOL,
-    FD_RTOL_FLOAT32,
-    FWD_RTOL,
-    GRAD_RTOL,
-    central_difference,
-    grad_errors,
-    rel_err,
-)
+from pntm import backends
+from pntm.models.transformer import Transformer, TransformerConfig
+from tests import model_checks as checks
+from tests.tolerances import rel_err
 
-VOCAB = 7
 CONFIGS = {
     "nope": dict(d_model=16, n_layers=2, n_heads=4),
     "rope": dict(d_model=16, n_layers=2, n_heads=2, positions="rope"),
@@ -46,6 +30,7 @@ CONFIGS = {
     "rope-one-head": dict(d_model=6, n_layers=1, n_heads=1, positions="rope"),
 }
 SHAPES = [(1, 1), (2, 9), (3, 13)]  # (batch, T): T = 1, B = 1, odd sizes
+TINY = [*checks.TINY_TRAIN, "--attention-heads", "2"]
 
 
 # ---------------------------------------------------------------------- the NumPy reference
@@ -78,7 +63,7 @@ def np_rope(x, start):
 
 
 def np_transformer(config, params, tokens, cache=None):
-    """Logits (B, T, V) and the per-block (keys, values) after these tokens."""
+    """Logits (B, T, V) and the per-block {"k", "v"} (keys, values) after these tokens."""
     B, T = tokens.shape
     H, heads = config.d_model, config.n_heads
     x = params["embed"][tokens]
@@ -89,12 +74,12 @@ def np_transformer(config, params, tokens, cache=None):
             qkv[..., j * H : (j + 1) * H].reshape(B, T, heads, H // heads).transpose(0, 2, 1, 3)
             for j in range(3)
         )
-        start = 0 if cache is None else cache[i][0].shape[2]
+        start = 0 if cache is None else cache[i]["k"].shape[2]
         if config.positions == "rope":
             q, k = np_rope(q, start), np_rope(k, start)
         if cache is not None:
-            k, v = np.concatenate([cache[i][0], k], 2), np.concatenate([cache[i][1], v], 2)
-        new_cache.append((k, v))
+            k, v = np.concatenate([cache[i]["k"], k], 2), np.concatenate([cache[i]["v"], v], 2)
+        new_cache.append({"k": k, "v": v})
         out = np_attention(q, k, v, causal=True).transpose(0, 2, 1, 3).reshape(B, T, H)
         x = x + out @ blk["attn_out"]
         h = np_gelu(np_rms(x, blk["norm_mlp"]) @ blk["mlp_w1"] + blk["mlp_b1"])
@@ -102,21 +87,8 @@ def np_transformer(config, params, tokens, cache=None):
     return np_rms(x, params["norm_out"]) @ params["unembed"], new_cache
 
 
-def np_loss(config, params, tokens, targets, mask):
-    logits, _ = np_transformer(config, params, tokens)
-    z = logits - logits.max(-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    picked = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
-    return -(picked * mask).sum() / mask.sum()
-
-
 def make(ops, config="nope", seed=0):
-    config = TransformerConfig(vocab_size=VOCAB, **CONFIGS[config])
-    return Transformer(config, ops), init_params(config, seed)
-
-
-def fwd_tol(ops):
-    return EXACT_RTOL if ops.name == "numpy" else FWD_RTOL
+    return checks.make_model(Transformer, CONFIGS[config], ops, seed)
 
 
 # ---------------------------------------------------------------------- the primitive
@@ -134,7 +106,7 @@ def test_attention_primitive_matches_numpy(ops, shape, causal):
     q = rng.normal(size=(B, heads, n_queries, d))
     k, v = rng.normal(size=(2, B, heads, n_keys, d))
     got = ops.to_numpy(ops.attention(ops.asarray(q), ops.asarray(k), ops.asarray(v), causal))
-    assert rel_err(got, np_attention(q, k, v, causal)) <= fwd_tol(ops)
+    assert rel_err(got, np_attention(q, k, v, causal)) <= checks.forward_tolerance(ops)
 
 
 def test_attention_gradients_with_a_cache(trainable_ops):
@@ -150,14 +122,13 @@ def test_attention_gradients_with_a_cache(trainable_ops):
         return ops.sum(ops.attention(p["q"], p["k"], p["v"], True) * ops.asarray(weight))
 
     _, grads = ops.value_and_grad(loss)({n: ops.asarray(x) for n, x in inputs.items()})
-    for name, value in inputs.items():
-        for k in rng.choice(value.size, size=6, replace=False):
-            index = np.unravel_index(k, value.shape)
-            want = central_difference(
-                lambda: float((np_attention(*inputs.values(), True) * weight).sum()), value, index
-            )
-            got = ops.to_numpy(grads[name])[index]
-            assert abs(got - want) <= FD_RTOL_FLOAT32 * max(abs(want), 1e-2), (name, got, want)
+    checks.finite_differences(
+        {name: ops.to_numpy(g) for name, g in grads.items()},
+        inputs,
+        lambda: float((np_attention(*inputs.values(), True) * weight).sum()),
+        samples=6,
+        rng=rng,
+    )
 
 
 def test_attention_refuses_more_queries_than_keys():
@@ -168,30 +139,13 @@ def test_attention_refuses_more_queries_than_keys():
 
 
 # ---------------------------------------------------------------------- the model
-def step_logits(model, params, tokens):
-    ops = model.ops
-    state = model.init_state(tokens.shape[0], tokens.shape[1])
-    out = []
-    for t in range(tokens.shape[1]):
-        logits, state = model.step(params, state, tokens[:, t])
-        out.append(ops.to_numpy(logits))
-    return np.stack(out, 1)
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-T{}".format(*s))
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_forward_and_step_match_numpy_reference(ops, config, shape):
-    batch, T = shape
-    tokens = np.random.default_rng(T).integers(0, VOCAB, (batch, T))
     model, params = make(ops, config)
+    tokens = checks.random_tokens(*shape)
     want, want_cache = np_transformer(model.config, params, tokens)
-    native = model.params_from_numpy(params)
-    got, cache = model.forward(native, ops.asarray(tokens), T, return_state=True)
-    assert rel_err(ops.to_numpy(got), want) <= fwd_tol(ops)
-    for layer, (k, v) in zip(cache, want_cache, strict=True):
-        assert rel_err(ops.to_numpy(layer["k"]), k) <= fwd_tol(ops)
-        assert rel_err(ops.to_numpy(layer["v"]), v) <= fwd_tol(ops)
-    assert rel_err(step_logits(model, native, ops.asarray(tokens)), want) <= fwd_tol(ops)
+    checks.forward_and_step(model, params, tokens, want, want_cache)
 
 
 @pytest.mark.parametrize("config", ["nope", "rope"])
@@ -199,25 +153,18 @@ def test_kv_cache_hand_over_between_forms(ops, config):
     """forward(prefix, return_state) -> forward(rest, cache) (several queries after a cache:
     the lower-right mask, positions continuing) and -> step(...) give forward(all)."""
     model, params = make(ops, config)
-    params = model.params_from_numpy(params)
-    tokens = np.random.default_rng(3).integers(0, VOCAB, (2, 12))
-    full = ops.to_numpy(model.forward(params, ops.asarray(tokens), 12))
-    head, state = model.forward(params, ops.asarray(tokens[:, :5]), 12, return_state=True)
+    tokens = checks.random_tokens(2, 12, seed=3)
+    full, state = checks.hand_over(model, params, tokens, capacity=12, split=5)
     assert state[0]["k"].shape == (2, model.config.n_heads, 5, model.config.head_dim)
+    params = model.params_from_numpy(params)
     tail, after = model.forward(
         params, ops.asarray(tokens[:, 5:]), 12, state=state, return_state=True
     )
-    joined = np.concatenate([ops.to_numpy(head), ops.to_numpy(tail)], 1)
-    assert rel_err(joined, full) <= fwd_tol(ops)
+    assert rel_err(ops.to_numpy(tail), full[:, 5:]) <= checks.forward_tolerance(ops)
     assert after[-1]["v"].shape[2] == 12
-    stepped = []
-    for t in range(5, 12):
-        logits, state = model.step(params, state, ops.asarray(tokens[:, t]))
-        stepped.append(ops.to_numpy(logits))
-    assert rel_err(np.stack(stepped, 1), full[:, 5:]) <= fwd_tol(ops)
     # starting from the empty cache of init_state is starting from nothing
     fresh = model.forward(params, ops.asarray(tokens), 12, state=model.init_state(2, 12))
-    assert rel_err(ops.to_numpy(fresh), full) <= fwd_tol(ops)
+    assert rel_err(ops.to_numpy(fresh), full) <= checks.forward_tolerance(ops)
 
 
 def test_rope_scores_depend_on_relative_positions_only():
@@ -239,68 +186,38 @@ def test_rope_scores_depend_on_relative_positions_only():
     assert np.abs(scores(0) - q @ np.swapaxes(k, -1, -2)).max() > 1e-2
 
 
-def _data(seed=5, batch=2, T=7):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, VOCAB, (batch, T))
-    targets = rng.integers(0, VOCAB, (batch, T))
-    mask = (rng.uniform(size=(batch, T)) < 0.7).astype(float)
-    mask[:, -1] = 1.0
-    return tokens, targets, mask
-
-
-def _native_grads(ops, model, params, data):
-    tokens, targets, mask = (ops.asarray(x) for x in data)
-
-    def loss_fn(p):
-        return cross_entropy(ops, model.forward(p, tokens, tokens.shape[1]), targets, mask)
-
-    _, grads = ops.value_and_grad(loss_fn)(model.params_from_numpy(params))
-    return {k: ops.to_numpy(v) for k, v in tree_flatten(grads).items()}
-
-
 @pytest.mark.parametrize("config", ["nope", "rope"])
 def test_gradients_match_finite_differences(trainable_ops, config):
     """float32 autodiff through the backend's attention against central differences of the
     float64 NumPy reference, at 3 coordinates of every parameter (FD_RTOL_FLOAT32)."""
     model, params = make(trainable_ops, config, seed=1)
-    data = _data()
-    grads = _native_grads(trainable_ops, model, params, data)
-    rng = np.random.default_rng(0)
-    for name, value in tree_flatten(params).items():
-        for k in rng.choice(value.size, size=min(3, value.size), replace=False):
-            index = np.unravel_index(k, value.shape)
-            want = central_difference(lambda: np_loss(model.config, params, *data), value, index)
-            got = grads[name][index]
-            assert abs(got - want) <= FD_RTOL_FLOAT32 * max(abs(want), 1e-2), (name, got, want)
+    data = checks.loss_data()
+    tokens, targets, mask = data
+    grads = checks.native_grads(trainable_ops, model, params, data)
+
+    def loss():
+        logits, _ = np_transformer(model.config, params, tokens)
+        return checks.np_cross_entropy(logits, targets, mask)
+
+    checks.finite_differences(grads, params, loss)
 
 
 @pytest.mark.parametrize("config", ["nope", "rope"])
 def test_gradients_agree_with_float64_pytorch(trainable_ops, config):
     """Every gradient on this backend against PyTorch in float64 (for MLX: a second,
     independent autodiff; for PyTorch: float32 against float64), GRAD_RTOL."""
-    torch_backend = pytest.importorskip("pntm.backends.torch_backend")
-    import torch
-
-    reference = torch_backend.TorchBackend(device="cpu", dtype=torch.float64)
+    reference = checks.float64_torch()
     model, params = make(trainable_ops, config, seed=2)
-    data = _data(T=15)
-    got = _native_grads(trainable_ops, model, params, data)
-    want = _native_grads(reference, Transformer(model.config, reference), params, data)
-    errors = grad_errors(got, want)
-    assert max(errors.values()) <= GRAD_RTOL, errors
+    data = checks.loss_data(T=15)
+    got = checks.native_grads(trainable_ops, model, params, data)
+    want = checks.native_grads(reference, Transformer(model.config, reference), params, data)
+    checks.gradients_agree(got, want)
 
 
 def test_training_lowers_the_loss(trainable_ops):
     """A few dozen updates on tiny copy: the loss falls well below where it started."""
-    config = TransformerConfig(
-        vocab_size=tasks.get("copy").vocab_size, d_model=16, n_layers=1, n_heads=2
-    )
-    train = TrainConfig(
-        task="copy", train_length=3, steps=40, batch_size=16, lr=1e-2, warmup_steps=2
-    )
-    trainer = Trainer("transformer", config, train, trainable_ops, trainable_ops.name)
-    losses = [trainer.train_step()["loss"] for _ in range(train.steps)]
-    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+    options = dict(d_model=16, n_layers=1, n_heads=2)
+    checks.training_lowers_the_loss(trainable_ops, "transformer", options)
 
 
 @pytest.mark.parametrize(
@@ -318,69 +235,35 @@ def test_training_lowers_the_loss(trainable_ops):
     ],
 )
 def test_bad_config_is_named(changes, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        TransformerConfig(**(dict(vocab_size=5) | changes))
+    checks.config_refused(
+        TransformerConfig, changes, message.replace("(", r"\(").replace(")", r"\)")
+    )
 
 
 def test_config_round_trip_and_summary():
     config = TransformerConfig(vocab_size=5, d_model=8, n_layers=3, n_heads=2, positions="rope")
-    assert TransformerConfig.from_dict(config.to_dict()) == config
-    assert config.summary() == "3 blocks x 2 heads, rope"
+    checks.config_round_trip(config, "3 blocks x 2 heads, rope", foreign_key="read_heads")
 
 
 # ---------------------------------------------------------------------- the CLI
-TRAINABLE = [i.name for i in backends.available() if i.runs and i.trainable]
-TINY = [
-    "--task", "copy", "--steps", "3", "--train-length", "3", "--batch-size", "4",
-    "--d-model", "8", "--layers", "1", "--attention-heads", "2", "--warmup-steps", "1",
-    "--eval-lengths", "2,4", "--eval-samples", "3", "--quiet",
-]  # fmt: skip
-
-
-def run(*args) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def error_lines(result: Result) -> list[str]:
-    return [line for line in result.output.splitlines() if line.startswith("Error:")]
-
-
-@pytest.mark.skipif(not TRAINABLE, reason="no trainable backend installed")
+@checks.needs_trainable
 def test_cli_trains_and_evaluates_a_transformer(tmp_path):
-    out = tmp_path / "transformer"
-    result = run(
-        "train", "--model", "transformer", *TINY, "--positions", "rope", "--mlp-ratio", "3",
-        "--backend", TRAINABLE[0], "--out", out,
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    assert "transformer (1 blocks x 2 heads, rope" in result.output
-    data = json.loads((out / "eval.json").read_text())
-    assert data["model"] == "transformer" and [r["length"] for r in data["results"]] == [2, 4]
-    assert data["model_config"] == {
-        "vocab_size": 6,
-        "d_model": 8,
-        "n_layers": 1,
-        "n_heads": 2,
-        "mlp_ratio": 3,
-        "positions": "rope",
-    }
-    for backend in ("numpy", TRAINABLE[0]):
-        json_path = tmp_path / f"{backend}.json"
-        result = run(
-            "eval", out, "--backend", backend, "--lengths", "3,5", "--samples", "3",
-            "--json", json_path, "--plot", tmp_path / f"{backend}.png",
-        )  # fmt: skip
-        assert result.exit_code == 0, result.output
-        assert "transformer checkpoint at step 3" in result.output
-        assert [r["length"] for r in json.loads(json_path.read_text())["results"]] == [3, 5]
+    checks.cli_trains_and_evaluates(
+        tmp_path,
+        "transformer",
+        [*TINY, "--positions", "rope", "--mlp-ratio", "3"],
+        banner="transformer (1 blocks x 2 heads, rope",
+        model_config={
+            "vocab_size": 6,
+            "d_model": 8,
+            "n_layers": 1,
+            "n_heads": 2,
+            "mlp_ratio": 3,
+            "positions": "rope",
+        },
+    )
 
 
 @pytest.mark.parametrize("flag,value", [("--velocity-prior", "1"), ("--memory-heads", "2")])
 def test_cli_refuses_options_of_other_models(tmp_path, flag, value):
-    result = run("train", "--model", "transformer", *TINY, flag, value, "--out", tmp_path / "r")
-    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
-    assert "Traceback" not in result.output
-    errors = error_lines(result)
-    assert len(errors) == 1, result.output
-    assert f"{flag} is not an option of model 'transformer'" in errors[0]
-    assert not Path(tmp_path / "r").exists()
+    checks.cli_refuses(tmp_path, "transformer", flag, value, *TINY)

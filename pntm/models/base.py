@@ -95,9 +95,12 @@ class Model(abc.ABC):
     def init_state(self, batch: int, capacity: int) -> Any:
         """The decoding state before the first token."""
 
-    @abc.abstractmethod
     def step(self, params: Any, state: Any, token: Array, **mode: Any) -> tuple[Array, Any]:
-        """Logits (B, V) for one token per sequence (B,), and the next state."""
+        """Logits (B, V) for one token per sequence (B,), and the next state. This default is
+        :meth:`forward` on a sequence of one token (fine where the forward pass is itself
+        recurrent or cached); models with a cheaper step override it."""
+        logits, state = self.forward(params, token[:, None], 1, state, True, **mode)
+        return logits[:, 0], state
 
     # ------------------------------------------------------------------ training
     def train_mode(self, step: int, steps: int) -> dict[str, Any]:

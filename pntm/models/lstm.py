@@ -22,7 +22,7 @@ import numpy as np
 from pntm.backends.base import Array
 from pntm.config import check_positive_ints, option
 from pntm.models.base import Model, ModelConfig
-from pntm.models.pntm import RMS_EPS
+from pntm.models.layers import dense, output_logits
 
 # Forget-gate bias at initialization: cells start by keeping their content (Gers et al. 2000;
 # Jozefowicz et al. 2015), the usual LSTM setting.
@@ -47,20 +47,15 @@ def init_params(config: LSTMConfig, seed: int = 0) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     H, V = config.d_model, config.vocab_size
 
-    def dense(fan_in: int, fan_out: int) -> np.ndarray:
-        return rng.normal(0.0, 1.0 / np.sqrt(fan_in), (fan_in, fan_out))
-
     def layer() -> dict[str, np.ndarray]:
         bias = np.zeros(4 * H)
         bias[H : 2 * H] = FORGET_BIAS
-        return {"w_ih": dense(H, 4 * H), "w_hh": dense(H, 4 * H), "bias": bias}
+        return {"w_ih": dense(rng, H, 4 * H), "w_hh": dense(rng, H, 4 * H), "bias": bias}
 
-    return {
-        "embed": rng.normal(0.0, 1.0, (V, H)),
-        "layers": [layer() for _ in range(config.n_layers)],
-        "norm_out": np.ones(H),
-        "unembed": dense(H, V),
-    }
+    # the embedding is drawn first here (then the layers, then the output)
+    embed = rng.normal(0.0, 1.0, (V, H))
+    layers = [layer() for _ in range(config.n_layers)]
+    return {"embed": embed, "layers": layers, "norm_out": np.ones(H), "unembed": dense(rng, H, V)}
 
 
 class LSTM(Model):
@@ -102,16 +97,5 @@ class LSTM(Model):
                 x, prev["h"], prev["c"], layer["w_ih"], layer["w_hh"], layer["bias"]
             )
             new_state.append({"h": h, "c": c})
-        normed = (
-            x / ops.sqrt(ops.mean(x * x, axis=-1, keepdims=True) + RMS_EPS) * params["norm_out"]
-        )
-        logits = ops.matmul(normed, params["unembed"])
+        logits = output_logits(ops, params, x)
         return (logits, new_state) if return_state else logits
-
-    def step(
-        self, params: dict, state: list[dict[str, Array]], token: Array
-    ) -> tuple[Array, list[dict[str, Array]]]:
-        """Logits (B, V) for one token per sequence (B,), and the next state: the forward pass
-        on a sequence of one."""
-        logits, state = self.forward(params, token[:, None], 1, state, return_state=True)
-        return logits[:, 0], state

@@ -28,10 +28,17 @@ import numpy as np
 from pntm.backends.base import Array, Backend, read_step
 from pntm.config import check_finite, check_positive_ints, option
 from pntm.models.base import Model, ModelConfig, cross_entropy
+from pntm.models.layers import (
+    dense,
+    embedding_and_output,
+    mlp,
+    mlp_params,
+    output_logits,
+    rms_norm,
+)
 
 HEAD_MODES = ("soft", "hard")
 ACTIVATIONS = ("tanh", "linear")
-RMS_EPS = 1e-5
 RESET_GATE_BIAS = -2.0  # heads start mostly moving, rarely resetting (prototype setting)
 
 
@@ -181,10 +188,6 @@ def init_params(config: PNTMConfig, seed: int = 0) -> dict[str, Any]:
     """Parameters as a nested dict of float64 NumPy arrays: identical for every backend."""
     rng = np.random.default_rng(seed)
     H, V, K = config.d_model, config.vocab_size, config.n_heads
-
-    def dense(fan_in: int, fan_out: int) -> np.ndarray:
-        return rng.normal(0.0, 1.0 / np.sqrt(fan_in), (fan_in, fan_out))
-
     per_head = config.controller_fields()
     width = sum(n for _, n in per_head)
     bias = np.zeros((K, width))
@@ -199,23 +202,15 @@ def init_params(config: PNTMConfig, seed: int = 0) -> dict[str, Any]:
     blocks = [
         {
             "norm_ctrl": np.ones(H),
-            "ctrl_w": dense(H, K * width),
+            "ctrl_w": dense(rng, H, K * width),
             "ctrl_b": bias.reshape(-1).copy(),
-            "read_out": dense(K * config.head_dim, H),
-            "norm_mlp": np.ones(H),
-            "mlp_w1": dense(H, hidden),
-            "mlp_b1": np.zeros(hidden),
-            "mlp_w2": dense(hidden, H),
-            "mlp_b2": np.zeros(H),
+            "read_out": dense(rng, K * config.head_dim, H),
+            **mlp_params(rng, H, hidden),
         }
         for _ in range(config.n_layers)
     ]
-    return {
-        "embed": rng.normal(0.0, 1.0, (V, H)),
-        "blocks": blocks,
-        "norm_out": np.ones(H),
-        "unembed": dense(H, V),
-    }
+    embed, output = embedding_and_output(rng, V, H)
+    return {"embed": embed, "blocks": blocks, **output}
 
 
 @dataclass(frozen=True)
@@ -310,9 +305,6 @@ class PNTM(Model):
         ]
 
     # ------------------------------------------------------------------ shared pointwise parts
-    def _rms_norm(self, x: Array, gain: Array) -> Array:
-        ops = self.ops
-        return x / ops.sqrt(ops.mean(x * x, axis=-1, keepdims=True) + RMS_EPS) * gain
 
     def _controls(
         self,
@@ -328,7 +320,7 @@ class PNTM(Model):
         noise makes the shifts Gumbel-softmax samples and logistic noise the gates binary
         concrete samples (with hard heads: exact samples of the discrete moves)."""
         ops, c = self.ops, self.config
-        raw = ops.matmul(self._rms_norm(x, block["norm_ctrl"]), block["ctrl_w"]) + block["ctrl_b"]
+        raw = ops.matmul(rms_norm(ops, x, block["norm_ctrl"]), block["ctrl_w"]) + block["ctrl_b"]
         raw = ops.reshape(raw, (*x.shape[:-1], c.n_heads, -1))
         out: dict[str, Array] = {}
         offset = 0
@@ -374,12 +366,7 @@ class PNTM(Model):
         ops, c = self.ops, self.config
         reads = ops.reshape(reads, (*reads.shape[:-2], c.n_heads * c.head_dim))
         x = x + ops.matmul(reads, block["read_out"])
-        h = self._rms_norm(x, block["norm_mlp"])
-        h = ops.gelu(ops.matmul(h, block["mlp_w1"]) + block["mlp_b1"])
-        return x + ops.matmul(h, block["mlp_w2"]) + block["mlp_b2"]
-
-    def _logits(self, params: dict, x: Array) -> Array:
-        return self.ops.matmul(self._rms_norm(x, params["norm_out"]), params["unembed"])
+        return x + mlp(ops, block, x)
 
     # ------------------------------------------------------------------ parallel form
     def _spectrum(self, n_slots: int) -> tuple[Array, Array]:
@@ -462,7 +449,7 @@ class PNTM(Model):
             )
             x = self._residual(block, x, reads)
             new_state.append({"write": write[:, -1], "read": read[:, -1], "memory": memory})
-        logits = self._logits(params, x)
+        logits = output_logits(ops, params, x)
         return (logits, new_state) if return_state else logits
 
     def head_noise(
@@ -521,7 +508,7 @@ class PNTM(Model):
             reads = read_step(ops, memory, read, *self._content(ctl))
             x = self._residual(block, x, reads)
             new_state.append({"write": write, "read": read, "memory": memory})
-        return self._logits(params, x), new_state
+        return output_logits(ops, params, x), new_state
 
 
 def _straight_through_one_hot(ops: Backend, probs: Array) -> Array:

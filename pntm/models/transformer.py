@@ -39,7 +39,7 @@ import numpy as np
 from pntm.backends.base import Array, Backend
 from pntm.config import check_positive_ints, option
 from pntm.models.base import Model, ModelConfig
-from pntm.models.pntm import RMS_EPS
+from pntm.models.layers import dense, embedding_and_output, mlp, mlp_params, output_logits, rms_norm
 
 POSITIONS = ("nope", "rope")
 ROPE_BASE = 10_000.0
@@ -89,30 +89,18 @@ def init_params(config: TransformerConfig, seed: int = 0) -> dict[str, Any]:
     """Parameters as a nested dict of float64 NumPy arrays: identical for every backend."""
     rng = np.random.default_rng(seed)
     H, V = config.d_model, config.vocab_size
-
-    def dense(fan_in: int, fan_out: int) -> np.ndarray:
-        return rng.normal(0.0, 1.0 / np.sqrt(fan_in), (fan_in, fan_out))
-
     hidden = config.mlp_ratio * H
     blocks = [
         {
             "norm_attn": np.ones(H),
-            "qkv": dense(H, 3 * H),  # queries, keys, values; heads contiguous within each
-            "attn_out": dense(H, H),
-            "norm_mlp": np.ones(H),
-            "mlp_w1": dense(H, hidden),
-            "mlp_b1": np.zeros(hidden),
-            "mlp_w2": dense(hidden, H),
-            "mlp_b2": np.zeros(H),
+            "qkv": dense(rng, H, 3 * H),  # queries, keys, values; heads contiguous within each
+            "attn_out": dense(rng, H, H),
+            **mlp_params(rng, H, hidden),
         }
         for _ in range(config.n_layers)
     ]
-    return {
-        "embed": rng.normal(0.0, 1.0, (V, H)),
-        "blocks": blocks,
-        "norm_out": np.ones(H),
-        "unembed": dense(H, V),
-    }
+    embed, output = embedding_and_output(rng, V, H)
+    return {"embed": embed, "blocks": blocks, **output}
 
 
 class Transformer(Model):
@@ -142,10 +130,6 @@ class Transformer(Model):
         ]
 
     # ------------------------------------------------------------------ parts
-    def _rms_norm(self, x: Array, gain: Array) -> Array:
-        ops = self.ops
-        return x / ops.sqrt(ops.mean(x * x, axis=-1, keepdims=True) + RMS_EPS) * gain
-
     def _rotation(self, start: int, length: int) -> tuple[Array, Array]:
         """cos and sin (length, head_dim / 2) of RoPE at positions start .. start + length - 1,
         sliced from a table kept on the backend (grown to a power of two)."""
@@ -177,7 +161,7 @@ class Transformer(Model):
     ) -> tuple[Array, dict[str, Array]]:
         """The attention sublayer's output (B, T, H) and the cache extended by these T."""
         ops, H = self.ops, self.config.d_model
-        qkv = ops.matmul(self._rms_norm(x, block["norm_attn"]), block["qkv"])
+        qkv = ops.matmul(rms_norm(ops, x, block["norm_attn"]), block["qkv"])
         q, k, v = (self._heads(qkv[..., i * H : (i + 1) * H]) for i in range(3))
         if self.config.positions == "rope":
             start = 0 if cache is None else cache["k"].shape[2]
@@ -188,12 +172,6 @@ class Transformer(Model):
         out = ops.attention(q, k, v, causal=True)
         out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (x.shape[0], x.shape[1], H))
         return ops.matmul(out, block["attn_out"]), {"k": k, "v": v}
-
-    def _mlp(self, block: dict, x: Array) -> Array:
-        ops = self.ops
-        h = self._rms_norm(x, block["norm_mlp"])
-        h = ops.gelu(ops.matmul(h, block["mlp_w1"]) + block["mlp_b1"])
-        return ops.matmul(h, block["mlp_w2"]) + block["mlp_b2"]
 
     # ------------------------------------------------------------------ the two forms
     def forward(
@@ -213,15 +191,7 @@ class Transformer(Model):
         for i, block in enumerate(params["blocks"]):
             attended, cache = self._attend(block, x, None if state is None else state[i])
             x = x + attended
-            x = x + self._mlp(block, x)
+            x = x + mlp(ops, block, x)
             new_state.append(cache)
-        logits = ops.matmul(self._rms_norm(x, params["norm_out"]), params["unembed"])
+        logits = output_logits(ops, params, x)
         return (logits, new_state) if return_state else logits
-
-    def step(
-        self, params: dict, state: list[dict[str, Array]], token: Array
-    ) -> tuple[Array, list[dict[str, Array]]]:
-        """Logits (B, V) for one token per sequence (B,), and the caches extended by it: the
-        forward pass on a sequence of one."""
-        logits, state = self.forward(params, token[:, None], 1, state, return_state=True)
-        return logits[:, 0], state
