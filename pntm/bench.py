@@ -30,6 +30,7 @@ import numpy as np
 from pntm import models, tasks
 from pntm.backends.base import Backend
 from pntm.checkpoint import atomic_write
+from pntm.config import option
 from pntm.evaluate import greedy_decode
 from pntm.tree import tree_leaves
 
@@ -41,18 +42,43 @@ REFERENCE = "pntm"  # ratios are to this model
 
 @dataclass(frozen=True)
 class BenchConfig:
-    models: tuple[str, ...] = tuple(models.NAMES)
-    lengths: tuple[int, ...] = TRAIN_LENGTHS
-    decode_lengths: tuple[int, ...] = DECODE_LENGTHS
-    recompute_max: int = 512  # the recompute baseline is O(T^2): longest T it runs at
-    batch_size: int = 8
-    d_model: int = 64
-    match: str = "width"
-    repeats: int = 5
-    warmup: int = 2
-    budget_s: float = 60.0  # stop repeating a measurement after this long (one repeat at least)
-    task: str = "copy"  # gives the vocabulary; the tokens are random
-    seed: int = 0
+    models: tuple[str, ...] = option(
+        tuple(models.NAMES),
+        "Comma-separated models to compare (pntm is the reference of the ratios).",
+        choices=models.NAMES,
+    )
+    lengths: tuple[int, ...] = option(
+        TRAIN_LENGTHS, "Sequence lengths T of the training-step timings."
+    )
+    decode_lengths: tuple[int, ...] = option(
+        DECODE_LENGTHS, "Numbers of tokens generated in the decoding timings."
+    )
+    recompute_max: int = option(
+        512,
+        "Longest T of the recompute-the-prefix decoding baseline (it costs O(T^2)).",
+        minimum=1,
+    )
+    batch_size: int = option(8, "Sequences per batch.", minimum=1)
+    d_model: int = option(
+        64, "Width of every model (of the P-NTM alone with match params).", minimum=1
+    )
+    match: str = option(
+        "width",
+        "width: every model at d_model; params: the other models at the width whose parameter "
+        "count is nearest the P-NTM's.",
+        choices=MATCHES,
+    )
+    repeats: int = option(5, "Timed repeats.", minimum=1)
+    warmup: int = option(2, "Untimed repeats first (compilation, caches).", minimum=0)
+    budget_s: float = option(
+        60.0,
+        "Seconds after which a measurement stops repeating (one timed repeat at least).",
+        flag="budget",
+        minimum=0,
+        min_open=True,
+    )
+    task: str = option("copy", "Task whose vocabulary the random tokens use.", choices=tasks.NAMES)
+    seed: int = option(0, "Seed of the parameters and tokens.", minimum=0)
 
     def __post_init__(self) -> None:
         for name in self.models:

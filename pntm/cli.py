@@ -17,7 +17,7 @@ import click
 import numpy as np
 
 from pntm import backends, checkpoint, models, tasks
-from pntm.bench import DECODE_LENGTHS, TRAIN_LENGTHS
+from pntm.bench import BenchConfig
 from pntm.config import options_of
 from pntm.train import TrainConfig
 from pntm.tree import tree_leaves
@@ -61,6 +61,24 @@ class SlotCount(click.ParamType):
         if n < 1:
             self.fail(f"{n} slots is not allowed: N must be >= 1", param, ctx)
         return n
+
+
+class NameList(click.ParamType):
+    """Comma-separated names out of a fixed set."""
+
+    name = "NAMES"
+
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        self.choices = choices
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        names = tuple(dict.fromkeys(part.strip() for part in str(value).split(",")))
+        for name in names:
+            if name not in self.choices:
+                self.fail(f"{name!r} is not one of {', '.join(self.choices)}", param, ctx)
+        return names
 
 
 def _ops(name: str, train: bool) -> tuple[str, backends.Backend]:
@@ -173,6 +191,8 @@ def _flag(f: dataclasses.Field) -> str:
 
 def _click_type(f: dataclasses.Field) -> Any:
     meta, kind = f.metadata["option"], type(f.default)
+    if kind is tuple:  # comma-separated values
+        return NameList(meta["choices"]) if meta["choices"] is not None else LengthList()
     if meta["choices"] is not None:
         return click.Choice(meta["choices"])
     bounds = {"min": meta["minimum"], "max": meta["maximum"]}
@@ -229,7 +249,11 @@ def _generated_options(owners: dict[str, type | None]) -> list[tuple[ConfigOptio
 
 
 def _shown_default(f: dataclasses.Field) -> str:
-    return "on" if f.default is True else "off" if f.default is False else str(f.default)
+    if isinstance(f.default, bool):
+        return "on" if f.default else "off"
+    if isinstance(f.default, tuple):
+        return ",".join(map(str, f.default))
+    return str(f.default)
 
 
 def _with_options(generated: list[tuple[ConfigOption, Any]]) -> Any:
@@ -637,22 +661,7 @@ def models_command() -> None:
 # ---------------------------------------------------------------------------------- bench
 
 
-class NameList(click.ParamType):
-    """Comma-separated names out of a fixed set."""
-
-    name = "NAMES"
-
-    def __init__(self, choices: tuple[str, ...]) -> None:
-        self.choices = choices
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[str, ...]:
-        if isinstance(value, tuple):
-            return value
-        names = tuple(dict.fromkeys(part.strip() for part in str(value).split(",")))
-        for name in names:
-            if name not in self.choices:
-                self.fail(f"{name!r} is not one of {', '.join(self.choices)}", param, ctx)
-        return names
+BENCH_OPTIONS = _generated_options({"bench": BenchConfig})
 
 
 @main.command("bench")
@@ -663,70 +672,7 @@ class NameList(click.ParamType):
     type=click.Choice(BACKEND_CHOICES),
     help="Where to measure (see `pntm backends`).",
 )
-@click.option(
-    "--models",
-    "model_names",
-    default=",".join(models.NAMES),
-    show_default=True,
-    type=NameList(models.NAMES),
-    help="Comma-separated models to compare (pntm is always the reference of the ratios).",
-)
-@click.option(
-    "--lengths",
-    default=",".join(map(str, TRAIN_LENGTHS)),
-    show_default=True,
-    type=LengthList(),
-    help="Sequence lengths T of the training-step timings.",
-)
-@click.option(
-    "--decode-lengths",
-    default=",".join(map(str, DECODE_LENGTHS)),
-    show_default=True,
-    type=LengthList(),
-    help="Numbers of tokens generated in the decoding timings.",
-)
-@click.option(
-    "--recompute-max",
-    default=512,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Longest T of the recompute-the-prefix decoding baseline (it costs O(T^2)).",
-)
-@click.option(
-    "--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Batch."
-)
-@click.option(
-    "--d-model",
-    default=64,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Width of every model (of the P-NTM with --match params).",
-)
-@click.option(
-    "--match",
-    default="width",
-    show_default=True,
-    type=click.Choice(("width", "params")),
-    help="width: every model at --d-model; params: the other models at the width whose "
-    "parameter count is nearest the P-NTM's.",
-)
-@click.option(
-    "--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Timed repeats."
-)
-@click.option(
-    "--warmup",
-    default=2,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="Untimed repeats first (compilation, caches).",
-)
-@click.option(
-    "--budget",
-    default=60.0,
-    show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Seconds after which a measurement stops repeating (one timed repeat at least).",
-)
+@_with_options(BENCH_OPTIONS)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -742,18 +688,7 @@ def bench_command(**opts: Any) -> None:
     from pntm import bench
 
     try:
-        cfg = bench.BenchConfig(
-            models=opts["model_names"],
-            lengths=tuple(opts["lengths"]),
-            decode_lengths=tuple(opts["decode_lengths"]),
-            recompute_max=opts["recompute_max"],
-            batch_size=opts["batch_size"],
-            d_model=opts["d_model"],
-            match=opts["match"],
-            repeats=opts["repeats"],
-            warmup=opts["warmup"],
-            budget_s=opts["budget"],
-        )
+        cfg = BenchConfig(**_given(opts, BENCH_OPTIONS, "bench"))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     backend_name, ops = _ops(opts["backend"], train=True)

@@ -7,7 +7,8 @@
 #
 # Sections, in order: conformance (pytest on torch-on-CUDA and on triton), bench (the kernel
 # benchmark with one training step at T=65,536), target (the B=32 T=2048 K=4 N=64 D=64
-# case alone), train (a short `pntm train --backend triton`). Each section appends to
+# case alone), train (a short `pntm train --backend triton`), models (`pntm bench`: every
+# model's training step over T and decoding speed, on triton and on torch). Each section appends to
 # OUT_DIR/report.md, so that sections can run as separate commands where one command's time is
 # limited. Record the report, with the device name, in docs/performance.md.
 set -uo pipefail
@@ -16,7 +17,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${1:-gpu_check}"
 shift || true
 SECTIONS=("$@")
-[ "${#SECTIONS[@]}" -gt 0 ] || SECTIONS=(conformance bench target train)
+[ "${#SECTIONS[@]}" -gt 0 ] || SECTIONS=(conformance bench target train models)
 mkdir -p "$OUT"
 REPORT="$OUT/report.md"
 status=0
@@ -50,8 +51,14 @@ status=0
                 run "pntm train --backend triton (copy, 300 steps)" python3 -m pntm.cli train \
                     --backend triton --task copy --steps 300 --out "$OUT/train-copy"
                 ;;
+            models)
+                for backend in triton torch; do
+                    run "pntm bench --backend $backend (every model, T = 64..2048)" python3 \
+                        -m pntm.cli bench --backend "$backend" --out "$OUT/models-$backend" --quiet
+                done
+                ;;
             *)
-                echo "unknown section '$section': conformance, bench, target or train"
+                echo "unknown section '$section': conformance, bench, target, train or models"
                 status=2
                 ;;
         esac

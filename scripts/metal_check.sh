@@ -10,7 +10,8 @@
 # Sections, in order: conformance (pytest on mlx and on metal: the real Metal kernels against
 # the float64 NumPy reference), bench (the kernel benchmark, metal against MLX's chunked scans
 # and the plain loop, the sizes of the Triton benchmark, with one training step at T=65,536),
-# train (a short `pntm train --backend metal`). Each section appends to OUT_DIR/report.md:
+# train (a short `pntm train --backend metal`), models (`pntm bench`: every model's training
+# step over T and decoding speed, on metal and on mlx). Each section appends to OUT_DIR/report.md:
 # attach that file to an issue. Without Metal, PNTM_METAL_EMULATE=1 runs the same steps on the
 # C++ emulator (a check of the script; its times mean nothing).
 set -uo pipefail
@@ -19,7 +20,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${1:-metal_check}"
 shift || true
 SECTIONS=("$@")
-[ "${#SECTIONS[@]}" -gt 0 ] || SECTIONS=(conformance bench train)
+[ "${#SECTIONS[@]}" -gt 0 ] || SECTIONS=(conformance bench train models)
 mkdir -p "$OUT"
 REPORT="$OUT/report.md"
 PYTHON="${PYTHON:-python3}"
@@ -50,8 +51,14 @@ status=0
                 run "pntm train --backend metal (copy, 300 steps)" "$PYTHON" -m pntm.cli train \
                     --backend metal --task copy --steps 300 --out "$OUT/train-copy"
                 ;;
+            models)
+                for backend in metal mlx; do
+                    run "pntm bench --backend $backend (every model, T = 64..2048)" "$PYTHON" \
+                        -m pntm.cli bench --backend "$backend" --out "$OUT/models-$backend" --quiet
+                done
+                ;;
             *)
-                echo "unknown section '$section': conformance, bench or train"
+                echo "unknown section '$section': conformance, bench, train or models"
                 status=2
                 ;;
         esac

@@ -245,3 +245,35 @@ def test_interrupted_fit_saves_the_last_finished_step(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fit(trainer, tmp_path, save_every=100, progress=False)
     assert checkpoint.load(tmp_path / CHECKPOINT_NAME).step == 3
+
+
+def test_version_1_checkpoints_load_with_the_head_schedule_moved(tmp_path):
+    """Format 1 kept the P-NTM head schedule in the training config; it loads into the model
+    config, and the run resumes as the same run."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    trainer = make_trainer(TRAINABLE[0], steps=6, hard_from=0.5, head_noise=1.0)
+    trainer.train_step()
+    path = tmp_path / "v2.safetensors"
+    checkpoint.save(path, trainer.to_checkpoint())
+    with safe_open(str(path), framework="np") as f:
+        metadata = dict(f.metadata())
+    model_config = json.loads(metadata["model_config"])
+    schedule = {
+        k: model_config.pop(k) for k in ("hard_from", "hard_mix", "head_noise", "noise_until")
+    }
+    train_config = json.loads(metadata["train_config"]) | schedule
+    old = tmp_path / "v1.safetensors"
+    v1 = metadata | {
+        "format_version": "1",
+        "model_config": json.dumps(model_config),
+        "train_config": json.dumps(train_config),
+    }
+    save_file(load_file(str(path)), str(old), metadata=v1)
+    loaded = checkpoint.load(old)
+    assert loaded.model_config == trainer.model_config.to_dict()
+    assert loaded.train_config == trainer.config.to_dict()
+    with pytest.raises(checkpoint.CheckpointError, match="format version '9'"):
+        save_file(load_file(str(path)), str(old), metadata=metadata | {"format_version": "9"})
+        checkpoint.load(old)

@@ -14,7 +14,7 @@ from pntm.models.transformer import Transformer
 
 __all__ = ["MODELS", "NAMES", "Model", "ModelConfig", "get"]
 
-MODELS: dict[str, type[Model]] = {cls.name: cls for cls in (PNTM, LSTM, Transformer, NTM)}
+MODELS: dict[str, type[Model]] = {cls.name: cls for cls in (PNTM, NTM, LSTM, Transformer)}
 NAMES: tuple[str, ...] = tuple(MODELS)
 
 
