@@ -12,7 +12,6 @@ Any option of ``scripts/length_generalization.py`` may be given; these are the d
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -31,11 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     for flag, value in DEFAULTS.items():
         if flag not in given:
             argv += [flag, value]
-    path = Path(__file__).with_name("length_generalization.py")
-    spec = importlib.util.spec_from_file_location("length_generalization", path)
-    grid = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(grid)
-    grid.main(argv)
+    # imported by name from its folder, so that the grid's worker processes (spawned) find the
+    # functions they run under the same module name
+    sys.path.insert(0, str(Path(__file__).parent))
+    import length_generalization
+
+    length_generalization.main(argv)
 
 
 if __name__ == "__main__":

@@ -116,3 +116,22 @@ def test_a_worker_ends_when_its_grid_process_is_gone():
     )
     done = subprocess.run([sys.executable, "-c", code], timeout=60)
     assert done.returncode == 1
+
+
+def test_reproduce_runs_several_models_in_worker_processes(tmp_path):
+    """scripts/reproduce.py, as a user runs it: two models in two spawned workers, one report
+    with a summary row per model."""
+    grid, report = tmp_path / "grid", tmp_path / "results.md"
+    args = [
+        "--grid", str(grid), "--models", "pntm,lstm", "--tasks", "parity", "--seeds", "0",
+        "--workers", "2", "--samples", "2", "--set", "train.steps=3", "--set",
+        "train.train_length=2", "--set", "train.batch_size=2", "--set", "model.d_model=8",
+        "--results", str(report),
+    ]  # fmt: skip
+    script = SCRIPT.with_name("reproduce.py")
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for model in ("pntm", "lstm"):
+        result = json.loads((grid / model / "parity" / "seed-0" / "result.json").read_text())
+        assert result["model"] == model and result["steps"] == 3
+        assert f"| parity | {model} | 0 |" in report.read_text()
