@@ -323,28 +323,19 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
 
     cfg, found = report["config"], _index(report)
     fig, (train_ax, decode_ax) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+
+    def series(ax: Any, name: str, kind: str, lengths: list[int], scale: float, style: str,
+               label: str) -> None:  # fmt: skip
+        lengths = [n for n in lengths if (name, kind, n) in found]
+        key = "median_s" if kind == "train" else "per_s"
+        values = [scale * found[(name, kind, n)][key] for n in lengths]
+        ax.plot(lengths, values, style, label=label)
+
     for name in cfg["models"]:
-        lengths = [n for n in cfg["lengths"] if (name, "train", n) in found]
-        train_ax.plot(
-            lengths,
-            [1e3 * found[(name, "train", n)]["median_s"] for n in lengths],
-            "o-",
-            label=name,
-        )
-        lengths = [n for n in cfg["decode_lengths"] if (name, "step", n) in found]
-        decode_ax.plot(
-            lengths,
-            [found[(name, "step", n)]["per_s"] for n in lengths],
-            "o-",
-            label=f"{name} step",
-        )
-    lengths = [n for n in cfg["decode_lengths"] if (REFERENCE, "recompute", n) in found]
-    decode_ax.plot(
-        lengths,
-        [found[(REFERENCE, "recompute", n)]["per_s"] for n in lengths],
-        "s--",
-        label=f"{REFERENCE} recompute",
-    )
+        series(train_ax, name, "train", cfg["lengths"], 1e3, "o-", name)
+        series(decode_ax, name, "step", cfg["decode_lengths"], 1.0, "o-", f"{name} step")
+    series(decode_ax, REFERENCE, "recompute", cfg["decode_lengths"], 1.0, "s--",
+           f"{REFERENCE} recompute")  # fmt: skip
     for ax in (train_ax, decode_ax):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

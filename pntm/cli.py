@@ -81,6 +81,14 @@ class NameList(click.ParamType):
         return names
 
 
+def backend_option(help: str) -> Any:
+    """``--backend`` (default ``auto``) with this help text."""
+    return click.option(
+        "--backend", default="auto", show_default=True, type=click.Choice(BACKEND_CHOICES),
+        help=help,
+    )  # fmt: skip
+
+
 def _ops(name: str, train: bool) -> tuple[str, backends.Backend]:
     """Resolve ``auto`` and build the backend, or fail with why it cannot run here."""
     try:
@@ -302,13 +310,9 @@ DECODE_OPTIONS = _generated_options(
     type=click.Choice(models.NAMES),
     help="Model architecture (default: pntm; see `pntm models`).",
 )
-@click.option(
-    "--backend",
-    default="auto",
-    show_default=True,
-    type=click.Choice(BACKEND_CHOICES),
-    help="Where to train: auto = the Triton kernels on a CUDA GPU, MLX on Apple silicon, "
-    "else PyTorch, else MLX on CPU. See `pntm backends`.",
+@backend_option(
+    "Where to train: auto = the Triton kernels on a CUDA GPU, MLX on Apple silicon, "
+    "else PyTorch, else MLX on CPU. See `pntm backends`."
 )
 @_with_options(TRAIN_OPTIONS)
 @_with_options(MODEL_OPTIONS)
@@ -511,13 +515,7 @@ def _load_checkpoint(path: Path) -> tuple[Path, checkpoint.Checkpoint]:
 
 @main.command("eval")
 @click.argument("checkpoint_path", metavar="CHECKPOINT", type=click.Path(path_type=Path))
-@click.option(
-    "--backend",
-    default="auto",
-    show_default=True,
-    type=click.Choice(BACKEND_CHOICES),
-    help="Where to evaluate (numpy, the float64 reference, works too).",
-)
+@backend_option("Where to evaluate (numpy, the float64 reference, works too).")
 @click.option(
     "--lengths", type=LengthList(), help="Comma-separated lengths (default: L_train, 2x, 4x, 8x)."
 )
@@ -665,13 +663,7 @@ BENCH_OPTIONS = _generated_options({"bench": BenchConfig})
 
 
 @main.command("bench")
-@click.option(
-    "--backend",
-    default="auto",
-    show_default=True,
-    type=click.Choice(BACKEND_CHOICES),
-    help="Where to measure (see `pntm backends`).",
-)
+@backend_option("Where to measure (see `pntm backends`).")
 @_with_options(BENCH_OPTIONS)
 @click.option(
     "--out",
