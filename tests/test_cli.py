@@ -302,3 +302,30 @@ def test_mismatched_checkpoints(fresh_run, tmp_path):
     save_file(tensors, str(bad), metadata={**metadata, "model_config": json.dumps(extra)})
     assert_refused(run("eval", bad), "n_experts")
     assert load(ckpt).step == 12  # the original is intact
+
+
+def test_generated_options_cover_every_field_and_refuse_type_clashes():
+    """Every option field of every model, of training and of the bench is on the command
+    line; one flag shared by two configs must have one type."""
+    from dataclasses import dataclass
+
+    from pntm import models
+    from pntm.cli import _generated_options, main
+    from pntm.config import option, options_of
+
+    train_flags = {p.opts[0] for p in main.commands["train"].params}
+    for name in models.NAMES:
+        for f in options_of(models.get(name).config_class):
+            flag = "--" + (f.metadata["option"]["flag"] or f.name.replace("_", "-"))
+            assert flag in train_flags, (name, f.name)
+
+    @dataclass(frozen=True)
+    class A:
+        width: int = option(1, "an int")
+
+    @dataclass(frozen=True)
+    class B:
+        width: float = option(1.0, "a float")
+
+    with pytest.raises(TypeError, match="--width"):
+        _generated_options({"a": A, "b": B})
