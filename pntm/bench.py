@@ -30,7 +30,7 @@ import numpy as np
 from pntm import models, tasks
 from pntm.backends.base import Backend
 from pntm.checkpoint import atomic_write
-from pntm.config import option
+from pntm.config import check_finite, check_ints, option
 from pntm.evaluate import greedy_decode
 from pntm.tree import tree_leaves
 
@@ -87,13 +87,9 @@ class BenchConfig:
             raise ValueError(f"the models must include {REFERENCE!r}, the reference of ratios")
         if self.match not in MATCHES:
             raise ValueError(f"match must be one of {MATCHES}, got {self.match!r}")
-        for name in ("batch_size", "d_model", "repeats", "recompute_max"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.warmup < 0 or not self.budget_s > 0:
-            raise ValueError(
-                f"warmup must be >= 0 and budget_s > 0, got {self.warmup}, {self.budget_s}"
-            )
+        check_ints(self, ("batch_size", "d_model", "repeats", "recompute_max"))
+        check_ints(self, ("warmup", "seed"), minimum=0)
+        check_finite(self.budget_s, "budget_s", 0, low_open=True)
         for length in (*self.lengths, *self.decode_lengths):
             if length < 2:
                 raise ValueError(f"lengths must be >= 2, got {length}")

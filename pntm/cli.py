@@ -290,7 +290,7 @@ def _refuse_foreign(
         if opts[o.param] is not None and not set(o.fields) & set(owners):
             models_with = ", ".join(o.fields)
             raise click.ClickException(
-                f"--{o.flag} is not an option of model {owners[-1]!r} (it is one of: {models_with})"
+                f"--{o.flag} is not an option of model {owners[-1]!r} (models that have it: {models_with})"
             )
 
 

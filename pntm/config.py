@@ -53,19 +53,31 @@ def options_of(config_class: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(config_class) if "option" in f.metadata]
 
 
-def check_positive_ints(config: Any, names: Sequence[str]) -> None:
+def check_ints(config: Any, names: Sequence[str], minimum: int = 1) -> None:
+    """Each field in ``names`` must be an integer >= ``minimum`` (not a bool)."""
     for name in names:
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
-def check_finite(value: Any, name: str, low: float | None = None, high: float | None = None):
-    """``value`` must be a finite real number in [low, high] (bounds optional)."""
+def check_finite(
+    value: Any,
+    name: str,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+) -> None:
+    """``value`` must be a finite real number in [low, high] (``low_open``: in (low, high]);
+    bounds optional."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
         raise ValueError(f"{name} must be a number, got {value!r}")
     if not np.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-        raise ValueError(f"{name} must be in {bounds}, got {value!r}")
+    below = low is not None and (value <= low if low_open else value < low)
+    if below or (high is not None and value > high):
+        left = ("(" if low_open else "[") + (str(low) if low is not None else "-inf")
+        raise ValueError(
+            f"{name} must be in {left}, {high if high is not None else 'inf'}], got {value!r}"
+        )

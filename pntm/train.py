@@ -21,7 +21,7 @@ import numpy as np
 
 from pntm import checkpoint, models, tasks
 from pntm.backends.base import Backend
-from pntm.config import check_finite, check_positive_ints, config_from_dict, option
+from pntm.config import check_finite, check_ints, config_from_dict, option
 from pntm.optim import AdamW, clip_by_global_norm
 from pntm.tree import tree_map
 
@@ -49,21 +49,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         tasks.get(self.task).check_length(self.train_length)
-        check_positive_ints(self, ("train_length", "steps", "batch_size"))
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int):
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        check_finite(self.lr, "lr", 0)
-        if self.lr == 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        check_ints(self, ("train_length", "steps", "batch_size"))
+        check_ints(self, ("warmup_steps", "seed"), minimum=0)
+        check_finite(self.lr, "lr", 0, low_open=True)
         check_finite(self.min_lr_ratio, "min_lr_ratio", 0, 1)
         check_finite(self.weight_decay, "weight_decay", 0)
-        check_finite(self.clip_norm, "clip_norm", 0)
-        if self.clip_norm == 0:
-            raise ValueError(f"clip_norm must be > 0, got {self.clip_norm!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        check_finite(self.clip_norm, "clip_norm", 0, low_open=True)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -48,7 +48,9 @@ def test_matched_parameter_counts():
         (dict(models=("lstm",)), "must include 'pntm'"),
         (dict(models=("pntm", "rnn")), "unknown model 'rnn'"),
         (dict(match="flops"), "match must be one of"),
-        (dict(repeats=0), "repeats must be >= 1"),
+        (dict(repeats=0), "repeats must be a positive integer"),
+        (dict(warmup=-1), "warmup must be an integer >= 0"),
+        (dict(budget_s=0.0), r"budget_s must be in \(0, inf\]"),
         (dict(lengths=(1,)), "lengths must be >= 2"),
     ],
 )

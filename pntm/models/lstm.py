@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pntm.backends.base import Array
-from pntm.config import check_positive_ints, option
+from pntm.config import check_ints, option
 from pntm.models.base import Model, ModelConfig
 from pntm.models.layers import dense, output_logits
 
@@ -35,7 +35,7 @@ class LSTMConfig(ModelConfig):
     n_layers: int = option(2, "LSTM layers.", flag="layers", minimum=1)
 
     def __post_init__(self) -> None:
-        check_positive_ints(self, ("vocab_size", "d_model", "n_layers"))
+        check_ints(self, ("vocab_size", "d_model", "n_layers"))
 
     def summary(self) -> str:
         return f"{self.n_layers} layers x {self.d_model} units"

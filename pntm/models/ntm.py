@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from pntm.backends.base import COSINE_EPS, Array, Backend
-from pntm.config import check_finite, check_positive_ints, option
+from pntm.config import check_finite, check_ints, option
 from pntm.models.base import Model, ModelConfig
 
 MEMORY_INIT = 1e-6  # Collier & Beel's constant memory initialization
@@ -88,16 +88,11 @@ class NTMConfig(ModelConfig):
     )
 
     def __post_init__(self) -> None:
-        check_positive_ints(
+        check_ints(
             self, ("vocab_size", "d_model", "n_layers", "read_heads", "write_heads", "head_dim")
         )
-        if isinstance(self.max_shift, bool) or not isinstance(self.max_shift, (int, np.integer)):
-            raise ValueError(f"max_shift must be an integer >= 0, got {self.max_shift!r}")
-        if self.max_shift < 0:
-            raise ValueError(f"max_shift must be an integer >= 0, got {self.max_shift!r}")
-        check_finite(self.clip_value, "clip_value")
-        if not self.clip_value > 0:
-            raise ValueError(f"clip_value must be > 0, got {self.clip_value!r}")
+        check_ints(self, ("max_shift",), minimum=0)
+        check_finite(self.clip_value, "clip_value", 0, low_open=True)
 
     def summary(self) -> str:
         layers = f" x {self.n_layers} layers" if self.n_layers > 1 else ""

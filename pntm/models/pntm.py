@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pntm.backends.base import Array, Backend, read_step
-from pntm.config import check_finite, check_positive_ints, option
+from pntm.config import check_finite, check_ints, option
 from pntm.models.base import Model, ModelConfig, cross_entropy
 from pntm.models.layers import (
     dense,
@@ -121,13 +121,8 @@ class PNTMConfig(ModelConfig):
     )
 
     def __post_init__(self) -> None:
-        check_positive_ints(
-            self, ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "mlp_ratio")
-        )
-        if isinstance(self.max_shift, bool) or not isinstance(self.max_shift, int):
-            raise ValueError(f"max_shift must be an integer >= 0, got {self.max_shift!r}")
-        if self.max_shift < 0:
-            raise ValueError(f"max_shift must be an integer >= 0, got {self.max_shift!r}")
+        check_ints(self, ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "mlp_ratio"))
+        check_ints(self, ("max_shift",), minimum=0)
         check_finite(self.velocity_prior, "velocity_prior")
         if self.velocity_prior and self.max_shift < 1:
             raise ValueError(
@@ -148,9 +143,7 @@ class PNTMConfig(ModelConfig):
         check_finite(self.hard_from, "hard_from", 0, 1)
         check_finite(self.hard_mix, "hard_mix", 0)
         check_finite(self.head_noise, "head_noise", 0)
-        check_finite(self.noise_until, "noise_until", 0, 1)
-        if self.noise_until == 0:
-            raise ValueError(f"noise_until must be in (0, 1], got {self.noise_until!r}")
+        check_finite(self.noise_until, "noise_until", 0, 1, low_open=True)
 
     def summary(self) -> str:
         return f"{self.n_layers} blocks x {self.n_heads} memories"

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from pntm.backends.base import Array, Backend
-from pntm.config import check_positive_ints, option
+from pntm.config import check_ints, option
 from pntm.models.base import Model, ModelConfig
 from pntm.models.layers import dense, embedding_and_output, mlp, mlp_params, output_logits, rms_norm
 
@@ -63,7 +63,7 @@ class TransformerConfig(ModelConfig):
     )
 
     def __post_init__(self) -> None:
-        check_positive_ints(self, ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_ratio"))
+        check_ints(self, ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_ratio"))
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model {self.d_model} must be a multiple of n_heads {self.n_heads} "
