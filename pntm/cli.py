@@ -283,14 +283,14 @@ def _given(opts: dict[str, Any], generated: list[tuple[ConfigOption, Any]], owne
 
 
 def _refuse_foreign(
-    opts: dict[str, Any], generated: list[tuple[ConfigOption, Any]], owners: tuple[str, ...]
+    opts: dict[str, Any], generated: list[tuple[ConfigOption, Any]], owner: str
 ) -> None:
-    """An option given that none of ``owners`` has (e.g. a P-NTM option for an LSTM)."""
+    """An option given that ``owner`` does not have (e.g. a P-NTM option for an LSTM)."""
     for o, _ in generated:
-        if opts[o.param] is not None and not set(o.fields) & set(owners):
-            models_with = ", ".join(o.fields)
+        if opts[o.param] is not None and owner not in o.fields:
             raise click.ClickException(
-                f"--{o.flag} is not an option of model {owners[-1]!r} (models that have it: {models_with})"
+                f"--{o.flag} is not an option of model {owner!r} "
+                f"(models that have it: {', '.join(o.fields)})"
             )
 
 
@@ -448,7 +448,7 @@ def _new_configs(opts: dict[str, Any]) -> tuple[Any, str, Any]:
     from pntm.train import TrainConfig
 
     model_name = opts["model"] or "pntm"
-    _refuse_foreign(opts, MODEL_OPTIONS, (model_name,))
+    _refuse_foreign(opts, MODEL_OPTIONS, model_name)
     recipe = recipes.get(opts["task"] or TrainConfig.task, model_name)
     try:
         train_config = recipe.train_config(**_given(opts, TRAIN_OPTIONS, "train"))
@@ -467,7 +467,7 @@ def _resumed_configs(opts: dict[str, Any], ckpt: checkpoint.Checkpoint) -> tuple
             f"cannot resume: --model {opts['model']!r} differs from the checkpoint's "
             f"{ckpt.model!r}; drop it or pass the checkpoint's value"
         )
-    _refuse_foreign(opts, MODEL_OPTIONS, (ckpt.model,))
+    _refuse_foreign(opts, MODEL_OPTIONS, ckpt.model)
     for generated, owner, saved in (
         (TRAIN_OPTIONS, "train", ckpt.train_config),
         (MODEL_OPTIONS, ckpt.model, ckpt.model_config),
@@ -570,7 +570,7 @@ def eval_command(checkpoint_path: Path, **opts: Any) -> None:
         check_capacity(task, lengths, slots)
     except ValueError as exc:
         raise click.ClickException(f"--slots {slots}: {exc}" if slots else str(exc)) from exc
-    _refuse_foreign(opts, DECODE_OPTIONS, (ckpt.model,))
+    _refuse_foreign(opts, DECODE_OPTIONS, ckpt.model)
     backend_name, ops = _ops(opts["backend"], train=False)
     model_class = models.get(ckpt.model)
     model = model_class(model_class.config_class.from_dict(ckpt.model_config), ops)
