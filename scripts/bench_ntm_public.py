@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from pntm import backends
-from pntm.models.base import cross_entropy
-from pntm.models.ntm import NTM, NTMConfig
-from pntm.optim import AdamW, clip_by_global_norm
+from pntm.bench import count_parameters
+from pntm.models.ntm import NTMConfig
+from pntm.train import TrainConfig, Trainer
 
 
 def public_step(public_path: Path, controller: int, slots: int, width: int, vocab: int):
@@ -63,35 +63,20 @@ def public_step(public_path: Path, controller: int, slots: int, width: int, voca
 
 
 def pntm_step(controller: int, slots: int, width: int, vocab: int):
-    """A closure running one training step of pntm's NTM on (tokens, targets)."""
+    """A closure running one training step of pntm's NTM on (tokens, targets): the update of
+    ``pntm train`` (:meth:`pntm.train.Trainer.update`), with the public script's lr and clip."""
     ops = backends.get("torch")
     config = NTMConfig(
         vocab_size=vocab, d_model=controller, head_dim=width, read_heads=1, write_heads=1
     )
-    model = NTM(config, ops)
-    params = model.params_from_numpy(NTM.init_params(config, 0))
-    optimizer = AdamW(lr=1e-3)
-    state = {"params": params, "opt": optimizer.init(ops, params)}
-
-    def loss_fn(p, tokens, targets, mask):
-        return cross_entropy(ops, model.forward(p, tokens, slots), targets, mask)
-
-    value_and_grad = ops.value_and_grad(loss_fn)
+    train = TrainConfig(steps=1_000_000, lr=1e-3, clip_norm=10.0)
+    trainer = Trainer("ntm", config, train, ops, "torch")
 
     def run(tokens: np.ndarray, targets: np.ndarray) -> None:
         mask = ops.asarray(np.ones(tokens.shape))
-        _, grads = value_and_grad(state["params"], ops.asarray(tokens), ops.asarray(targets), mask)
-        grads, _ = clip_by_global_norm(ops, grads, 10.0)
-        state["params"], state["opt"] = optimizer.update(ops, state["params"], grads, state["opt"])
+        trainer.update(ops.asarray(tokens), ops.asarray(targets), mask, slots, {}, None, train.lr)
 
-    n_params = sum(int(np.prod(v.shape)) for v in _leaves(params))
-    return run, n_params
-
-
-def _leaves(tree):
-    from pntm.tree import tree_leaves
-
-    return tree_leaves(tree)
+    return run, count_parameters("ntm", config)
 
 
 @click.command()
