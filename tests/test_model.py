@@ -21,6 +21,10 @@ CONFIGS = {
         d_model=8, n_layers=3, n_heads=1, head_dim=3, add_activation="linear", overwrite=True
     ),
     "gated-write": dict(d_model=8, n_layers=2, n_heads=2, head_dim=3, gated_write=True),
+    # lag 2 > N for the N = 1 shapes: the home wraps around
+    "read-lag-content": dict(
+        d_model=8, n_layers=2, n_heads=2, head_dim=3, read_lag=2, content=True, gated_write=True
+    ),
 }
 # (batch, T, n_slots): T=1, N=1, N < 2S+1, N > T, odd everything
 SHAPES = [(1, 1, 1), (2, 9, 1), (3, 11, 4), (2, 13, 13), (1, 24, 31)]
@@ -54,26 +58,60 @@ def test_state_hand_over_between_forms(ops, config):
 
 
 # N = 7 at T = 65,536: few frequencies (the interpreted Triton scan is slow) whose twiddles are
-# not exact in float32, so the drift that snapping removes is there
-@pytest.mark.parametrize("T,n_slots", [(1, 1), (300, 37), (65_536, 7)])
-def test_hard_heads_are_exactly_the_discrete_machine(ops, T, n_slots):
+# not exact in float32, so the drift that snapping removes is there; lag 4 > N = 3 wraps around
+@pytest.mark.parametrize(
+    "T,n_slots,lag", [(1, 1, 0), (5, 3, 4), (300, 37, 0), (300, 37, 1), (65_536, 7, 0)]
+)
+def test_hard_heads_are_exactly_the_discrete_machine(ops, T, n_slots, lag):
     """Straight-through heads in the parallel form: exact one-hot positions, equal to the
-    discrete machine's integer positions (move by the shift, or reset to slot 0) at every step,
-    up to T = 65,536 where the float32 FFT route alone drifts ~1e-3 off one-hot."""
+    discrete machine's integer positions (move by the shift, or reset to the home slot -lag)
+    at every step, up to T = 65,536 where the float32 FFT route alone drifts ~1e-3 off
+    one-hot."""
     model, _ = make(ops, "default")
     rng = np.random.default_rng(T)
     S = model.config.max_shift
     moves = rng.integers(-S, S + 1, (1, T, 1))
-    resets = rng.uniform(size=(1, T, 1)) < 0.01
+    resets = rng.uniform(size=(1, T, 1)) < (0.01 if T > 10 else 0.3)
     shift = ops.asarray(np.eye(2 * S + 1)[moves + S])
     gate = ops.asarray(resets.astype(float))
-    got = ops.to_numpy(model.head_positions(shift, gate, n_slots, heads="hard"))
+    got = ops.to_numpy(model.head_positions(shift, gate, n_slots, heads="hard", lag=lag))
     want = np.zeros((1, T, 1), dtype=np.int64)
-    position = np.zeros((1, 1), dtype=np.int64)
+    home = -lag % n_slots
+    position = np.full((1, 1), home)
     for t in range(T):
-        position = np.where(resets[:, t], 0, (position + moves[:, t]) % n_slots)
+        position = np.where(resets[:, t], home, (position + moves[:, t]) % n_slots)
         want[:, t] = position
     assert np.array_equal(got, np.eye(n_slots)[want])
+
+
+def test_read_lag_reads_the_previous_write(ops):
+    """With ``read_lag`` 1 and both heads of a block moving +1 on every token (hard heads),
+    each read returns what was written one step earlier (the first read finds an empty
+    slot): the previous-token read of an induction circuit, in both forms."""
+    config = PNTMConfig(
+        vocab_size=checks.VOCAB, d_model=8, n_layers=1, n_heads=2, head_dim=3, read_lag=1,
+        add_activation="linear", overwrite=True,
+    )
+    model = PNTM(config, ops)
+    B, T, N, K, D = 2, 7, 9, 2, 3
+    rng = np.random.default_rng(0)
+    plus_one = np.zeros((B, T, K, 3))
+    plus_one[..., 2] = 1.0
+    moves, stay = ops.asarray(plus_one), ops.asarray(np.zeros((B, T, K)))
+    write, read = (
+        model.head_positions(moves, stay, N, heads="hard", lag=lag) for lag in (0, 1)
+    )
+    adds = rng.normal(size=(B, T, K, D))
+    reads, _ = ops.memory_scan_read(
+        write, ops.asarray(np.ones((B, T, K, D))), ops.asarray(adds), read, None
+    )
+    want = np.concatenate([np.zeros((B, 1, K, D)), adds[:, :-1]], axis=1)
+    np.testing.assert_allclose(ops.to_numpy(reads), want, atol=1e-6)
+    state = model.init_state(B, N)[0]
+    for t in range(T):
+        position = model.move_head(state["read"], moves[:, t], stay[:, t], lag=1)
+        state = {"read": position}
+        assert np.array_equal(ops.to_numpy(position).argmax(-1), np.full((B, K), t % N))
 
 
 def test_hard_heads_from_the_controller_are_one_hot(ops):

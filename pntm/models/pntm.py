@@ -120,9 +120,22 @@ class PNTMConfig(ModelConfig):
         min_open=True,
     )
 
+    # A read head's home (start and reset slot) one or more slots behind the write head's: a
+    # read head that moves with its write head then reads the token written read_lag steps
+    # earlier (the "previous token" of an induction circuit). Without it the two heads can
+    # only drift apart by moving differently at some step, which a controller that sees only
+    # the current token cannot time (research log §11). w_0 and the reset target become
+    # delta_{-lag}, whose DFT is exp(2 pi i k lag / N): the head scan stays affine (SPEC §3).
+    read_lag: int = option(
+        0,
+        "Read heads start at and reset to slot -read_lag (mod N), write heads at slot 0: a "
+        "read head moving with its write head reads what was written read_lag steps earlier.",
+        minimum=0,
+    )
+
     def __post_init__(self) -> None:
         check_ints(self, ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "mlp_ratio"))
-        check_ints(self, ("max_shift",), minimum=0)
+        check_ints(self, ("max_shift", "read_lag"), minimum=0)
         check_finite(self.velocity_prior, "velocity_prior")
         if self.velocity_prior and self.max_shift < 1:
             raise ValueError(
@@ -232,7 +245,7 @@ class PNTM(Model):
     def __init__(self, config: PNTMConfig, ops: Backend) -> None:
         super().__init__(config, ops)
         self._twiddles: dict[int, tuple[Array, Array]] = {}
-        self._delta0: dict[int, Array] = {}
+        self._homes: dict[tuple[int, int], Array] = {}
 
     @staticmethod
     def init_params(config: PNTMConfig, seed: int = 0) -> dict[str, Any]:
@@ -282,16 +295,16 @@ class PNTM(Model):
 
     # ------------------------------------------------------------------ state
     def init_state(self, batch: int, capacity: int) -> list[dict[str, Array]]:
-        """Heads on slot 0, memories empty: the state before the first token."""
+        """Heads at home (write heads on slot 0, read heads ``read_lag`` slots behind), memories
+        empty: the state before the first token."""
         n_slots = capacity
         _check_slots(n_slots)
         c, ops = self.config, self.ops
-        delta = np.zeros((batch, c.n_heads, n_slots))
-        delta[..., 0] = 1.0
+        at_home = np.zeros((batch, c.n_heads, 1))
         return [
             {
-                "write": ops.asarray(delta),
-                "read": ops.asarray(delta),
+                "write": ops.asarray(at_home + _home_delta(n_slots, 0)),
+                "read": ops.asarray(at_home + _home_delta(n_slots, c.read_lag)),
                 "memory": ops.asarray(np.zeros((batch, c.n_heads, n_slots, c.head_dim))),
             }
             for _ in range(c.n_layers)
@@ -382,9 +395,12 @@ class PNTM(Model):
         n_slots: int,
         start: Array | None = None,
         heads: str = "soft",
+        lag: int = 0,
     ) -> Array:
         """All head distributions ``w_t`` (B, T, K, N) of SPEC §2 by a scan in Fourier space:
-        ``hat w_t(k) = (1 - g_t) hat s_t(k) hat w_{t-1}(k) + g_t`` (SPEC §3).
+        ``hat w_t(k) = (1 - g_t) hat s_t(k) hat w_{t-1}(k) + g_t hat h(k)`` (SPEC §3), with the
+        home ``h = delta_{-lag}`` (``hat h(k) = exp(2 pi i k lag / N)``; 1 at lag 0) as the
+        reset target and, without ``start``, as ``w_0``.
 
         With hard heads every ``w_t`` is one-hot in exact arithmetic, but the float32 FFT
         route leaves it up to ~1e-3 off at long T; it is snapped to the one-hot of its argmax
@@ -395,10 +411,13 @@ class PNTM(Model):
         keep = (1 - gate)[..., None]
         spec_re, spec_im = ops.matmul(shift, cos), -ops.matmul(shift, sin)
         a = ops.complex(keep * spec_re, keep * spec_im)
-        reset = gate[..., None] + ops.zeros_like(spec_re)
-        b = ops.complex(reset, ops.zeros_like(spec_re))
+        home = 2 * np.pi * (lag % n_slots) * np.arange(n_slots // 2 + 1) / n_slots
+        home_re, home_im = np.cos(home), np.sin(home)
+        g = gate[..., None]
+        b = ops.complex(g * ops.asarray(home_re), g * ops.asarray(home_im))
         if start is None:
-            h0 = ops.complex(ops.ones_like(spec_re[:, 0]), ops.zeros_like(spec_re[:, 0]))
+            zeros = ops.zeros_like(spec_re[:, 0])
+            h0 = ops.complex(zeros + ops.asarray(home_re), zeros + ops.asarray(home_im))
         else:
             h0 = ops.rfft(start, axis=-1)
         positions = ops.irfft(ops.linear_scan(a, b, h0), n=n_slots, axis=-1)
@@ -433,7 +452,12 @@ class PNTM(Model):
             prev = state[i] if state is not None else {}
             write, read = (
                 self.head_positions(
-                    ctl[f"{head}_shift"], ctl[f"{head}_gate"], n_slots, prev.get(head), heads
+                    ctl[f"{head}_shift"],
+                    ctl[f"{head}_gate"],
+                    n_slots,
+                    prev.get(head),
+                    heads,
+                    lag=self.config.read_lag if head == "read" else 0,
                 )
                 for head in ("write", "read")
             )
@@ -465,20 +489,20 @@ class PNTM(Model):
         return out
 
     # ------------------------------------------------------------------ recurrent (step) form
-    def _delta(self, n_slots: int) -> Array:
-        if n_slots not in self._delta0:
-            self._delta0[n_slots] = self.ops.asarray(np.eye(n_slots)[0])
-        return self._delta0[n_slots]
+    def _home(self, n_slots: int, lag: int) -> Array:
+        if (n_slots, lag) not in self._homes:
+            self._homes[n_slots, lag] = self.ops.asarray(_home_delta(n_slots, lag))
+        return self._homes[n_slots, lag]
 
-    def move_head(self, position: Array, shift: Array, gate: Array) -> Array:
-        """``w_t = (1 - g) (s ⊛ w_{t-1}) + g delta_0`` in slot space (SPEC §2)."""
+    def move_head(self, position: Array, shift: Array, gate: Array, lag: int = 0) -> Array:
+        """``w_t = (1 - g) (s ⊛ w_{t-1}) + g delta_{-lag}`` in slot space (SPEC §2)."""
         ops, S = self.ops, self.config.max_shift
         moved = None
         for j in range(-S, S + 1):
             term = shift[..., j + S : j + S + 1] * ops.roll(position, j, axis=-1)
             moved = term if moved is None else moved + term
         g = gate[..., None]
-        return (1 - g) * moved + g * self._delta(position.shape[-1])
+        return (1 - g) * moved + g * self._home(position.shape[-1], lag)
 
     def step(
         self,
@@ -497,11 +521,18 @@ class PNTM(Model):
             ctl = self._controls(block, x, heads, temperature)
             write = self.move_head(prev["write"], ctl["write_shift"], ctl["write_gate"])
             memory = ops.decay_write(prev["memory"], write, ctl["erase"], ctl["add"])
-            read = self.move_head(prev["read"], ctl["read_shift"], ctl["read_gate"])
+            read = self.move_head(
+                prev["read"], ctl["read_shift"], ctl["read_gate"], self.config.read_lag
+            )
             reads = read_step(ops, memory, read, *self._content(ctl))
             x = self._residual(block, x, reads)
             new_state.append({"write": write, "read": read, "memory": memory})
         return output_logits(ops, params, x), new_state
+
+
+def _home_delta(n_slots: int, lag: int) -> np.ndarray:
+    """A head's home ``delta_{-lag}`` over ``n_slots`` slots (circular)."""
+    return np.eye(n_slots)[-lag % n_slots]
 
 
 def _straight_through_one_hot(ops: Backend, probs: Array) -> Array:
