@@ -1,5 +1,6 @@
 """Checkpoints: one safetensors file with the weights, the optimizer state and, as metadata, the
-model and training configs, the step and the data RNG state.
+model and training configs and the step (the data of every step follows from the seed and the
+step, so no RNG state is kept; version-2 files hold one, which is ignored).
 
 Tensors are stored as float32 NumPy arrays under dotted names (``params.blocks.0.ctrl_w``,
 ``optimizer.m.embed``, ...), so a checkpoint written by one backend loads in any other. Files are
@@ -41,22 +42,52 @@ class Checkpoint:
     step: int
     params: dict[str, Any]  # nested dict of float32 NumPy arrays
     optimizer: dict[str, Any] | None  # {"step", "m", "v"} or None
-    rng_state: dict[str, Any] | None
     backend: str  # the backend that wrote it (informational)
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it to ``path``."""
+    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it to
+    ``path``: readers see the old file or the whole new one. The file gets the mode the umask
+    gives a new file (not the 0600 of a temporary file), and temporary files of ``path`` left
+    by processes that were killed while writing are removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
+    )
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove ``.NAME.PID.*.tmp`` beside ``path`` whose process no longer exists."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def save(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
@@ -78,7 +109,6 @@ def save(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
         "train_config": json.dumps(ckpt.train_config),
         "step": str(ckpt.step),
         "optimizer_step": str(ckpt.optimizer["step"]) if ckpt.optimizer is not None else "",
-        "rng_state": json.dumps(ckpt.rng_state) if ckpt.rng_state is not None else "",
         "backend": ckpt.backend,
     }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -117,7 +147,8 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
                     model_config[key] = train_config.pop(key)
         config = model_class.config_class.from_dict(model_config)
         step = int(metadata["step"])
-        rng_state = json.loads(metadata["rng_state"]) if metadata.get("rng_state") else None
+        if step < 0:
+            raise ValueError(f"step {step} is negative")
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} has invalid metadata: {exc}") from exc
 
@@ -139,7 +170,6 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
         step=step,
         params=tree_unflatten(params, like),
         optimizer=optimizer,
-        rng_state=rng_state,
         backend=metadata.get("backend", "?"),
     )
 

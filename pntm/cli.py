@@ -7,6 +7,7 @@ a non-zero exit and nothing overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -105,6 +106,7 @@ def _ops(name: str, train: bool) -> tuple[str, backends.Backend]:
 
 
 @click.group()
+@click.version_option(package_name="pntm", message="%(prog)s %(version)s")
 def main() -> None:
     """Parallelizable Neural Turing Machines: train and evaluate P-NTMs on MLX or PyTorch."""
 
@@ -330,20 +332,6 @@ DECODE_OPTIONS = _generated_options(
     "may differ.",
 )
 @click.option(
-    "--log-every",
-    default=10,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Steps per line of metrics.jsonl.",
-)
-@click.option(
-    "--save-every",
-    default=250,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Steps between checkpoints (also saved at the end and on Ctrl-C).",
-)
-@click.option(
     "--eval-lengths",
     type=LengthList(),
     help="Lengths evaluated after training (default: L_train, 2x, 4x, 8x).",
@@ -369,7 +357,8 @@ def train_command(**opts: Any) -> None:
     found to make that task generalize (`pntm tasks --show TASK` lists them; see
     docs/results.md); other models train with the same budget and their own defaults. Options
     in [brackets] belong to the models named there."""
-    from pntm.train import CHECKPOINT_NAME, Trainer, fit
+    from pntm import run
+    from pntm.train import CHECKPOINT_NAME, Trainer, TrainingDiverged, TrainingStopped, fit
 
     resume_from = None
     if opts["resume"] is not None:
@@ -383,13 +372,7 @@ def train_command(**opts: Any) -> None:
         train_config, model_name, model_config = _resumed_configs(opts, resume_from)
     else:
         train_config, model_name, model_config = _new_configs(opts)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = opts["out"] or Path("runs") / f"{train_config.task}-{stamp}"
-        if (run_dir / CHECKPOINT_NAME).exists():
-            raise click.ClickException(
-                f"{run_dir / CHECKPOINT_NAME} exists; pass --resume {run_dir} to continue it "
-                "or --out with a new directory"
-            )
+        run_dir = opts["out"] or run.default_run_dir(train_config.task)
     task = tasks.get(train_config.task)
     try:
         eval_lengths = opts["eval_lengths"] or _default_eval_lengths(
@@ -405,25 +388,55 @@ def train_command(**opts: Any) -> None:
         trainer = Trainer(model_name, model_config, train_config, ops, backend_name, resume_from)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
+    main = trainer.group.is_main
+    say = click.echo if main else (lambda *_, **__: None)
     n_params = sum(int(np.prod(p.shape)) for p in tree_leaves(trainer.params))
     size = model_config.summary()
     schedule = trainer.model.describe_schedule(train_config.steps)
-    click.echo(
+    group = trainer.group
+    say(
         f"{model_name} ({size + ', ' if size else ''}{n_params / 1e3:.1f}k parameters) on "
         f"{backend_name}: task {task.name}, lengths 1..{train_config.train_length}, "
         f"{train_config.steps} steps"
         + (f", {schedule}" if schedule else "")
         + (f", resumed at step {trainer.step}" if resume_from else "")
+        + (f", {group.size} processes ({group.engine})" if group.size > 1 else "")
     )
-    click.echo(f"run directory: {run_dir}")
+    say(f"run directory: {run_dir}")
     try:
-        fit(trainer, run_dir, opts["log_every"], opts["save_every"], progress=not opts["quiet"])
-    except KeyboardInterrupt:
+        with run.locked(run_dir) if main else contextlib.nullcontext():
+            if main and resume_from is None:
+                run.check_new(run_dir)
+            fit(trainer, run_dir, progress=not opts["quiet"])
+    except run.RunExists as exc:
         raise click.ClickException(
-            f"interrupted at step {trainer.step}; checkpoint saved, continue with "
-            f"`pntm train --resume {run_dir}`"
+            f"{exc}: continue it with `pntm train --resume {run_dir}`, or pass --out with "
+            "a new directory"
+        ) from exc
+    except run.RunDirectoryError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except TrainingDiverged as exc:
+        raise click.ClickException(f"{exc}; checkpoint: {run_dir / CHECKPOINT_NAME}") from exc
+    except backends.ProcessGroupError as exc:
+        raise click.ClickException(
+            f"{exc}; stopped at step {trainer.step}, the last checkpoint in {run_dir} is kept"
+        ) from exc
+    except TrainingStopped as exc:
+        if not main:  # rank 0 says it, once
+            raise SystemExit(exc.exit_code) from None
+        raise Stopped(
+            f"{exc}; checkpoint saved, continue with `pntm train --resume {run_dir}`",
+            exc.exit_code,
         ) from None
-    if opts["no_eval"]:
+    except KeyboardInterrupt:
+        raise Stopped(
+            f"interrupted twice: stopped at once without saving; the last checkpoint in "
+            f"{run_dir} is kept",
+            130,
+        ) from None
+    finally:
+        trainer.group.close()
+    if opts["no_eval"] or not main:
         return
     _evaluate_and_report(
         trainer.model,
@@ -439,6 +452,24 @@ def train_command(**opts: Any) -> None:
         plot_path=run_dir / "eval.png",
         info={"checkpoint": str(run_dir / CHECKPOINT_NAME), "backend": backend_name},
     )
+
+
+def _checked(check: Any, path: Path) -> None:
+    """Run a :mod:`pntm.run` check on ``path``, its error as the command's error."""
+    from pntm import run
+
+    try:
+        check(path)
+    except run.RunDirectoryError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+class Stopped(click.ClickException):
+    """Training stopped by a signal: one ``Error:`` line and the signal's exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _new_configs(opts: dict[str, Any]) -> tuple[Any, str, Any]:
@@ -541,13 +572,14 @@ def _load_checkpoint(path: Path) -> tuple[Path, checkpoint.Checkpoint]:
     "--json",
     "json_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Where to write the results (default: eval.json beside the checkpoint).",
+    help="Where to write the results (default: a new eval-DATE-TIME.json beside the "
+    "checkpoint; the eval.json written by training is kept).",
 )
 @click.option(
     "--plot",
     "plot_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Where to write the plot (default: eval.png beside the checkpoint).",
+    help="Where to write the plot (default: the JSON file's name with .png).",
 )
 def eval_command(checkpoint_path: Path, **opts: Any) -> None:
     """Greedy-decode a checkpoint's task at several lengths: exact match and token accuracy.
@@ -556,6 +588,7 @@ def eval_command(checkpoint_path: Path, **opts: Any) -> None:
     parallel form, then each emitted token is fed back through the step form. Prints a table
     and writes a JSON file and a PNG plot of accuracy against length. Options in [brackets]
     belong to the models named there."""
+    from pntm import run
     from pntm.evaluate import check_capacity
 
     checkpoint_path, ckpt = _load_checkpoint(checkpoint_path)
@@ -571,6 +604,10 @@ def eval_command(checkpoint_path: Path, **opts: Any) -> None:
     except ValueError as exc:
         raise click.ClickException(f"--slots {slots}: {exc}" if slots else str(exc)) from exc
     _refuse_foreign(opts, DECODE_OPTIONS, ckpt.model)
+    json_path = opts["json_path"] or run.unique_eval_paths(checkpoint_path.parent)[0]
+    plot_path = opts["plot_path"] or json_path.with_suffix(".png")
+    for path in (json_path, plot_path):  # fail now, not after the evaluation
+        _checked(run.check_writable_file, path)
     backend_name, ops = _ops(opts["backend"], train=False)
     model_class = models.get(ckpt.model)
     model = model_class(model_class.config_class.from_dict(ckpt.model_config), ops)
@@ -596,8 +633,8 @@ def eval_command(checkpoint_path: Path, **opts: Any) -> None:
         opts["seed"],
         mode,
         slots,
-        opts["json_path"] or checkpoint_path.parent / "eval.json",
-        opts["plot_path"] or checkpoint_path.parent / "eval.png",
+        json_path,
+        plot_path,
         {"checkpoint": str(checkpoint_path), "backend": backend_name},
     )
 
@@ -677,7 +714,7 @@ def bench_command(**opts: Any) -> None:
     Every model gets the same batch, width (or parameter count) and memory size (N = T slots).
     Warm-up excluded, medians of repeats; ratios to the P-NTM are from the same run. Prints
     Markdown tables and writes them with a JSON file and a PNG plot."""
-    from pntm import bench
+    from pntm import bench, run
 
     try:
         cfg = BenchConfig(**_given(opts, BENCH_OPTIONS, "bench"))
@@ -685,23 +722,12 @@ def bench_command(**opts: Any) -> None:
         raise click.ClickException(str(exc)) from exc
     backend_name, ops = _ops(opts["backend"], train=True)
     out = opts["out"] or Path("runs") / f"bench-{backend_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    _check_writable(out)
+    _checked(run.check_writable, out)
     say = (lambda _: None) if opts["quiet"] else (lambda line: click.echo(line, err=True))
     report = bench.run(cfg, ops, backend_name, progress=say)
     click.echo(bench.format_report(report))
     paths = bench.write(report, out)
     click.echo(f"wrote {', '.join(map(str, paths))}")
-
-
-def _check_writable(directory: Path) -> None:
-    """Fail now, not after the measurements, when ``directory`` cannot be written."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".pntm-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise click.ClickException(f"cannot write to {directory}: {exc.strerror}") from exc
 
 
 if __name__ == "__main__":

@@ -2,17 +2,26 @@
 linear warm-up then cosine decay, global-norm clipping, and whatever schedule the model has of
 its own (the P-NTM head schedule: :meth:`pntm.models.base.Model.train_mode`).
 
-:class:`Trainer` holds the parameters, optimizer state and data RNG on one backend and can be
-rebuilt exactly from a checkpoint; :func:`fit` runs it with a progress bar, JSONL metrics and
-periodic atomic checkpoints.
+:class:`Trainer` holds the parameters and optimizer state on one backend and can be rebuilt
+exactly from a checkpoint: the batch of step s is drawn from (seed, s) alone, so a resumed run,
+or one split over any number of data-parallel processes, sees the same data. :func:`fit` runs it
+with a progress bar, JSONL metrics and periodic atomic checkpoints, stops cleanly on a signal,
+and stops with :class:`TrainingDiverged` at the first non-finite loss, gradient or update.
+
+Data parallel: under ``torchrun`` or ``mlx.launch`` every process builds the same global batch,
+trains on its rows, and the gradients are summed by the framework's collective in
+:meth:`Trainer.update`, weighted so that the result is the gradient of the global batch's loss;
+rank 0 alone prints and writes.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +32,7 @@ from pntm import checkpoint, models, tasks
 from pntm.backends.base import Backend
 from pntm.config import check_finite, check_ints, config_from_dict, option
 from pntm.optim import AdamW, clip_by_global_norm
-from pntm.tree import tree_map
+from pntm.tree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 METRICS_NAME = "metrics.jsonl"
@@ -45,11 +54,17 @@ class TrainConfig:
     min_lr_ratio: float = option(0.1, "The cosine decays to lr x this.", minimum=0, maximum=1)
     weight_decay: float = option(0.0, "Decoupled (AdamW) weight decay.", minimum=0)
     clip_norm: float = option(1.0, "Global gradient-norm clip.", minimum=0, min_open=True)
-    seed: int = option(0, "Seeds the parameters and the data stream.")
+    seed: int = option(
+        0, "Seeds the parameters and the data: the batch of step s depends only on (seed, s)."
+    )
+    log_every: int = option(10, "Steps per line of metrics.jsonl.", minimum=1)
+    save_every: int = option(
+        250, "Steps between checkpoints (also saved at the end and when stopped).", minimum=1
+    )
 
     def __post_init__(self) -> None:
         tasks.get(self.task).check_length(self.train_length)
-        check_ints(self, ("train_length", "steps", "batch_size"))
+        check_ints(self, ("train_length", "steps", "batch_size", "log_every", "save_every"))
         check_ints(self, ("warmup_steps", "seed"), minimum=0)
         check_finite(self.lr, "lr", 0, low_open=True)
         check_finite(self.min_lr_ratio, "min_lr_ratio", 0, 1)
@@ -73,9 +88,34 @@ class TrainConfig:
         return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss, gradient or update; the trainer still holds the last finite state."""
+
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(
+            f"training diverged at step {step}: {what}; the run keeps step {step - 1}, its last "
+            "finite state (try a lower learning rate or a tighter gradient clip)"
+        )
+        self.step = step
+
+
+class TrainingStopped(Exception):
+    """Training was stopped by a signal (Ctrl-C, SIGTERM) at a step boundary, after saving."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+        self.signum, self.step = signum, step
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by this signal: 128 + its number."""
+        return 128 + self.signum
+
+
 class Trainer:
-    """Parameters, optimizer state, step and data RNG of one run, on one backend. It speaks
-    only the model contract (:mod:`pntm.models.base`), so any model trains the same way."""
+    """Parameters, optimizer state and step of one run, on one backend and one process of a
+    data-parallel group. It speaks only the model contract (:mod:`pntm.models.base`), so any
+    model trains the same way."""
 
     def __init__(
         self,
@@ -96,9 +136,17 @@ class Trainer:
         self.config = config
         self.task = tasks.get(config.task)
         self.ops, self.backend_name = ops, backend_name
+        self.group = ops.process_group()
+        if config.batch_size < self.group.size:
+            raise ValueError(
+                f"batch_size {config.batch_size} is smaller than the {self.group.size} "
+                "processes: every process needs at least one sequence of the global batch"
+            )
+        # this process's rows of every global batch (contiguous, sizes differ by at most 1)
+        bounds = np.linspace(0, config.batch_size, self.group.size + 1).round().astype(int)
+        self.rows = slice(int(bounds[self.group.rank]), int(bounds[self.group.rank + 1]))
         self.model = self.model_class(model_config, ops)
         self.optimizer = AdamW(lr=config.lr, weight_decay=config.weight_decay)
-        self.rng = np.random.default_rng([config.seed, 1])  # data stream, apart from init
         if resume_from is None:
             self.step = 0
             self.params = self.model.params_from_numpy(
@@ -106,8 +154,8 @@ class Trainer:
             )
             self.opt_state = self.optimizer.init(ops, self.params)
         else:
-            if resume_from.optimizer is None or resume_from.rng_state is None:
-                raise ValueError("the checkpoint holds no optimizer or RNG state to resume from")
+            if resume_from.optimizer is None:
+                raise ValueError("the checkpoint holds no optimizer state to resume from")
             self.step = resume_from.step
             self.params = self.model.params_from_numpy(resume_from.params)
             self.opt_state = {
@@ -115,7 +163,6 @@ class Trainer:
                 "m": self.model.params_from_numpy(resume_from.optimizer["m"]),
                 "v": self.model.params_from_numpy(resume_from.optimizer["v"]),
             }
-            self.rng.bit_generator.state = resume_from.rng_state
         self._value_and_grad: dict[tuple, Callable[..., Any]] = {}
 
     def _loss_and_grad(self, capacity: int, mode: dict[str, Any]) -> Callable[..., Any]:
@@ -138,48 +185,81 @@ class Trainer:
         mode: dict[str, Any],
         noise: Any,
         lr: float,
+        weight: float = 1.0,
     ) -> tuple[Any, Any, float]:
-        """One optimizer update on a batch of backend arrays: loss and gradients, global-norm
-        clipping, AdamW; returns the loss, the logits and the gradient norm before clipping.
-        Finished on the device when it returns (the benchmarks time exactly this)."""
+        """One optimizer update on a batch of backend arrays: loss and gradients, their sum
+        over the process group weighted by ``weight`` (this process's share of the global
+        batch's target tokens, so the sum is the gradient of the global mean loss; the one
+        collective of the step), global-norm clipping, AdamW. Returns the global loss, this
+        process's logits and the gradient norm before clipping. Finished on the device when it
+        returns (the benchmarks time exactly this).
+
+        Raises :class:`TrainingDiverged`, leaving the parameters as they were, when the loss,
+        the gradient or the updated parameters are not finite (in every process alike: they
+        all see the same sums)."""
         ops = self.ops
         (loss, logits), grads = self._loss_and_grad(capacity, mode)(
             self.params, tokens, labels, mask, noise=noise
         )
+        if self.group.size > 1:  # the loss rides along with the gradients: one collective
+            flat = tree_flatten(grads)
+            *summed, loss = self.group.sum([g * weight for g in flat.values()] + [loss * weight])
+            grads = tree_unflatten(dict(zip(flat, summed, strict=True)), grads)
         grads, grad_norm = clip_by_global_norm(ops, grads, self.config.clip_norm)
-        self.params, self.opt_state = self.optimizer.update(
-            ops, self.params, grads, self.opt_state, lr=lr
-        )
-        ops.eval(self.params, self.opt_state["m"], self.opt_state["v"])
+        loss_value = float(ops.to_numpy(loss))
+        if not (math.isfinite(grad_norm) and math.isfinite(loss_value)):
+            raise TrainingDiverged(
+                self.step + 1, f"the loss is {loss_value} and the gradient norm {grad_norm}"
+            )
+        params, opt_state = self.optimizer.update(ops, self.params, grads, self.opt_state, lr=lr)
+        ops.eval(params, opt_state["m"], opt_state["v"])
+        # one reduction (one sync) over the new parameters: inf * 0 and nan * 0 are NaN, so a
+        # single non-finite entry makes the sum non-finite
+        total = float(ops.to_numpy(sum(ops.sum(p * 0.0) for p in tree_leaves(params))))
+        if not math.isfinite(total):
+            raise TrainingDiverged(self.step + 1, "the update made the parameters non-finite")
+        self.params, self.opt_state = params, opt_state
         return loss, logits, grad_norm
 
+    def batch_at(self, step: int) -> tuple[Any, Any]:
+        """The global batch of update ``step`` and its model noise: a function of (seed, step)
+        alone, the same in every process, on resume and at any number of processes."""
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, 1, step])
+        lengths = rng.integers(1, cfg.train_length + 1, cfg.batch_size)
+        batch = self.task.batch(rng, lengths)
+        noise = self.model.train_noise(rng, *batch.tokens.shape, step, cfg.steps)
+        return batch, noise
+
     def train_step(self) -> dict[str, Any]:
-        """One update on a fresh batch; returns its metrics."""
-        cfg, ops, model = self.config, self.ops, self.model
+        """One update on the batch of this step; returns its metrics over the global batch."""
+        cfg, ops, model, rows = self.config, self.ops, self.model, self.rows
         start = time.perf_counter()
-        lengths = self.rng.integers(1, cfg.train_length + 1, cfg.batch_size)
-        batch = self.task.batch(self.rng, lengths)
-        capacity = batch.tokens.shape[1]  # memory models get N = T of the padded batch
+        batch, noise = self.batch_at(self.step)
+        capacity = batch.tokens.shape[1]  # memory models get N = T of the padded global batch
         mode = model.train_mode(self.step, cfg.steps)
         lr = cfg.lr_at(self.step)
-        noise = model.train_noise(self.rng, *batch.tokens.shape, self.step, cfg.steps)
+        targets = float(batch.mask.sum())
         loss, logits, grad_norm = self.update(
-            ops.asarray(batch.tokens),
-            ops.asarray(batch.labels),
-            ops.asarray(batch.mask),
+            ops.asarray(batch.tokens[rows]),
+            ops.asarray(batch.labels[rows]),
+            ops.asarray(batch.mask[rows]),
             capacity,
             mode,
-            noise,
+            None if noise is None else tree_map(lambda a: a[rows], noise),
             lr,
+            weight=float(batch.mask[rows].sum()) / targets,
         )
         predicted = ops.to_numpy(ops.argmax(logits, -1))
-        accuracy = float(((predicted == batch.labels) * batch.mask).sum() / batch.mask.sum())
+        (correct,) = self.group.sum_floats(
+            [((predicted == batch.labels[rows]) * batch.mask[rows]).sum()]
+        )
         schedule = model.train_metrics(self.step, cfg.steps)
         self.step += 1
         return {
             "step": self.step,
             "loss": float(ops.to_numpy(loss)),
-            "accuracy": accuracy,
+            "accuracy": correct / targets,
             "lr": lr,
             "grad_norm": grad_norm,
             **schedule,
@@ -204,58 +284,114 @@ class Trainer:
                 "m": tree_map(to_np, self.opt_state["m"]),
                 "v": tree_map(to_np, self.opt_state["v"]),
             },
-            rng_state=self.rng.bit_generator.state,
             backend=self.backend_name,
         )
 
 
-def fit(
-    trainer: Trainer,
-    run_dir: str | Path,
-    log_every: int = 10,
-    save_every: int = 250,
-    progress: bool = True,
-) -> dict[str, Any]:
+class _StopSignals:
+    """While active, SIGINT and SIGTERM only ask the training loop to stop at the next step
+    boundary (where the state is whole and can be saved); a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait
+        self.signum = signum
+
+    def __enter__(self) -> _StopSignals:
+        try:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        except ValueError:  # not the main thread: signals stay as they are
+            self._previous.clear()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def fit(trainer: Trainer, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Train until ``trainer.config.steps``; metrics every ``log_every`` steps to
-    ``run_dir/metrics.jsonl``, a checkpoint every ``save_every`` steps, at the end, and on
-    Ctrl-C. Returns the last logged metrics."""
+    ``run_dir/metrics.jsonl``, a checkpoint every ``save_every`` steps and at the end (rank 0
+    alone writes). Returns the last logged metrics.
+
+    On SIGINT or SIGTERM every process stops after the step under way, a checkpoint is saved
+    and :class:`TrainingStopped` is raised; resuming from it continues the same run. On a
+    non-finite loss, gradient or update the last finite state is saved and
+    :class:`TrainingDiverged` is raised."""
     from tqdm.auto import tqdm
 
+    main = trainer.group.is_main
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = run_dir / CHECKPOINT_NAME, run_dir / METRICS_NAME
-    _truncate_metrics(metrics_path, trainer.step)  # drop lines logged after the checkpoint
-    total = trainer.config.steps
+    cfg = trainer.config
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, trainer.step)  # drop lines logged after the checkpoint
+
+    def save() -> None:
+        if main:
+            checkpoint.save(ckpt_path, trainer.to_checkpoint())
+
     window: list[dict[str, Any]] = []
     last: dict[str, Any] = {}
     bar = tqdm(
-        total=total, initial=trainer.step, disable=not progress, unit="step", dynamic_ncols=True
+        total=cfg.steps,
+        initial=trainer.step,
+        disable=not (progress and main),
+        unit="step",
+        dynamic_ncols=True,
     )
     try:
-        with metrics_path.open("a") as log:
-            while trainer.step < total:
-                window.append(trainer.train_step())
+        with _StopSignals() as signals, _metrics_log(metrics_path, main) as log:
+            while trainer.step < cfg.steps:
+                # every process stops at the same step boundary if any of them was signalled
+                (stops,) = trainer.group.sum_floats([signals.signum is not None])
+                if stops:
+                    save()
+                    raise TrainingStopped(signals.signum or signal.SIGTERM, trainer.step)
+                try:
+                    window.append(trainer.train_step())
+                except TrainingDiverged:
+                    save()  # the trainer still holds the last finite state
+                    raise
                 bar.update(1)
-                if trainer.step % log_every == 0 or trainer.step == total:
+                if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
                     last = _summarize(window)
                     window = []
-                    log.write(json.dumps(last) + "\n")
-                    log.flush()
+                    log(last)
                     bar.set_postfix(
                         loss=f"{last['loss']:.4f}",
                         acc=f"{last['accuracy']:.3f}",
                         tok_s=f"{last['tokens_per_s']:.0f}",
                         **{k: last[k] for k in last if isinstance(last[k], str)},
                     )
-                if trainer.step % save_every == 0 and trainer.step < total:
-                    checkpoint.save(ckpt_path, trainer.to_checkpoint())
-    except KeyboardInterrupt:
-        checkpoint.save(ckpt_path, trainer.to_checkpoint())
-        raise
+                if trainer.step % cfg.save_every == 0 and trainer.step < cfg.steps:
+                    save()
     finally:
         bar.close()
-    checkpoint.save(ckpt_path, trainer.to_checkpoint())
+    save()
     return last
+
+
+@contextmanager
+def _metrics_log(path: Path, main: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A writer of metrics lines in strict JSON, appended to ``path`` (rank 0; elsewhere a
+    no-op)."""
+    if not main:
+        yield lambda metrics: None
+        return
+    with path.open("a") as log:
+
+        def write(metrics: dict[str, Any]) -> None:
+            log.write(json.dumps(metrics, allow_nan=False) + "\n")
+            log.flush()
+
+        yield write
 
 
 _AVERAGED = ("loss", "accuracy", "grad_norm")
@@ -278,8 +414,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if _logged_step(line) <= step]
     if len(kept) != len(lines):
         checkpoint.atomic_write(
             path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept))
         )
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; infinity for a line that is not one (e.g. cut short by a
+    killed process), so that it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf

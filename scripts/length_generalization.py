@@ -82,7 +82,7 @@ def run_cell(
     torch.set_num_threads(threads)
     from pntm import backends, checkpoint, recipes, tasks
     from pntm.evaluate import default_lengths, evaluate
-    from pntm.train import CHECKPOINT_NAME, METRICS_NAME, Trainer, fit
+    from pntm.train import CHECKPOINT_NAME, METRICS_NAME, Trainer, TrainConfig, fit
 
     cell = cell_dir(grid, model_name, task_name, seed)
     result_path = cell / RESULT_NAME
@@ -94,10 +94,8 @@ def run_cell(
     resume = None
     if (cell / CHECKPOINT_NAME).exists():
         resume = checkpoint.load(cell / CHECKPOINT_NAME)
-        if (resume.train_config, resume.model_config) != (
-            train_config.to_dict(),
-            model_config.to_dict(),
-        ):
+        saved = TrainConfig.from_dict(resume.train_config)  # fields added since take defaults
+        if (saved, resume.model_config) != (train_config, model_config.to_dict()):
             raise ValueError(
                 f"{cell} holds a run with other settings than this grid's; use another grid "
                 "directory"
@@ -105,7 +103,7 @@ def run_cell(
     ops = backends.get(backend)
     trainer = Trainer(model_name, model_config, train_config, ops, backend, resume)
     if trainer.step < train_config.steps:
-        fit(trainer, cell, log_every=25, save_every=250, progress=False)
+        fit(trainer, cell, progress=False)
     metrics = [json.loads(line) for line in (cell / METRICS_NAME).read_text().splitlines()]
     task = tasks.get(task_name)
     mode = trainer.decode_mode()

@@ -62,7 +62,9 @@ def fresh_run(run_dir, tmp_path) -> Path:
 # ------------------------------------------------------------------------------ happy paths
 def test_train_writes_a_run_and_prints_the_table(run_dir):
     names = {p.name for p in run_dir.iterdir()}
-    assert names == {"checkpoint.safetensors", "metrics.jsonl", "eval.json", "eval.png"}
+    assert names == {"checkpoint.safetensors", "metrics.jsonl", "eval.json", "eval.png"} | {
+        ".pntm.lock"  # the run's lock (flock), kept: removing it would race with a new run
+    }
     data = json.loads((run_dir / "eval.json").read_text())
     assert [r["length"] for r in data["results"]] == [2, 4]
     assert data["heads"] == "hard" and data["task"] == "copy"

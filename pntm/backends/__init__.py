@@ -14,7 +14,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from pntm.backends.base import Backend, load_scans
+from pntm.backends.base import Backend, ProcessGroupError, load_scans
 
 __all__ = [
     "BACKENDS",
@@ -22,6 +22,7 @@ __all__ = [
     "Backend",
     "BackendInfo",
     "BackendSpec",
+    "ProcessGroupError",
     "available",
     "best_available",
     "get",

@@ -30,6 +30,43 @@ Array = Any
 COSINE_EPS = 1e-6
 
 
+class ProcessGroupError(RuntimeError):
+    """A collective failed: another process of the run died or cannot be reached."""
+
+    def __init__(self, group: ProcessGroup, cause: BaseException) -> None:
+        said = str(cause).split(". ")[0] or type(cause).__name__  # the engines' first sentence
+        super().__init__(
+            f"process {group.rank} of {group.size} lost contact with the others "
+            f"({group.engine}: {said}); another process of the run has probably died"
+        )
+
+
+class ProcessGroup:
+    """The processes of one data-parallel run. This base class is the run of one process:
+    rank 0 of 1, and sums that return their input."""
+
+    rank: int = 0
+    size: int = 1
+    #: how the processes talk, for messages (e.g. ``torch.distributed (gloo)``)
+    engine: str = "one process"
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0, the one process that prints and writes files."""
+        return self.rank == 0
+
+    def sum(self, arrays: list[Array]) -> list[Array]:
+        """Elementwise sums over every process of each array (one collective for all)."""
+        return arrays
+
+    def sum_floats(self, values: Sequence[float]) -> list[float]:
+        """Sums over every process of a few host numbers (metrics)."""
+        return [float(v) for v in values]
+
+    def close(self) -> None:
+        """Leave the group (at the end of a run)."""
+
+
 class Backend(abc.ABC):
     """Array operations, autodiff and the two scan primitives of P-NTM."""
 
@@ -210,6 +247,11 @@ class Backend(abc.ABC):
         """Bytes of device memory at the peak since :meth:`reset_peak_memory`, where the
         framework reports it (CUDA, Metal); None elsewhere."""
         return None
+
+    def process_group(self) -> ProcessGroup:
+        """The processes of this data-parallel run, joined on first use: the framework's own
+        collectives under its launcher (``torchrun``, ``mlx.launch``), else one process."""
+        return ProcessGroup()
 
     # ------------------------------------------------------------------ memory-write arithmetic
     # Defaults in plain operations; backends may fuse them (they run every step of every scan).

@@ -5,13 +5,24 @@ With the ``chunked`` scans (MLX operations) this is the ``mlx`` backend.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from pntm.backends.base import Array, Backend, check_attention_shapes, check_lstm_shapes
+from pntm.backends.base import (
+    Array,
+    Backend,
+    ProcessGroup,
+    ProcessGroupError,
+    check_attention_shapes,
+    check_lstm_shapes,
+)
+
+# set by mlx.launch (ring) and by MPI launchers: this process is one rank of several
+_LAUNCHER_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
 class MLXBackend(Backend):
@@ -33,6 +44,13 @@ class MLXBackend(Backend):
     @classmethod
     def accelerator(cls) -> str | None:
         return "metal" if mx.metal.is_available() else None
+
+    def process_group(self) -> ProcessGroup:
+        if getattr(self, "_group", None) is None:
+            launched = any(name in os.environ for name in _LAUNCHER_VARIABLES)
+            group = mx.distributed.init() if launched else None
+            self._group = MLXProcessGroup(group) if group and group.size() > 1 else ProcessGroup()
+        return self._group
 
     # creation and conversion
     def asarray(self, x: Any, dtype: Any = None) -> mx.array:
@@ -222,3 +240,35 @@ class MLXBackend(Backend):
             return tuple(g for g, p in zip(grads, present, strict=True) if p)
 
         return fn
+
+
+class MLXProcessGroup(ProcessGroup):
+    """The ranks of an ``mlx.launch`` (ring or MPI) launch: ``mx.distributed`` collectives."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.rank, self.size = group.rank(), group.size()
+        self.engine = "mlx.distributed"
+
+    def sum(self, arrays: list[Array]) -> list[Array]:
+        if not arrays:
+            return arrays
+        flat = self._all_sum(mx.concatenate([a.reshape(-1) for a in arrays]))  # one for all
+        out, offset = [], 0
+        for a in arrays:
+            out.append(flat[offset : offset + a.size].reshape(a.shape))
+            offset += a.size
+        return out
+
+    def sum_floats(self, values: Sequence[float]) -> list[float]:
+        total = self._all_sum(mx.array(list(values), dtype=mx.float32))
+        return [float(v) for v in total.tolist()]
+
+    def _all_sum(self, x: mx.array) -> mx.array:
+        """The sum, evaluated here so that a lost peer is reported here (MLX is lazy)."""
+        try:
+            total = mx.distributed.all_sum(x, group=self.group)
+            mx.eval(total)
+        except RuntimeError as exc:  # the ring backend's "connection to a peer was lost"
+            raise ProcessGroupError(self, exc) from exc
+        return total

@@ -6,8 +6,10 @@ scans (fused kernels on the same tensors), the ``triton`` backend.
 
 from __future__ import annotations
 
+import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -15,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from pntm.backends.base import Array, Backend, check_attention_shapes, check_lstm_shapes
+from pntm.backends.base import (
+    Array,
+    Backend,
+    ProcessGroup,
+    ProcessGroupError,
+    check_attention_shapes,
+    check_lstm_shapes,
+)
 from pntm.tree import tree_flatten, tree_map, tree_unflatten
 
 
@@ -26,8 +35,9 @@ class TorchBackend(Backend):
     def __init__(
         self, device: str | None = None, dtype: Any = torch.float32, scan: str = "chunked"
     ) -> None:
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device is None:  # under torchrun each process of a node takes its own GPU
+            local_rank = os.environ.get("LOCAL_RANK", "0")
+            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.on_cpu = self.device.type == "cpu"
         self.float_dtype = dtype
@@ -44,6 +54,12 @@ class TorchBackend(Backend):
     @classmethod
     def accelerator(cls) -> str | None:
         return "cuda" if torch.cuda.is_available() else None
+
+    def process_group(self) -> ProcessGroup:
+        if getattr(self, "_group", None) is None:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            self._group = TorchProcessGroup(self.device) if world > 1 else ProcessGroup()
+        return self._group
 
     # creation and conversion
     def asarray(self, x: Any, dtype: Any = None) -> torch.Tensor:
@@ -256,3 +272,50 @@ class _CustomVJP(torch.autograd.Function):
         inputs, residuals = saved[: ctx.n_inputs], saved[ctx.n_inputs :]
         grads = ctx.backward_fn(ctx.ops, inputs, residuals, cotangents, **ctx.static)
         return (None, None, None, None, None, *grads)
+
+
+# A collective waits this long for its peers before failing (a rank that died without its
+# launcher noticing); torchrun itself stops the other ranks as soon as one exits.
+COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+
+
+class TorchProcessGroup(ProcessGroup):
+    """The ranks of a ``torchrun`` launch: NCCL between GPUs, gloo between CPU processes."""
+
+    def __init__(self, device: torch.device) -> None:
+        import torch.distributed as dist
+
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+        self.dist, self.device = dist, device
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self.engine = f"torch.distributed ({backend})"
+
+    def sum(self, arrays: list[Array]) -> list[Array]:
+        if not arrays:
+            return arrays
+        flat = torch.cat([a.reshape(-1) for a in arrays])  # one collective for all of them
+        self._all_reduce(flat)
+        out, offset = [], 0
+        for a in arrays:
+            out.append(flat[offset : offset + a.numel()].view_as(a))
+            offset += a.numel()
+        return out
+
+    def sum_floats(self, values: Sequence[float]) -> list[float]:
+        buffer = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        self._all_reduce(buffer)
+        return buffer.tolist()
+
+    def _all_reduce(self, tensor: torch.Tensor) -> None:
+        try:
+            self.dist.all_reduce(tensor)
+        except RuntimeError as exc:  # gloo and NCCL report a lost peer as RuntimeError
+            raise ProcessGroupError(self, exc) from exc
+
+    def close(self) -> None:
+        if self.dist.is_initialized():
+            self.dist.destroy_process_group()

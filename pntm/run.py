@@ -1,0 +1,115 @@
+"""Run directories: where a training run writes, and the rules that keep results safe.
+
+A run directory holds one run: its checkpoint, ``metrics.jsonl`` and the evaluation written at
+the end of training (``eval.json``, ``eval.png``). A new run only starts in a directory that
+holds none of these; a run is continued only from its checkpoint; and one process at a time
+writes to it, under an exclusive lock that the operating system releases when the process
+ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pntm.train import CHECKPOINT_NAME, METRICS_NAME
+
+EVAL_NAMES = ("eval.json", "eval.png")
+RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, *EVAL_NAMES)
+LOCK_NAME = ".pntm.lock"
+
+
+class RunDirectoryError(ValueError):
+    """A run directory that cannot be used as asked."""
+
+
+class RunExists(RunDirectoryError):
+    """A new run was aimed at the directory of one that can be resumed."""
+
+
+def default_run_dir(task: str) -> Path:
+    return Path("runs") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_new(run_dir: Path) -> None:
+    """A new run may start in ``run_dir``: it is (or can become) a writable directory holding
+    no run files."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirectoryError(f"run directory {str(run_dir)!r} exists and is not a directory")
+    if (run_dir / CHECKPOINT_NAME).exists():
+        raise RunExists(
+            f"{run_dir / CHECKPOINT_NAME} exists: a run that can be resumed"
+        )
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if found:
+        raise RunDirectoryError(
+            f"run directory {str(run_dir)!r} already holds {', '.join(found)} (without a "
+            "checkpoint to resume from): start this run in a new directory, or remove them"
+        )
+    check_writable(run_dir)
+
+
+def check_writable(directory: Path) -> None:
+    """``directory`` exists or can be made, and a file can be written in it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".pntm-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise RunDirectoryError(
+            f"cannot write to {str(directory)!r}: {exc.strerror or exc}"
+        ) from exc
+
+
+def check_writable_file(path: Path) -> None:
+    """A file can be written at ``path`` (its directory is made if missing): checked before
+    the work that produces it, not after."""
+    if path.is_dir():
+        raise RunDirectoryError(f"{str(path)!r} is a directory, not a file name")
+    check_writable(path.parent)
+
+
+@contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's lock for the ``with`` block; fail at once, naming the holder,
+    when another process holds it. The lock is an ``flock`` on ``.pntm.lock`` (POSIX; on
+    systems without ``fcntl`` no lock is taken)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        yield
+        return
+    check_writable(run_dir)
+    path = run_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise RunDirectoryError(
+                f"run directory {str(run_dir)!r} is in use by another pntm process (pid "
+                f"{holder}); wait for it to finish or use another directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def unique_eval_paths(run_dir: Path) -> tuple[Path, Path]:
+    """Default outputs of a later ``pntm eval`` of this run: new names, so that the
+    evaluation written by training (``eval.json``, ``eval.png``) and earlier ones are kept."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        suffix = f"-{attempt}" if attempt else ""
+        json_path = run_dir / f"eval-{stamp}{suffix}.json"
+        plot_path = json_path.with_suffix(".png")
+        if not json_path.exists() and not plot_path.exists():
+            return json_path, plot_path
+    raise RunDirectoryError(f"no free evaluation file name in {str(run_dir)!r}")
