@@ -40,9 +40,7 @@ def check_new(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirectoryError(f"run directory {str(run_dir)!r} exists and is not a directory")
     if (run_dir / CHECKPOINT_NAME).exists():
-        raise RunExists(
-            f"{run_dir / CHECKPOINT_NAME} exists: a run that can be resumed"
-        )
+        raise RunExists(f"{run_dir / CHECKPOINT_NAME} exists: a run that can be resumed")
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
     if found:
         raise RunDirectoryError(

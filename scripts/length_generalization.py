@@ -82,7 +82,7 @@ def run_cell(
     torch.set_num_threads(threads)
     from pntm import backends, checkpoint, recipes, tasks
     from pntm.evaluate import default_lengths, evaluate
-    from pntm.train import CHECKPOINT_NAME, METRICS_NAME, Trainer, TrainConfig, fit
+    from pntm.train import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, Trainer, fit
 
     cell = cell_dir(grid, model_name, task_name, seed)
     result_path = cell / RESULT_NAME

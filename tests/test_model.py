@@ -89,8 +89,14 @@ def test_read_lag_reads_the_previous_write(ops):
     each read returns what was written one step earlier (the first read finds an empty
     slot): the previous-token read of an induction circuit, in both forms."""
     config = PNTMConfig(
-        vocab_size=checks.VOCAB, d_model=8, n_layers=1, n_heads=2, head_dim=3, read_lag=1,
-        add_activation="linear", overwrite=True,
+        vocab_size=checks.VOCAB,
+        d_model=8,
+        n_layers=1,
+        n_heads=2,
+        head_dim=3,
+        read_lag=1,
+        add_activation="linear",
+        overwrite=True,
     )
     model = PNTM(config, ops)
     B, T, N, K, D = 2, 7, 9, 2, 3
@@ -98,9 +104,7 @@ def test_read_lag_reads_the_previous_write(ops):
     plus_one = np.zeros((B, T, K, 3))
     plus_one[..., 2] = 1.0
     moves, stay = ops.asarray(plus_one), ops.asarray(np.zeros((B, T, K)))
-    write, read = (
-        model.head_positions(moves, stay, N, heads="hard", lag=lag) for lag in (0, 1)
-    )
+    write, read = (model.head_positions(moves, stay, N, heads="hard", lag=lag) for lag in (0, 1))
     adds = rng.normal(size=(B, T, K, D))
     reads, _ = ops.memory_scan_read(
         write, ops.asarray(np.ones((B, T, K, D))), ops.asarray(adds), read, None
