@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pntm import models
+from pntm import models, tasks
 from pntm.tree import tree_flatten, tree_unflatten
 
 FORMAT = "pntm-checkpoint"
@@ -149,6 +149,12 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
         step = int(metadata["step"])
         if step < 0:
             raise ValueError(f"step {step} is negative")
+        task = tasks.get(train_config["task"])
+        if config.vocab_size != task.vocab_size:  # tokens of the task would index past the table
+            raise ValueError(
+                f"its model has a vocabulary of {config.vocab_size} tokens but its task "
+                f"{task.name!r} has {task.vocab_size}"
+            )
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} has invalid metadata: {exc}") from exc
 

@@ -140,13 +140,19 @@ def backends_command() -> None:
     type=click.IntRange(1, 100),
     help="Number of examples shown.",
 )
-@click.option("--seed", default=0, show_default=True, help="Seed of the examples shown.")
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Seed of the examples shown.",
+)
 def tasks_command(show: str | None, length: int | None, count: int, seed: int) -> None:
-    """List the tasks, or show decoded examples of one (``--show NAME``).
+    """List the tasks, or show decoded examples of one (--show NAME).
 
-    Every sequence is ``input = target .``; target symbols have their own tokens, printed
-    primed (``1'``). Length is counted in the task's unit (see the list). Each task's recipe
-    is what ``pntm train --task TASK`` uses unless told otherwise."""
+    Every sequence is "input = target ."; target symbols have their own tokens, printed
+    primed (1'). Length is counted in the task's unit (see the list). Each task's recipe
+    is what `pntm train --task TASK` uses unless told otherwise."""
     from pntm import recipes
 
     if show is None:
@@ -386,7 +392,7 @@ def train_command(**opts: Any) -> None:
     backend_name, ops = _ops(opts["backend"], train=True)
     try:
         trainer = Trainer(model_name, model_config, train_config, ops, backend_name, resume_from)
-    except ValueError as exc:
+    except (ValueError, MemoryError) as exc:
         raise click.ClickException(str(exc)) from exc
     main = trainer.group.is_main
     say = click.echo if main else (lambda *_, **__: None)
@@ -403,10 +409,11 @@ def train_command(**opts: Any) -> None:
         + (f", {group.size} processes ({group.engine})" if group.size > 1 else "")
     )
     say(f"run directory: {run_dir}")
+    check_new = run.check_new if main and resume_from is None else (lambda _: None)
     try:
+        check_new(run_dir)  # before the lock, so that a refused directory gets no lock file
         with run.locked(run_dir) if main else contextlib.nullcontext():
-            if main and resume_from is None:
-                run.check_new(run_dir)
+            check_new(run_dir)  # again under the lock: a run may have finished there since
             fit(trainer, run_dir, progress=not opts["quiet"])
     except run.RunExists as exc:
         raise click.ClickException(
@@ -567,7 +574,9 @@ def _load_checkpoint(path: Path) -> tuple[Path, checkpoint.Checkpoint]:
     "at each length, or a fixed N for every length (at least the longest input plus "
     "separator).",
 )
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the samples.")
+@click.option(
+    "--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the samples."
+)
 @click.option(
     "--json",
     "json_path",
@@ -656,7 +665,10 @@ def _evaluate_and_report(
     from pntm.evaluate import evaluate, format_table, plot, write_json
 
     start = time.perf_counter()
-    results = evaluate(model, params, task, lengths, samples, seed, mode, capacity)
+    try:
+        results = evaluate(model, params, task, lengths, samples, seed, mode, capacity)
+    except MemoryError as exc:
+        raise click.ClickException(str(exc)) from exc
     described = "".join(f", {k} {v}" for k, v in mode.items())
     click.echo(
         f"\nlength generalization of {model.name}, task {task.name}, trained on lengths "

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pntm.checkpoint import atomic_write
+from pntm.models.base import sequences_that_fit
 from pntm.tasks.base import Task
 
 
@@ -83,8 +84,12 @@ def evaluate(
     batch_size: int = 64,
 ) -> list[LengthResult]:
     """Greedy exact match and token accuracy at each length (module docstring); ``mode`` is
-    the model's :meth:`decode_mode`, ``capacity`` None = the sequence length."""
+    the model's :meth:`decode_mode`, ``capacity`` None = the sequence length. Samples go
+    through the model ``batch_size`` at a time, or fewer where that would not fit in memory."""
     check_capacity(task, lengths, capacity)
+    for length in lengths:  # a length that cannot fit fails before any is evaluated
+        size = capacity or task.sequence_length(length)
+        sequences_that_fit(model, task.prompt_length(length), size, False, 1)
     mode = mode or {}
     results = []
     for length in lengths:
@@ -92,17 +97,18 @@ def evaluate(
         seqs = np.array([task.sequence(rng, length) for _ in range(samples)])
         prompt_len = task.prompt_length(length)
         size = capacity or task.sequence_length(length)
+        per_pass = sequences_that_fit(model, prompt_len, size, False, batch_size)
         predicted = np.concatenate(
             [
                 greedy_decode(
                     model,
                     params,
-                    seqs[i : i + batch_size, :prompt_len],
+                    seqs[i : i + per_pass, :prompt_len],
                     seqs.shape[1] - prompt_len,
                     size,
                     mode,
                 )
-                for i in range(0, samples, batch_size)
+                for i in range(0, samples, per_pass)
             ]
         )
         correct = predicted == seqs[:, prompt_len:]

@@ -31,6 +31,7 @@ import numpy as np
 from pntm import checkpoint, models, tasks
 from pntm.backends.base import Backend
 from pntm.config import check_finite, check_ints, config_from_dict, option
+from pntm.models.base import sequences_that_fit
 from pntm.optim import AdamW, clip_by_global_norm
 from pntm.tree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
@@ -146,6 +147,7 @@ class Trainer:
         bounds = np.linspace(0, config.batch_size, self.group.size + 1).round().astype(int)
         self.rows = slice(int(bounds[self.group.rank]), int(bounds[self.group.rank + 1]))
         self.model = self.model_class(model_config, ops)
+        self._check_memory()
         self.optimizer = AdamW(lr=config.lr, weight_decay=config.weight_decay)
         if resume_from is None:
             self.step = 0
@@ -164,6 +166,32 @@ class Trainer:
                 "v": self.model.params_from_numpy(resume_from.optimizer["v"]),
             }
         self._value_and_grad: dict[tuple, Callable[..., Any]] = {}
+
+    def _check_memory(self) -> None:
+        """Fail now, naming the longest training length that fits, when one sequence of the
+        longest padded batch (N = T slots) does not fit in memory."""
+
+        def fits(train_length: int) -> bool:
+            widest = self.task.sequence_length(train_length) - 1
+            try:
+                sequences_that_fit(self.model, widest, widest, True, 1)
+            except MemoryError:
+                return False
+            return True
+
+        length = self.config.train_length
+        if fits(length):
+            return
+        low, high = 0, length  # fits(low) (0: none known), not fits(high)
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid)
+        widest = self.task.sequence_length(length) - 1
+        try:
+            sequences_that_fit(self.model, widest, widest, True, 1)
+        except MemoryError as exc:
+            advice = f"the longest train_length that fits is {low}" if low else "a smaller model"
+            raise MemoryError(f"train_length {length}: {exc}; {advice}") from None
 
     def _loss_and_grad(self, capacity: int, mode: dict[str, Any]) -> Callable[..., Any]:
         key = (capacity, *sorted(mode.items()))
@@ -185,25 +213,47 @@ class Trainer:
         mode: dict[str, Any],
         noise: Any,
         lr: float,
-        weight: float = 1.0,
     ) -> tuple[Any, Any, float]:
-        """One optimizer update on a batch of backend arrays: loss and gradients, their sum
-        over the process group weighted by ``weight`` (this process's share of the global
-        batch's target tokens, so the sum is the gradient of the global mean loss; the one
-        collective of the step), global-norm clipping, AdamW. Returns the global loss, this
-        process's logits and the gradient norm before clipping. Finished on the device when it
-        returns (the benchmarks time exactly this).
+        """One optimizer update on one batch of backend arrays (one process, one pass):
+        :meth:`apply` of that batch. Returns the loss, the logits and the gradient norm before
+        clipping; finished on the device when it returns (the benchmarks time exactly this)."""
+        loss, (logits,), grad_norm = self.apply(
+            [(tokens, labels, mask, noise, 1.0)], capacity, mode, lr
+        )
+        return loss, logits, grad_norm
+
+    def apply(
+        self,
+        parts: list[tuple[Any, Any, Any, Any, float]],
+        capacity: int,
+        mode: dict[str, Any],
+        lr: float,
+    ) -> tuple[Any, list[Any], float]:
+        """One optimizer update from ``parts`` of the global batch, each ``(tokens, labels,
+        mask, noise, weight)`` with ``weight`` its share of the global batch's target tokens:
+        the weighted sum of their gradients (and losses), summed over the process group (the
+        one collective of the step: it is then the gradient of the global mean loss),
+        global-norm clipping, AdamW. Returns the global loss, each part's logits and the
+        gradient norm before clipping.
 
         Raises :class:`TrainingDiverged`, leaving the parameters as they were, when the loss,
         the gradient or the updated parameters are not finite (in every process alike: they
         all see the same sums)."""
         ops = self.ops
-        (loss, logits), grads = self._loss_and_grad(capacity, mode)(
-            self.params, tokens, labels, mask, noise=noise
-        )
+        loss, grads, logits = None, None, []
+        for tokens, labels, mask, noise, weight in parts:
+            (part_loss, part_logits), part_grads = self._loss_and_grad(capacity, mode)(
+                self.params, tokens, labels, mask, noise=noise
+            )
+            if weight != 1.0:
+                part_loss = part_loss * weight
+                part_grads = tree_map(lambda g, w=weight: g * w, part_grads)
+            loss = part_loss if loss is None else loss + part_loss
+            grads = part_grads if grads is None else tree_map(lambda a, b: a + b, grads, part_grads)
+            logits.append(part_logits)
         if self.group.size > 1:  # the loss rides along with the gradients: one collective
             flat = tree_flatten(grads)
-            *summed, loss = self.group.sum([g * weight for g in flat.values()] + [loss * weight])
+            *summed, loss = self.group.sum([*flat.values(), loss])
             grads = tree_unflatten(dict(zip(flat, summed, strict=True)), grads)
         grads, grad_norm = clip_by_global_norm(ops, grads, self.config.clip_norm)
         loss_value = float(ops.to_numpy(loss))
@@ -232,27 +282,36 @@ class Trainer:
         return batch, noise
 
     def train_step(self) -> dict[str, Any]:
-        """One update on the batch of this step; returns its metrics over the global batch."""
-        cfg, ops, model, rows = self.config, self.ops, self.model, self.rows
+        """One update on the batch of this step; returns its metrics over the global batch.
+        This process's rows go through the model in as few passes as fit in memory
+        (:func:`pntm.models.base.sequences_that_fit`); the update is the same either way."""
+        cfg, ops, model = self.config, self.ops, self.model
         start = time.perf_counter()
         batch, noise = self.batch_at(self.step)
         capacity = batch.tokens.shape[1]  # memory models get N = T of the padded global batch
         mode = model.train_mode(self.step, cfg.steps)
         lr = cfg.lr_at(self.step)
         targets = float(batch.mask.sum())
-        loss, logits, grad_norm = self.update(
-            ops.asarray(batch.tokens[rows]),
-            ops.asarray(batch.labels[rows]),
-            ops.asarray(batch.mask[rows]),
-            capacity,
-            mode,
-            None if noise is None else tree_map(lambda a: a[rows], noise),
-            lr,
-            weight=float(batch.mask[rows].sum()) / targets,
-        )
-        predicted = ops.to_numpy(ops.argmax(logits, -1))
+        rows = range(self.rows.start, self.rows.stop)
+        size = sequences_that_fit(model, capacity, capacity, True, len(rows))
+        passes = [slice(i, min(i + size, rows.stop)) for i in rows[::size]]
+        parts = [
+            (
+                ops.asarray(batch.tokens[part]),
+                ops.asarray(batch.labels[part]),
+                ops.asarray(batch.mask[part]),
+                None if noise is None else tree_map(lambda a, part=part: a[part], noise),
+                float(batch.mask[part].sum()) / targets,
+            )
+            for part in passes
+        ]
+        if len(parts) == 1 and self.group.size == 1:
+            parts[0] = (*parts[0][:4], 1.0)  # exactly the plain mean (no multiply by ~1)
+        loss, logits, grad_norm = self.apply(parts, capacity, mode, lr)
+        predicted = np.concatenate([ops.to_numpy(ops.argmax(x, -1)) for x in logits])
+        own = self.rows
         (correct,) = self.group.sum_floats(
-            [((predicted == batch.labels[rows]) * batch.mask[rows]).sum()]
+            [((predicted == batch.labels[own]) * batch.mask[own]).sum()]
         )
         schedule = model.train_metrics(self.step, cfg.steps)
         self.step += 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import os
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -248,6 +249,11 @@ class Backend(abc.ABC):
         framework reports it (CUDA, Metal); None elsewhere."""
         return None
 
+    def memory_limit(self) -> int | None:
+        """Bytes this backend's arrays can use: the device's memory on a GPU, the machine's
+        physical memory on a CPU (None where it cannot be read)."""
+        return physical_memory()
+
     def process_group(self) -> ProcessGroup:
         """The processes of this data-parallel run, joined on first use: the framework's own
         collectives under its launcher (``torchrun``, ``mlx.launch``), else one process."""
@@ -378,6 +384,14 @@ class Backend(abc.ABC):
         if causal and q.shape[-2] > 1:
             scores = scores + self.asarray(causal_bias(q.shape[-2], k.shape[-2]))
         return self.matmul(self.softmax(scores, -1), v)
+
+
+def physical_memory() -> int | None:
+    """The machine's physical memory in bytes (POSIX), else None."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def causal_mask(n_queries: int, n_keys: int) -> np.ndarray:

@@ -45,6 +45,12 @@ class MLXBackend(Backend):
     def accelerator(cls) -> str | None:
         return "metal" if mx.metal.is_available() else None
 
+    def memory_limit(self) -> int | None:
+        if mx.metal.is_available():  # unified memory: what Metal recommends for one process
+            info = getattr(mx, "device_info", None) or mx.metal.device_info
+            return int(info()["max_recommended_working_set_size"])
+        return super().memory_limit()
+
     def process_group(self) -> ProcessGroup:
         if getattr(self, "_group", None) is None:
             launched = any(name in os.environ for name in _LAUNCHER_VARIABLES)

@@ -55,6 +55,11 @@ class TorchBackend(Backend):
     def accelerator(cls) -> str | None:
         return "cuda" if torch.cuda.is_available() else None
 
+    def memory_limit(self) -> int | None:
+        if self.device.type == "cuda":
+            return int(torch.cuda.get_device_properties(self.device).total_memory)
+        return super().memory_limit()
+
     def process_group(self) -> ProcessGroup:
         if getattr(self, "_group", None) is None:
             world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -138,6 +138,13 @@ class Model(abc.ABC):
         logits = self.forward(params, tokens, capacity, **mode, **extra)
         return cross_entropy(self.ops, logits, labels, mask), logits
 
+    def memory_per_sequence(self, length: int, capacity: int, training: bool) -> int | None:
+        """Bytes that one sequence of ``length`` tokens adds to the peak memory of a forward
+        pass (``training``: forward and backward) with ``capacity`` slots: training and
+        evaluation split their batches so that it fits (:func:`sequences_that_fit`). None
+        where it was not measured (models whose memory does not grow with T x N)."""
+        return None
+
     # ------------------------------------------------------------------ decoding
     def decode_mode(self, step: int, steps: int, **overrides: Any) -> dict[str, Any]:
         """Keywords of :meth:`forward` and :meth:`step` for decoding a model trained for
@@ -150,6 +157,27 @@ class Model(abc.ABC):
 
     #: decoding options: a dataclass of :func:`pntm.config.option` fields, or None
     decode_options: ClassVar[type | None] = None
+
+
+def sequences_that_fit(
+    model: Model, length: int, capacity: int, training: bool, wanted: int
+) -> int:
+    """How many of ``wanted`` sequences one pass can take within 3/4 of the backend's memory
+    (the rest is for the process itself; the estimates are measured peaks with a margin);
+    raises :class:`MemoryError` with the estimate when not even one fits."""
+    per_sequence = model.memory_per_sequence(length, capacity, training)
+    limit = model.ops.memory_limit()
+    if per_sequence is None or limit is None:
+        return wanted
+    budget = limit * 3 // 4
+    if per_sequence > budget:
+        what = "training on" if training else "evaluating"
+        raise MemoryError(
+            f"{what} one sequence of {length} tokens with {capacity} memory slots takes about "
+            f"{per_sequence / 2**30:.1f} GiB with {model.name!r}, more than 3/4 of the "
+            f"{limit / 2**30:.1f} GiB of {model.ops.describe()}"
+        )
+    return max(1, min(wanted, budget // per_sequence))
 
 
 def cross_entropy(ops: Backend, logits: Array, targets: Array, mask: Array) -> Array:

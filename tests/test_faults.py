@@ -1,0 +1,177 @@
+"""Faults and hostile input (issue 17): run directories used twice, unwritable outputs, edited
+and foreign checkpoints, killed writers, memory that cannot hold a run. Each ends in one
+``Error:`` line and nothing lost, or works."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from pntm import checkpoint, run
+from pntm.train import CHECKPOINT_NAME, METRICS_NAME
+from tests.test_cli import TINY, TRAINABLE, assert_refused, fresh_run, run_dir, snapshot
+from tests.test_cli import run as cli
+
+__all__ = ["fresh_run", "run_dir"]  # fixtures shared with test_cli
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def edit_metadata(path: Path, **changes: str) -> None:
+    """Rewrite fields of a checkpoint's metadata (as a user with a text editor might)."""
+    with safe_open(str(path), framework="np") as f:
+        metadata = dict(f.metadata())
+    for key, value in changes.items():
+        if key in ("task", "steps"):
+            train = json.loads(metadata["train_config"]) | {key: value}
+            metadata["train_config"] = json.dumps(train)
+        else:
+            metadata[key] = value
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+
+
+def test_a_directory_with_run_files_is_not_reused(tmp_path):
+    """metrics.jsonl or eval.json without a checkpoint: refused, both kept as they were."""
+    (tmp_path / METRICS_NAME).write_text('{"step": 999}\n')
+    (tmp_path / "eval.json").write_text("{}")
+    before = snapshot(tmp_path)
+    result = cli("train", *TINY, "--backend", TRAINABLE[0], "--out", tmp_path)
+    assert_refused(result, "already holds metrics.jsonl, eval.json")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_directory_in_use_is_refused(tmp_path):
+    """While one process holds the run directory's lock, a second train is refused at once,
+    naming the holder; nothing of the first run is touched."""
+    with run.locked(tmp_path):
+        result = cli("train", *TINY, "--backend", TRAINABLE[0], "--out", tmp_path)
+        assert_refused(result, "is in use by another pntm process", f"pid {os.getpid()}")
+    assert not (tmp_path / CHECKPOINT_NAME).exists()
+
+
+def test_two_trainings_on_one_directory(tmp_path):
+    """Two `pntm train` started together on one --out: one trains, the other stops with an
+    Error line; the metrics hold each step once."""
+    command = [sys.executable, "-m", "pntm", "train", *TINY, "--steps", "60", "--no-eval"]
+    command += ["--backend", TRAINABLE[0], "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)]
+    time.sleep(0.5)
+    procs.append(subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True))
+    outcomes = sorted((p.wait(timeout=300), p.stderr.read()) for p in procs)
+    assert outcomes[0][0] == 0 and outcomes[1][0] == 1, outcomes
+    assert "Error:" in outcomes[1][1] and "Traceback" not in outcomes[1][1]
+    steps = [json.loads(line)["step"] for line in (tmp_path / METRICS_NAME).open()]
+    assert steps == sorted(set(steps)) and steps[-1] == 60
+
+
+@pytest.mark.parametrize("where", ["a file", "/proc"])
+def test_an_unwritable_out_is_refused_before_training(tmp_path, where):
+    out = tmp_path / "file" if where == "a file" else Path("/proc/pntm-test/run")
+    if where == "a file":
+        out.write_text("keep me")
+    result = cli("train", *TINY, "--backend", TRAINABLE[0], "--out", out)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "Error:" in result.output
+    if where == "a file":
+        assert out.read_text() == "keep me"
+
+
+def test_eval_keeps_the_training_evaluation_and_checks_its_outputs_first(fresh_run):
+    """A later eval writes new files; an unwritable --json or --plot fails before the
+    evaluation runs (it would take long) and writes nothing."""
+    before = snapshot(fresh_run)
+    result = cli("eval", fresh_run, "--samples", "2", "--lengths", "2")
+    assert result.exit_code == 0, result.output
+    after = snapshot(fresh_run)
+    assert {k: after[k] for k in before} == before  # eval.json, eval.png kept
+    assert len([name for name in after if name.startswith("eval-")]) == 2
+    for option in ("--json", "--plot"):
+        started = time.perf_counter()
+        result = cli("eval", fresh_run, option, "/proc/pntm-test/x", "--lengths", "2")
+        assert_refused(result, "cannot write to")
+        assert "length generalization" not in result.output  # nothing was evaluated
+        assert time.perf_counter() - started < 30
+    assert snapshot(fresh_run) == after
+
+
+def test_files_follow_the_umask_and_killed_writers_leave_no_temporaries(tmp_path):
+    """Written files get the mode the umask gives (not 0600); a temporary file left by a
+    process killed mid-write (a pid that no longer runs) is removed by the next write."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    stale = tmp_path / f".eval.json.{dead}.abc123.tmp"
+    stale.write_text("half")
+    mine = tmp_path / f".eval.json.{os.getpid()}.live.tmp"  # a live writer's: kept
+    mine.write_text("writing")
+    old = os.umask(0o027)
+    try:
+        checkpoint.atomic_write(tmp_path / "eval.json", lambda t: Path(t).write_text("{}"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "eval.json").stat().st_mode) == 0o640
+    assert not stale.exists() and mine.exists()
+
+
+@pytest.mark.parametrize(
+    "changes,fragments",
+    [
+        ({"task": "associative_recall"}, ("vocabulary of 6 tokens", "'associative_recall' has")),
+        ({"step": "-5"}, ("step -5 is negative",)),
+        ({"steps": "abc"}, ("steps must be a positive integer",)),
+    ],
+    ids=["foreign-vocabulary", "negative-step", "edited-steps"],
+)
+@pytest.mark.parametrize("command", ["eval", "resume"])
+def test_edited_checkpoints_are_refused(fresh_run, changes, fragments, command):
+    edit_metadata(fresh_run / CHECKPOINT_NAME, **changes)
+    before = snapshot(fresh_run)
+    if command == "eval":
+        result = cli("eval", fresh_run, "--samples", "2")
+    else:
+        result = cli("train", "--resume", fresh_run, "--quiet", "--no-eval")
+    assert_refused(result, *fragments)
+    assert snapshot(fresh_run) == before
+
+
+def test_a_length_that_cannot_fit_in_memory_is_refused_with_what_fits(tmp_path):
+    """The documented maximum with a large model: refused at once with the estimate and the
+    longest training length that fits, instead of being killed for memory."""
+    big = ["--d-model", "256", "--memory-heads", "64", "--layers", "8"]
+    result = cli(
+        "train", "--task", "copy", "--train-length", "2048", *big, "--out", tmp_path / "r",
+        "--backend", TRAINABLE[0], "--quiet",
+    )  # fmt: skip
+    assert_refused(result, "train_length 2048", "GiB", "the longest train_length that fits is")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (("tasks", "--show", "copy", "--seed", "-1"), "-1"),
+        (("eval", "RUN", "--seed", "-1"), "-1"),
+        (("eval", "RUN", "--temperature", "inf"), "temperature must be finite"),
+    ],
+)
+def test_bad_seeds_and_temperatures(run_dir, args, fragment):
+    result = cli(*(run_dir if a == "RUN" else a for a in args))
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert fragment in result.output
+
+
+def test_python_dash_m_and_version():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "pntm", "--version"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout.startswith("pntm "), done.stderr
+    assert "``" not in cli("tasks", "--help").output
