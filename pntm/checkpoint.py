@@ -111,7 +111,16 @@ def save(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
         "optimizer_step": str(ckpt.optimizer["step"]) if ckpt.optimizer is not None else "",
         "backend": ckpt.backend,
     }
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except OSError:
+            raise
+        except Exception as exc:  # safetensors reports a failed write (disk full) as its own
+            raise OSError(f"cannot write checkpoint {str(path)!r}: {exc}") from exc
+
+    atomic_write(path, write)
 
 
 def load(path: str | os.PathLike[str]) -> Checkpoint:
@@ -165,7 +174,7 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
     optimizer = None
     if any(k.startswith("optimizer.") for k in tensors):
         optimizer = {
-            "step": int(metadata.get("optimizer_step") or 0),
+            "step": _count(metadata.get("optimizer_step") or "0", "optimizer_step", path),
             "m": tree_unflatten(_section(tensors, "optimizer.m.", expected, path), like),
             "v": tree_unflatten(_section(tensors, "optimizer.v.", expected, path), like),
         }
@@ -178,6 +187,18 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
         optimizer=optimizer,
         backend=metadata.get("backend", "?"),
     )
+
+
+def _count(text: str, name: str, path: Path) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has invalid metadata: {name} {text!r} is not an integer >= 0"
+        )
+    return value
 
 
 def _section(
@@ -193,6 +214,10 @@ def _section(
             f"unexpected tensors {[prefix + k for k in extra]}"
         )
     for name, shape in expected.items():
+        if not np.isfinite(found[name]).all():
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds non-finite values in {prefix + name}"
+            )
         if found[name].shape != shape:
             raise CheckpointError(
                 f"checkpoint {str(path)!r} does not match its model config: tensor "

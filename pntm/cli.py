@@ -64,6 +64,16 @@ class SlotCount(click.ParamType):
         return n
 
 
+class OutputPath(click.Path):
+    """A path to write to; the empty string (which would mean the current directory) is
+    refused."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("an empty path is not allowed", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class NameList(click.ParamType):
     """Comma-separated names out of a fixed set."""
 
@@ -326,7 +336,7 @@ DECODE_OPTIONS = _generated_options(
 @_with_options(MODEL_OPTIONS)
 @click.option(
     "--out",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=OutputPath(file_okay=False, path_type=Path),
     help="Run directory for the checkpoint, metrics.jsonl, eval.json and eval.png "
     "(default: runs/TASK-DATE-TIME). Must not hold a checkpoint already.",
 )
@@ -370,6 +380,12 @@ def train_command(**opts: Any) -> None:
     if opts["resume"] is not None:
         ckpt_path, resume_from = _load_checkpoint(opts["resume"])
         run_dir = ckpt_path.parent
+        if ckpt_path.name != CHECKPOINT_NAME and (run_dir / CHECKPOINT_NAME).exists():
+            raise click.ClickException(
+                f"cannot resume from {ckpt_path}: the run would write its checkpoints to "
+                f"{run_dir / CHECKPOINT_NAME}, which holds another run; copy {ckpt_path.name} "
+                "into a directory of its own"
+            )
         if opts["out"] is not None and opts["out"].resolve() != run_dir.resolve():
             raise click.ClickException(
                 f"--out {opts['out']} differs from the resumed run's directory {run_dir}; "
@@ -436,11 +452,21 @@ def train_command(**opts: Any) -> None:
             exc.exit_code,
         ) from None
     except KeyboardInterrupt:
+        saved = (run_dir / CHECKPOINT_NAME).exists()
         raise Stopped(
-            f"interrupted twice: stopped at once without saving; the last checkpoint in "
-            f"{run_dir} is kept",
+            "interrupted twice: stopped at once without saving; "
+            + (
+                f"the last checkpoint in {run_dir} is kept"
+                if saved
+                else f"no checkpoint was written yet: remove {run_dir} to start again"
+            ),
             130,
         ) from None
+    except OSError as exc:  # the disk is full, a file turned into a directory, ...
+        raise click.ClickException(
+            f"cannot write the run in {run_dir}: {exc.strerror or exc}; the last checkpoint "
+            "there is kept"
+        ) from exc
     finally:
         trainer.group.close()
     if opts["no_eval"] or not main:
@@ -461,12 +487,12 @@ def train_command(**opts: Any) -> None:
     )
 
 
-def _checked(check: Any, path: Path) -> None:
-    """Run a :mod:`pntm.run` check on ``path``, its error as the command's error."""
+def _checked(check: Any, paths: Any) -> None:
+    """Run a :mod:`pntm.run` check on ``paths``, its error as the command's error."""
     from pntm import run
 
     try:
-        check(path)
+        check(paths)
     except run.RunDirectoryError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -580,14 +606,14 @@ def _load_checkpoint(path: Path) -> tuple[Path, checkpoint.Checkpoint]:
 @click.option(
     "--json",
     "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OutputPath(dir_okay=False, path_type=Path),
     help="Where to write the results (default: a new eval-DATE-TIME.json beside the "
     "checkpoint; the eval.json written by training is kept).",
 )
 @click.option(
     "--plot",
     "plot_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OutputPath(dir_okay=False, path_type=Path),
     help="Where to write the plot (default: the JSON file's name with .png).",
 )
 def eval_command(checkpoint_path: Path, **opts: Any) -> None:
@@ -615,8 +641,7 @@ def eval_command(checkpoint_path: Path, **opts: Any) -> None:
     _refuse_foreign(opts, DECODE_OPTIONS, ckpt.model)
     json_path = opts["json_path"] or run.unique_eval_paths(checkpoint_path.parent)[0]
     plot_path = opts["plot_path"] or json_path.with_suffix(".png")
-    for path in (json_path, plot_path):  # fail now, not after the evaluation
-        _checked(run.check_writable_file, path)
+    _checked(run.check_output_files, [json_path, plot_path])  # now, not after evaluating
     backend_name, ops = _ops(opts["backend"], train=False)
     model_class = models.get(ckpt.model)
     model = model_class(model_class.config_class.from_dict(ckpt.model_config), ops)
@@ -685,9 +710,14 @@ def _evaluate_and_report(
         "seconds": time.perf_counter() - start,
         "model_config": model.config.to_dict(),
     }
-    write_json(json_path, meta, results)
     title = f"{model.name}, {task.name}: trained on 1..{train_config.train_length}{described}"
-    plot(plot_path, title, results, train_config.train_length)
+    try:
+        write_json(json_path, meta, results)
+        plot(plot_path, title, results, train_config.train_length)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot write the evaluation to {json_path} and {plot_path}: {exc.strerror or exc}"
+        ) from exc
     click.echo(f"wrote {json_path} and {plot_path}")
 
 
@@ -716,7 +746,7 @@ BENCH_OPTIONS = _generated_options({"bench": BenchConfig})
 @_with_options(BENCH_OPTIONS)
 @click.option(
     "--out",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=OutputPath(file_okay=False, path_type=Path),
     help="Directory for bench.json, bench.md and bench.png (default: runs/bench-BACKEND-DATE).",
 )
 @click.option("--quiet", is_flag=True, help="Do not print each measurement as it starts.")
@@ -734,7 +764,7 @@ def bench_command(**opts: Any) -> None:
         raise click.ClickException(str(exc)) from exc
     backend_name, ops = _ops(opts["backend"], train=True)
     out = opts["out"] or Path("runs") / f"bench-{backend_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    _checked(run.check_writable, out)
+    _checked(run.check_writable, out)  # now, not after the measurements
     say = (lambda _: None) if opts["quiet"] else (lambda line: click.echo(line, err=True))
     report = bench.run(cfg, ops, backend_name, progress=say)
     click.echo(bench.format_report(report))

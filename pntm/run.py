@@ -39,6 +39,8 @@ def check_new(run_dir: Path) -> None:
     no run files."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirectoryError(f"run directory {str(run_dir)!r} exists and is not a directory")
+    if (run_dir / CHECKPOINT_NAME).exists() and not (run_dir / CHECKPOINT_NAME).is_file():
+        raise RunDirectoryError(f"{run_dir / CHECKPOINT_NAME} exists and is not a file")
     if (run_dir / CHECKPOINT_NAME).exists():
         raise RunExists(f"{run_dir / CHECKPOINT_NAME} exists: a run that can be resumed")
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
@@ -63,12 +65,22 @@ def check_writable(directory: Path) -> None:
         ) from exc
 
 
-def check_writable_file(path: Path) -> None:
-    """A file can be written at ``path`` (its directory is made if missing): checked before
-    the work that produces it, not after."""
-    if path.is_dir():
-        raise RunDirectoryError(f"{str(path)!r} is a directory, not a file name")
-    check_writable(path.parent)
+def check_output_files(paths: list[Path]) -> None:
+    """Files an evaluation will write: distinct, not directories, not the files of a run
+    (its checkpoint, metrics or training evaluation), and writable (their directories are
+    made if missing). Checked before the work that produces them, not after."""
+    if len({p.resolve() for p in paths}) != len(paths):
+        raise RunDirectoryError(f"the output files {[str(p) for p in paths]} must differ")
+    for path in paths:
+        if not path.name:
+            raise RunDirectoryError(f"{str(path)!r} is not a file name")
+        if path.is_dir():
+            raise RunDirectoryError(f"{str(path)!r} is a directory, not a file name")
+        if path.name in RUN_FILES and path.exists():
+            raise RunDirectoryError(
+                f"{str(path)!r} is a run's {path.name}: it is kept; write elsewhere"
+            )
+        check_writable(path.parent)
 
 
 @contextmanager
@@ -101,9 +113,10 @@ def locked(run_dir: Path) -> Iterator[None]:
 
 
 def unique_eval_paths(run_dir: Path) -> tuple[Path, Path]:
-    """Default outputs of a later ``pntm eval`` of this run: new names, so that the
-    evaluation written by training (``eval.json``, ``eval.png``) and earlier ones are kept."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    """Default outputs of a later ``pntm eval`` of this run: new names (date, time and
+    process id, so that evaluations started together differ), so that the evaluation written
+    by training (``eval.json``, ``eval.png``) and earlier ones are kept."""
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     for attempt in range(1000):
         suffix = f"-{attempt}" if attempt else ""
         json_path = run_dir / f"eval-{stamp}{suffix}.json"

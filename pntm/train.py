@@ -22,7 +22,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from pntm.optim import AdamW, clip_by_global_norm
 from pntm.tree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+_ADDED_FIELDS = {"log_every", "save_every"}  # TrainConfig fields newer than checkpoint format 1
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -77,6 +78,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """From a checkpoint's dict: every field, except those added since checkpoints were
+        first written (they take their defaults), must be there."""
+        missing = {f.name for f in fields(cls)} - set(data) - _ADDED_FIELDS
+        if missing:
+            raise ValueError(f"the training config lacks {sorted(missing)}")
         return config_from_dict(cls, data, "training config")
 
     def lr_at(self, step: int) -> float:

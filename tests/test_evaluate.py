@@ -38,6 +38,9 @@ class OracleModel:
             token = (token + 1) % task.vocab_size
         return np.eye(task.vocab_size)[token]
 
+    def memory_per_sequence(self, length, capacity, training):
+        return None  # holds histories only
+
     def forward(self, params, tokens, capacity, return_state):
         histories = [list(map(int, row)) for row in tokens]
         logits = np.stack([[self._logits(h)] for h in histories])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def edit_metadata(path: Path, **changes: str) -> None:
     with safe_open(str(path), framework="np") as f:
         metadata = dict(f.metadata())
     for key, value in changes.items():
-        if key in ("task", "steps"):
+        if key in ("task", "steps"):  # fields of the training config
             train = json.loads(metadata["train_config"]) | {key: value}
             metadata["train_config"] = json.dumps(train)
         else:
@@ -175,3 +176,88 @@ def test_python_dash_m_and_version():
     )
     assert done.returncode == 0 and done.stdout.startswith("pntm "), done.stderr
     assert "``" not in cli("tasks", "--help").output
+
+
+@pytest.mark.parametrize(
+    "outputs,fragment",
+    [
+        (("--json", "RUN/checkpoint.safetensors"), "checkpoint.safetensors"),
+        (("--plot", "RUN/checkpoint.safetensors"), "checkpoint.safetensors"),
+        (("--json", "RUN/metrics.jsonl"), "metrics.jsonl"),
+        (("--json", "RUN/eval.json"), "eval.json"),
+        (("--json", "RUN/same.out", "--plot", "RUN/same.out"), "must differ"),
+        (("--json", ""), "empty path"),
+    ],
+    ids=["json-checkpoint", "plot-checkpoint", "metrics", "eval-json", "same-file", "empty"],
+)
+def test_eval_outputs_never_replace_the_run(fresh_run, outputs, fragment):
+    before = snapshot(fresh_run)
+    args = [str(fresh_run) + a[3:] if a.startswith("RUN/") else a for a in outputs]
+    result = cli("eval", fresh_run, *args, "--samples", "2", "--lengths", "2")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert fragment in result.output
+    assert snapshot(fresh_run) == before
+
+
+def test_a_full_disk_is_an_error_line(fresh_run, monkeypatch):
+    """A write that fails (disk full) during training or evaluation: one Error line; the
+    checkpoint written before is intact."""
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device")
+
+    before = (fresh_run / CHECKPOINT_NAME).read_bytes()
+    monkeypatch.setattr("safetensors.numpy.save_file", full)
+    result = cli("train", "--resume", fresh_run, "--steps", "12", "--quiet")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert (fresh_run / CHECKPOINT_NAME).read_bytes() == before
+    for name in ("eval.json",):
+        (fresh_run / name).unlink()
+    monkeypatch.setattr(
+        "pntm.evaluate.atomic_write", lambda *a: (_ for _ in ()).throw(OSError(28, "No space"))
+    )
+    result = cli("eval", fresh_run, "--samples", "2", "--lengths", "2")
+    assert_refused(result, "cannot write the evaluation", "No space")
+
+
+@pytest.mark.parametrize(
+    "changes,fragment",
+    [
+        ({"optimizer_step": "abc"}, "optimizer_step 'abc'"),
+        ({"optimizer_step": "-5"}, "optimizer_step '-5'"),
+    ],
+)
+def test_edited_optimizer_steps_are_refused(fresh_run, changes, fragment):
+    edit_metadata(fresh_run / CHECKPOINT_NAME, **changes)
+    assert_refused(cli("eval", fresh_run, "--samples", "2"), fragment)
+
+
+def test_non_finite_and_incomplete_checkpoints_are_refused(fresh_run):
+    path = fresh_run / CHECKPOINT_NAME
+    with safe_open(str(path), framework="np") as f:
+        metadata = dict(f.metadata())
+    tensors = load_file(str(path))
+    name = next(k for k in tensors if k.startswith("params."))
+    original = tensors[name]
+    tensors[name] = original.copy()
+    tensors[name].flat[0] = float("nan")
+    save_file(tensors, str(path), metadata=metadata)
+    assert_refused(cli("eval", fresh_run, "--samples", "2"), "non-finite", name)
+    train = json.loads(metadata["train_config"])
+    del train["seed"]
+    save_file(tensors | {name: original}, str(path),
+              metadata=metadata | {"train_config": json.dumps(train)})  # fmt: skip
+    assert_refused(cli("train", "--resume", fresh_run, "--quiet"), "lacks ['seed']")
+
+
+def test_resume_from_a_copy_beside_another_run_is_refused(fresh_run):
+    shutil.copy(fresh_run / CHECKPOINT_NAME, fresh_run / "other.safetensors")
+    before = snapshot(fresh_run)
+    result = cli("train", "--resume", fresh_run / "other.safetensors", "--quiet")
+    assert_refused(result, "holds another run")
+    assert snapshot(fresh_run) == before
+
+
+def test_out_cannot_be_empty():
+    assert "empty path" in cli("train", *TINY, "--out", "").output

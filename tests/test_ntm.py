@@ -359,9 +359,10 @@ def test_cli_trains_and_evaluates_an_ntm(tmp_path: Path):
         banner="ntm (LSTM 8, 2 read + 1 write heads",
         model_config=NTMConfig(vocab_size=6, d_model=8, head_dim=4, read_heads=2).to_dict(),
     )
-    # without --json, eval writes the run's eval.json
+    # without --json, eval writes a new eval-DATE-TIME-PID.json beside the run's eval.json
     result = checks.run_cli("eval", out, "--backend", "numpy", "--lengths", "2,3", "--samples", "3")
     assert result.exit_code == 0, result.output
-    rows = json.loads((out / "eval.json").read_text())["results"]
+    (written,) = out.glob("eval-*.json")
+    rows = json.loads(written.read_text())["results"]
     assert [r["length"] for r in rows] == [2, 3]
     checks.cli_refuses(tmp_path, "pntm", "--read-heads", "2")

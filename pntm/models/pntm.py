@@ -38,6 +38,7 @@ from pntm.models.layers import (
 )
 
 HEAD_MODES = ("soft", "hard")
+MIN_TEMPERATURE = 1e-3
 ACTIVATIONS = ("tanh", "linear")
 RESET_GATE_BIAS = -2.0  # heads start mostly moving, rarely resetting (prototype setting)
 
@@ -229,7 +230,7 @@ class PNTMDecoding:
         choices=("auto", *HEAD_MODES),
     )
     temperature: float = option(
-        1.0, "Temperature of the shift and gate logits (soft heads).", minimum=0, min_open=True
+        1.0, "Temperature of the shift and gate logits (soft heads).", minimum=MIN_TEMPERATURE
     )
 
 
@@ -564,4 +565,5 @@ def _check_slots(n_slots: int) -> None:
 def _check_heads(heads: str, temperature: float) -> None:
     if heads not in HEAD_MODES:
         raise ValueError(f"heads must be one of {HEAD_MODES}, got {heads!r}")
-    check_finite(temperature, "temperature", 0, low_open=True)
+    # below 1e-3 the logits / temperature of float32 backends overflow to inf, and NaN heads
+    check_finite(temperature, "temperature", MIN_TEMPERATURE)
