@@ -639,7 +639,7 @@ def eval_command(checkpoint_path: Path, **opts: Any) -> None:
     except ValueError as exc:
         raise click.ClickException(f"--slots {slots}: {exc}" if slots else str(exc)) from exc
     _refuse_foreign(opts, DECODE_OPTIONS, ckpt.model)
-    json_path = opts["json_path"] or run.unique_eval_paths(checkpoint_path.parent)[0]
+    json_path = opts["json_path"] or run.unique_eval_path(checkpoint_path.parent)
     plot_path = opts["plot_path"] or json_path.with_suffix(".png")
     _checked(run.check_output_files, [json_path, plot_path])  # now, not after evaluating
     backend_name, ops = _ops(opts["backend"], train=False)

@@ -87,9 +87,16 @@ def evaluate(
     the model's :meth:`decode_mode`, ``capacity`` None = the sequence length. Samples go
     through the model ``batch_size`` at a time, or fewer where that would not fit in memory."""
     check_capacity(task, lengths, capacity)
-    for length in lengths:  # a length that cannot fit fails before any is evaluated
-        size = capacity or task.sequence_length(length)
-        sequences_that_fit(model, task.prompt_length(length), size, False, 1)
+    per_pass = {  # a length that cannot fit fails here, before any is evaluated
+        length: sequences_that_fit(
+            model,
+            task.prompt_length(length),
+            capacity or task.sequence_length(length),
+            False,
+            batch_size,
+        )
+        for length in lengths
+    }
     mode = mode or {}
     results = []
     for length in lengths:
@@ -97,18 +104,17 @@ def evaluate(
         seqs = np.array([task.sequence(rng, length) for _ in range(samples)])
         prompt_len = task.prompt_length(length)
         size = capacity or task.sequence_length(length)
-        per_pass = sequences_that_fit(model, prompt_len, size, False, batch_size)
         predicted = np.concatenate(
             [
                 greedy_decode(
                     model,
                     params,
-                    seqs[i : i + per_pass, :prompt_len],
+                    seqs[i : i + per_pass[length], :prompt_len],
                     seqs.shape[1] - prompt_len,
                     size,
                     mode,
                 )
-                for i in range(0, samples, per_pass)
+                for i in range(0, samples, per_pass[length])
             ]
         )
         correct = predicted == seqs[:, prompt_len:]

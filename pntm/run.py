@@ -112,15 +112,15 @@ def locked(run_dir: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def unique_eval_paths(run_dir: Path) -> tuple[Path, Path]:
-    """Default outputs of a later ``pntm eval`` of this run: new names (date, time and
-    process id, so that evaluations started together differ), so that the evaluation written
-    by training (``eval.json``, ``eval.png``) and earlier ones are kept."""
+def unique_eval_path(run_dir: Path) -> Path:
+    """Default JSON output of a later ``pntm eval`` of this run (its plot: the same name with
+    ``.png``): a new name (date, time and process id, so that evaluations started together
+    differ), so that the evaluation written by training (``eval.json``, ``eval.png``) and
+    earlier ones are kept."""
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     for attempt in range(1000):
         suffix = f"-{attempt}" if attempt else ""
         json_path = run_dir / f"eval-{stamp}{suffix}.json"
-        plot_path = json_path.with_suffix(".png")
-        if not json_path.exists() and not plot_path.exists():
-            return json_path, plot_path
+        if not json_path.exists() and not json_path.with_suffix(".png").exists():
+            return json_path
     raise RunDirectoryError(f"no free evaluation file name in {str(run_dir)!r}")

@@ -177,25 +177,25 @@ class Trainer:
         """Fail now, naming the longest training length that fits, when one sequence of the
         longest padded batch (N = T slots) does not fit in memory."""
 
-        def fits(train_length: int) -> bool:
+        def check(train_length: int) -> None:
             widest = self.task.sequence_length(train_length) - 1
+            sequences_that_fit(self.model, widest, widest, True, 1)
+
+        def fits(train_length: int) -> bool:
             try:
-                sequences_that_fit(self.model, widest, widest, True, 1)
+                check(train_length)
             except MemoryError:
                 return False
             return True
 
         length = self.config.train_length
-        if fits(length):
-            return
-        low, high = 0, length  # fits(low) (0: none known), not fits(high)
-        while high - low > 1:
-            mid = (low + high) // 2
-            low, high = (mid, high) if fits(mid) else (low, mid)
-        widest = self.task.sequence_length(length) - 1
         try:
-            sequences_that_fit(self.model, widest, widest, True, 1)
+            check(length)
         except MemoryError as exc:
+            low, high = 0, length  # fits(low) (0: none known), not fits(high)
+            while high - low > 1:
+                mid = (low + high) // 2
+                low, high = (mid, high) if fits(mid) else (low, mid)
             advice = f"the longest train_length that fits is {low}" if low else "a smaller model"
             raise MemoryError(f"train_length {length}: {exc}; {advice}") from None
 
@@ -311,8 +311,6 @@ class Trainer:
             )
             for part in passes
         ]
-        if len(parts) == 1 and self.group.size == 1:
-            parts[0] = (*parts[0][:4], 1.0)  # exactly the plain mean (no multiply by ~1)
         loss, logits, grad_norm = self.apply(parts, capacity, mode, lr)
         predicted = np.concatenate([ops.to_numpy(ops.argmax(x, -1)) for x in logits])
         own = self.rows

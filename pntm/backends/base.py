@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import math
 import os
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -57,8 +58,21 @@ class ProcessGroup:
         return self.rank == 0
 
     def sum(self, arrays: list[Array]) -> list[Array]:
-        """Elementwise sums over every process of each array (one collective for all)."""
-        return arrays
+        """Elementwise sums over every process of each array: one collective for all of them,
+        on their concatenation (:meth:`_sum_flat`)."""
+        if self.size == 1 or not arrays:
+            return arrays
+        flat = self._sum_flat([a.reshape(-1) for a in arrays])
+        out, offset = [], 0
+        for a in arrays:
+            n = math.prod(a.shape)
+            out.append(flat[offset : offset + n].reshape(a.shape))
+            offset += n
+        return out
+
+    def _sum_flat(self, pieces: list[Array]) -> Array:
+        """The sum over every process of the concatenation of 1-D ``pieces``."""
+        raise NotImplementedError(f"{type(self).__name__} has no collective")
 
     def sum_floats(self, values: Sequence[float]) -> list[float]:
         """Sums over every process of a few host numbers (metrics)."""

@@ -256,15 +256,8 @@ class MLXProcessGroup(ProcessGroup):
         self.rank, self.size = group.rank(), group.size()
         self.engine = "mlx.distributed"
 
-    def sum(self, arrays: list[Array]) -> list[Array]:
-        if not arrays:
-            return arrays
-        flat = self._all_sum(mx.concatenate([a.reshape(-1) for a in arrays]))  # one for all
-        out, offset = [], 0
-        for a in arrays:
-            out.append(flat[offset : offset + a.size].reshape(a.shape))
-            offset += a.size
-        return out
+    def _sum_flat(self, pieces: list[Array]) -> Array:
+        return self._all_sum(mx.concatenate(pieces))
 
     def sum_floats(self, values: Sequence[float]) -> list[float]:
         total = self._all_sum(mx.array(list(values), dtype=mx.float32))

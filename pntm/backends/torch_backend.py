@@ -299,16 +299,10 @@ class TorchProcessGroup(ProcessGroup):
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.engine = f"torch.distributed ({backend})"
 
-    def sum(self, arrays: list[Array]) -> list[Array]:
-        if not arrays:
-            return arrays
-        flat = torch.cat([a.reshape(-1) for a in arrays])  # one collective for all of them
+    def _sum_flat(self, pieces: list[Array]) -> Array:
+        flat = torch.cat(pieces)
         self._all_reduce(flat)
-        out, offset = [], 0
-        for a in arrays:
-            out.append(flat[offset : offset + a.numel()].view_as(a))
-            offset += a.numel()
-        return out
+        return flat
 
     def sum_floats(self, values: Sequence[float]) -> list[float]:
         buffer = torch.tensor(list(values), dtype=torch.float64, device=self.device)
