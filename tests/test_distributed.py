@@ -49,6 +49,7 @@ TRAIN = [
     "train", "--task", "copy", "--steps", str(STEPS), "--batch-size", "6",
     "--train-length", "4", "--head-noise", "1", "--log-every", "1", "--no-eval", "--quiet",
 ]  # fmt: skip
+HAS_PROC = Path("/proc/self/environ").exists()  # Linux: _rank_pids reads the ranks there
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
@@ -142,12 +143,26 @@ def test_a_run_resumes_on_another_number_of_processes(engine, processes, single,
     first, then = processes
     proc = start(command(engine, first, tmp_path))
     wait_for_step(tmp_path, 3, proc)
-    os.killpg(proc.pid, signal.SIGINT)
+    if engine == "mlx" and first > 1:
+        # Signal the ranks, not mlx.launch: mlx.launch 0.32 has no SIGINT handler, and a
+        # KeyboardInterrupt that lands while its main thread holds an output queue's lock
+        # leaves that lock taken, so its relay thread blocks forever after the ranks exit
+        # (seen in CI and reproduced here: 1 run in 7 under load). That is a hang of the
+        # launcher alone; pntm's part, every rank stopping at one step boundary with a
+        # checkpoint, is what this test checks.
+        if not HAS_PROC:
+            pytest.skip("finds the ranks in /proc, which this system lacks")
+        pids = _rank_pids(tmp_path)
+        assert set(pids) == {0, 1}, pids
+        for pid in pids.values():
+            os.kill(pid, signal.SIGINT)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
     output = proc.communicate(timeout=120)[0]
     if engine == "mlx" and first > 1:
-        # mlx.launch, interrupted too, stops relaying its processes' output and exits 0
-        # whatever they do; it does report their exit codes
-        assert "rank 0 exited with code 130" in output, output
+        # mlx.launch exits 0 whatever its processes do; it reports their exit codes, and
+        # stops the other rank once one has exited
+        assert "exited with code 130" in output, output
     else:
         assert "stopped by SIGINT at step" in output, output
         assert proc.returncode == (130 if first == 1 else 1), output  # torchrun: 1
@@ -175,7 +190,7 @@ def _rank_pids(out: Path) -> dict[int, int]:
     return found
 
 
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds ranks in /proc")
+@pytest.mark.skipif(not HAS_PROC, reason="finds the ranks in /proc")
 @pytest.mark.parametrize("engine", ENGINES)
 def test_killing_one_process_ends_the_job(engine, tmp_path):
     """SIGKILL to rank 1 mid-run: within a minute the job is over and says why, with no
