@@ -25,6 +25,10 @@ CONFIGS = {
     "read-lag-content": dict(
         d_model=8, n_layers=2, n_heads=2, head_dim=3, read_lag=2, content=True, gated_write=True
     ),
+    # lags 1, 3, 5: one home per read head, wrapping around for N < 6
+    "staggered-read-lags": dict(
+        d_model=8, n_layers=2, n_heads=3, head_dim=3, read_lag=1, read_lag_step=2, gated_write=True
+    ),
 }
 # (batch, T, n_slots): T=1, N=1, N < 2S+1, N > T, odd everything
 SHAPES = [(1, 1, 1), (2, 9, 1), (3, 11, 4), (2, 13, 13), (1, 24, 31)]
@@ -116,6 +120,43 @@ def test_read_lag_reads_the_previous_write(ops):
         position = model.move_head(state["read"], moves[:, t], stay[:, t], lag=1)
         state = {"read": position}
         assert np.array_equal(ops.to_numpy(position).argmax(-1), np.full((B, K), t % N))
+
+
+def test_staggered_read_lags_read_a_window_of_the_last_writes(ops):
+    """With ``read_lag_step`` 1 and every head moving +1 on every token (hard heads), read head
+    k returns what write head k wrote k steps earlier (an empty slot before the first write),
+    in both forms: K heads read the window of the last K writes."""
+    config = PNTMConfig(
+        vocab_size=checks.VOCAB,
+        d_model=8,
+        n_layers=1,
+        n_heads=3,
+        head_dim=2,
+        read_lag_step=1,
+        add_activation="linear",
+        overwrite=True,
+    )
+    assert config.read_lags == (0, 1, 2)
+    model = PNTM(config, ops)
+    B, T, N, K, D = 2, 8, 11, 3, 2
+    plus_one = np.zeros((B, T, K, 3))
+    plus_one[..., 2] = 1.0
+    moves, stay = ops.asarray(plus_one), ops.asarray(np.zeros((B, T, K)))
+    write = model.head_positions(moves, stay, N, heads="hard")
+    read = model.head_positions(moves, stay, N, heads="hard", lag=config.read_lags)
+    adds = np.random.default_rng(1).normal(size=(B, T, K, D))
+    reads, _ = ops.memory_scan_read(
+        write, ops.asarray(np.ones((B, T, K, D))), ops.asarray(adds), read, None
+    )
+    want = np.zeros((B, T, K, D))
+    for k in range(K):
+        want[:, k:, k] = adds[:, : T - k, k]
+    np.testing.assert_allclose(ops.to_numpy(reads), want, atol=1e-6)
+    state = model.init_state(B, N)[0]
+    for t in range(T):
+        state = {"read": model.move_head(state["read"], moves[:, t], stay[:, t], config.read_lags)}
+        slots = ops.to_numpy(state["read"]).argmax(-1)
+        assert np.array_equal(slots, np.broadcast_to((t + 1 - np.arange(K)) % N, (B, K)))
 
 
 def test_hard_heads_from_the_controller_are_one_hot(ops):

@@ -40,6 +40,7 @@ from pntm.models.layers import (
 HEAD_MODES = ("soft", "hard")
 MIN_TEMPERATURE = 1e-3
 ACTIVATIONS = ("tanh", "linear")
+Lags = int | tuple[int, ...]  # a home's lag: one for every head, or one per head
 RESET_GATE_BIAS = -2.0  # heads start mostly moving, rarely resetting (prototype setting)
 
 
@@ -133,10 +134,20 @@ class PNTMConfig(ModelConfig):
         "read head moving with its write head reads what was written read_lag steps earlier.",
         minimum=0,
     )
+    # Staggered homes: read head k of a block lags read_lag + k * read_lag_step slots, so K read
+    # heads moving together see a window of the last K written tokens at once (the lagged
+    # operand bits a_i, a_(i-1), a_(i-2) of a column sum). The same DFT argument, one home per
+    # head: still affine.
+    read_lag_step: int = option(
+        0,
+        "Read head k (0..K-1) of each block starts at and resets to slot -(read_lag + k x "
+        "read_lag_step): K heads moving together read a window of the last K writes.",
+        minimum=0,
+    )
 
     def __post_init__(self) -> None:
         check_ints(self, ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "mlp_ratio"))
-        check_ints(self, ("max_shift", "read_lag"), minimum=0)
+        check_ints(self, ("max_shift", "read_lag", "read_lag_step"), minimum=0)
         check_finite(self.velocity_prior, "velocity_prior")
         if self.velocity_prior and self.max_shift < 1:
             raise ValueError(
@@ -158,6 +169,11 @@ class PNTMConfig(ModelConfig):
         check_finite(self.hard_mix, "hard_mix", 0)
         check_finite(self.head_noise, "head_noise", 0)
         check_finite(self.noise_until, "noise_until", 0, 1, low_open=True)
+
+    @property
+    def read_lags(self) -> tuple[int, ...]:
+        """Each read head's lag: how many slots behind slot 0 its home is."""
+        return tuple(self.read_lag + k * self.read_lag_step for k in range(self.n_heads))
 
     def summary(self) -> str:
         return f"{self.n_layers} blocks x {self.n_heads} memories"
@@ -246,7 +262,7 @@ class PNTM(Model):
     def __init__(self, config: PNTMConfig, ops: Backend) -> None:
         super().__init__(config, ops)
         self._twiddles: dict[int, tuple[Array, Array]] = {}
-        self._homes: dict[tuple[int, int], Array] = {}
+        self._homes: dict[tuple[int, Lags], Array] = {}
 
     @staticmethod
     def init_params(config: PNTMConfig, seed: int = 0) -> dict[str, Any]:
@@ -304,7 +320,7 @@ class PNTM(Model):
 
     # ------------------------------------------------------------------ state
     def init_state(self, batch: int, capacity: int) -> list[dict[str, Array]]:
-        """Heads at home (write heads on slot 0, read heads ``read_lag`` slots behind), memories
+        """Heads at home (write heads on slot 0, read heads their lags behind), memories
         empty: the state before the first token."""
         n_slots = capacity
         _check_slots(n_slots)
@@ -313,7 +329,7 @@ class PNTM(Model):
         return [
             {
                 "write": ops.asarray(at_home + _home_delta(n_slots, 0)),
-                "read": ops.asarray(at_home + _home_delta(n_slots, c.read_lag)),
+                "read": ops.asarray(at_home + _home_delta(n_slots, c.read_lags)),
                 "memory": ops.asarray(np.zeros((batch, c.n_heads, n_slots, c.head_dim))),
             }
             for _ in range(c.n_layers)
@@ -404,12 +420,13 @@ class PNTM(Model):
         n_slots: int,
         start: Array | None = None,
         heads: str = "soft",
-        lag: int = 0,
+        lag: Lags = 0,
     ) -> Array:
         """All head distributions ``w_t`` (B, T, K, N) of SPEC §2 by a scan in Fourier space:
         ``hat w_t(k) = (1 - g_t) hat s_t(k) hat w_{t-1}(k) + g_t hat h(k)`` (SPEC §3), with the
         home ``h = delta_{-lag}`` (``hat h(k) = exp(2 pi i k lag / N)``; 1 at lag 0) as the
-        reset target and, without ``start``, as ``w_0``.
+        reset target and, without ``start``, as ``w_0``; ``lag`` is one lag for every head or
+        one per head.
 
         With hard heads every ``w_t`` is one-hot in exact arithmetic, but the float32 FFT
         route leaves it up to ~1e-3 off at long T; it is snapped to the one-hot of its argmax
@@ -420,7 +437,8 @@ class PNTM(Model):
         keep = (1 - gate)[..., None]
         spec_re, spec_im = ops.matmul(shift, cos), -ops.matmul(shift, sin)
         a = ops.complex(keep * spec_re, keep * spec_im)
-        home = 2 * np.pi * (lag % n_slots) * np.arange(n_slots // 2 + 1) / n_slots
+        lags = np.asarray(lag)[..., None] % n_slots  # (1,) or (K, 1): one home per head
+        home = 2 * np.pi * lags * np.arange(n_slots // 2 + 1) / n_slots
         home_re, home_im = np.cos(home), np.sin(home)
         g = gate[..., None]
         b = ops.complex(g * ops.asarray(home_re), g * ops.asarray(home_im))
@@ -466,7 +484,7 @@ class PNTM(Model):
                     n_slots,
                     prev.get(head),
                     heads,
-                    lag=self.config.read_lag if head == "read" else 0,
+                    lag=self.config.read_lags if head == "read" else 0,
                 )
                 for head in ("write", "read")
             )
@@ -498,13 +516,14 @@ class PNTM(Model):
         return out
 
     # ------------------------------------------------------------------ recurrent (step) form
-    def _home(self, n_slots: int, lag: int) -> Array:
+    def _home(self, n_slots: int, lag: Lags) -> Array:
         if (n_slots, lag) not in self._homes:
             self._homes[n_slots, lag] = self.ops.asarray(_home_delta(n_slots, lag))
         return self._homes[n_slots, lag]
 
-    def move_head(self, position: Array, shift: Array, gate: Array, lag: int = 0) -> Array:
-        """``w_t = (1 - g) (s ⊛ w_{t-1}) + g delta_{-lag}`` in slot space (SPEC §2)."""
+    def move_head(self, position: Array, shift: Array, gate: Array, lag: Lags = 0) -> Array:
+        """``w_t = (1 - g) (s ⊛ w_{t-1}) + g delta_{-lag}`` in slot space (SPEC §2); ``lag``: one
+        for every head or one per head."""
         ops, S = self.ops, self.config.max_shift
         moved = None
         for j in range(-S, S + 1):
@@ -531,7 +550,7 @@ class PNTM(Model):
             write = self.move_head(prev["write"], ctl["write_shift"], ctl["write_gate"])
             memory = ops.decay_write(prev["memory"], write, ctl["erase"], ctl["add"])
             read = self.move_head(
-                prev["read"], ctl["read_shift"], ctl["read_gate"], self.config.read_lag
+                prev["read"], ctl["read_shift"], ctl["read_gate"], self.config.read_lags
             )
             reads = read_step(ops, memory, read, *self._content(ctl))
             x = self._residual(block, x, reads)
@@ -539,9 +558,10 @@ class PNTM(Model):
         return output_logits(ops, params, x), new_state
 
 
-def _home_delta(n_slots: int, lag: int) -> np.ndarray:
-    """A head's home ``delta_{-lag}`` over ``n_slots`` slots (circular)."""
-    return np.eye(n_slots)[-lag % n_slots]
+def _home_delta(n_slots: int, lag: Lags) -> np.ndarray:
+    """The home ``delta_{-lag}`` over ``n_slots`` slots (circular): (N,) for one lag, (K, N)
+    for one per head."""
+    return np.eye(n_slots)[-np.asarray(lag) % n_slots]
 
 
 def _straight_through_one_hot(ops: Backend, probs: Array) -> Array:
