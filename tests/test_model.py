@@ -88,75 +88,47 @@ def test_hard_heads_are_exactly_the_discrete_machine(ops, T, n_slots, lag):
     assert np.array_equal(got, np.eye(n_slots)[want])
 
 
-def test_read_lag_reads_the_previous_write(ops):
-    """With ``read_lag`` 1 and both heads of a block moving +1 on every token (hard heads),
-    each read returns what was written one step earlier (the first read finds an empty
-    slot): the previous-token read of an induction circuit, in both forms."""
+# (read_lag, read_lag_step, K) -> lags: (1, 1) the previous-token read of an induction circuit,
+# (0, 1, 2) a window of the last three writes, (1, 3, 5) homes that wrap around to slots 12, 10
+# and 8 of N = 13 (N > T + lag: no slot is written twice, so each read has one right answer)
+@pytest.mark.parametrize("lag,lag_step,K,N", [(1, 0, 2, 9), (0, 1, 3, 11), (1, 2, 3, 13)])
+def test_read_lags_read_earlier_writes(ops, lag, lag_step, K, N):
+    """With every head of a block moving +1 on every token (hard heads), read head k returns
+    what write head k wrote ``read_lag + k * read_lag_step`` steps earlier (an empty slot
+    before the first write), in both forms."""
     config = PNTMConfig(
         vocab_size=checks.VOCAB,
         d_model=8,
         n_layers=1,
-        n_heads=2,
+        n_heads=K,
         head_dim=3,
-        read_lag=1,
+        read_lag=lag,
+        read_lag_step=lag_step,
         add_activation="linear",
         overwrite=True,
     )
+    lags = config.read_lags
+    assert lags == tuple(lag + k * lag_step for k in range(K))
     model = PNTM(config, ops)
-    B, T, N, K, D = 2, 7, 9, 2, 3
-    rng = np.random.default_rng(0)
-    plus_one = np.zeros((B, T, K, 3))
-    plus_one[..., 2] = 1.0
-    moves, stay = ops.asarray(plus_one), ops.asarray(np.zeros((B, T, K)))
-    write, read = (model.head_positions(moves, stay, N, heads="hard", lag=lag) for lag in (0, 1))
-    adds = rng.normal(size=(B, T, K, D))
-    reads, _ = ops.memory_scan_read(
-        write, ops.asarray(np.ones((B, T, K, D))), ops.asarray(adds), read, None
-    )
-    want = np.concatenate([np.zeros((B, 1, K, D)), adds[:, :-1]], axis=1)
-    np.testing.assert_allclose(ops.to_numpy(reads), want, atol=1e-6)
-    state = model.init_state(B, N)[0]
-    for t in range(T):
-        position = model.move_head(state["read"], moves[:, t], stay[:, t], lag=1)
-        state = {"read": position}
-        assert np.array_equal(ops.to_numpy(position).argmax(-1), np.full((B, K), t % N))
-
-
-def test_staggered_read_lags_read_a_window_of_the_last_writes(ops):
-    """With ``read_lag_step`` 1 and every head moving +1 on every token (hard heads), read head
-    k returns what write head k wrote k steps earlier (an empty slot before the first write),
-    in both forms: K heads read the window of the last K writes."""
-    config = PNTMConfig(
-        vocab_size=checks.VOCAB,
-        d_model=8,
-        n_layers=1,
-        n_heads=3,
-        head_dim=2,
-        read_lag_step=1,
-        add_activation="linear",
-        overwrite=True,
-    )
-    assert config.read_lags == (0, 1, 2)
-    model = PNTM(config, ops)
-    B, T, N, K, D = 2, 8, 11, 3, 2
+    B, T, D = 2, 7, 3
     plus_one = np.zeros((B, T, K, 3))
     plus_one[..., 2] = 1.0
     moves, stay = ops.asarray(plus_one), ops.asarray(np.zeros((B, T, K)))
     write = model.head_positions(moves, stay, N, heads="hard")
-    read = model.head_positions(moves, stay, N, heads="hard", lag=config.read_lags)
-    adds = np.random.default_rng(1).normal(size=(B, T, K, D))
+    read = model.head_positions(moves, stay, N, heads="hard", lag=lags)
+    adds = np.random.default_rng(0).normal(size=(B, T, K, D))
     reads, _ = ops.memory_scan_read(
         write, ops.asarray(np.ones((B, T, K, D))), ops.asarray(adds), read, None
     )
     want = np.zeros((B, T, K, D))
-    for k in range(K):
-        want[:, k:, k] = adds[:, : T - k, k]
+    for k, behind in enumerate(lags):
+        want[:, behind:, k] = adds[:, : T - behind, k]
     np.testing.assert_allclose(ops.to_numpy(reads), want, atol=1e-6)
     state = model.init_state(B, N)[0]
     for t in range(T):
-        state = {"read": model.move_head(state["read"], moves[:, t], stay[:, t], config.read_lags)}
+        state = {"read": model.move_head(state["read"], moves[:, t], stay[:, t], lags)}
         slots = ops.to_numpy(state["read"]).argmax(-1)
-        assert np.array_equal(slots, np.broadcast_to((t + 1 - np.arange(K)) % N, (B, K)))
+        assert np.array_equal(slots, np.broadcast_to((t + 1 - np.array(lags)) % N, (B, K)))
 
 
 def test_hard_heads_from_the_controller_are_one_hot(ops):
