@@ -269,8 +269,16 @@ class Backend(abc.ABC):
         return physical_memory()
 
     def process_group(self) -> ProcessGroup:
-        """The processes of this data-parallel run, joined on first use: the framework's own
-        collectives under its launcher (``torchrun``, ``mlx.launch``), else one process."""
+        """The processes of this data-parallel run, joined on first use (later calls return
+        the same group): the framework's own collectives under its launcher (``torchrun``,
+        ``mlx.launch``), else one process."""
+        group = getattr(self, "_process_group", None)  # backends have their own __init__
+        if group is None:
+            group = self._process_group = self._join_process_group()
+        return group
+
+    def _join_process_group(self) -> ProcessGroup:
+        """Join the launcher's group; one process unless the backend knows its launcher."""
         return ProcessGroup()
 
     # ------------------------------------------------------------------ memory-write arithmetic

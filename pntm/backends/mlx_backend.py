@@ -51,12 +51,10 @@ class MLXBackend(Backend):
             return int(info()["max_recommended_working_set_size"])
         return super().memory_limit()
 
-    def process_group(self) -> ProcessGroup:
-        if getattr(self, "_group", None) is None:
-            launched = any(name in os.environ for name in _LAUNCHER_VARIABLES)
-            group = mx.distributed.init() if launched else None
-            self._group = MLXProcessGroup(group) if group and group.size() > 1 else ProcessGroup()
-        return self._group
+    def _join_process_group(self) -> ProcessGroup:
+        launched = any(name in os.environ for name in _LAUNCHER_VARIABLES)
+        group = mx.distributed.init() if launched else None
+        return MLXProcessGroup(group) if group and group.size() > 1 else ProcessGroup()
 
     # creation and conversion
     def asarray(self, x: Any, dtype: Any = None) -> mx.array:

@@ -60,11 +60,9 @@ class TorchBackend(Backend):
             return int(torch.cuda.get_device_properties(self.device).total_memory)
         return super().memory_limit()
 
-    def process_group(self) -> ProcessGroup:
-        if getattr(self, "_group", None) is None:
-            world = int(os.environ.get("WORLD_SIZE", "1"))
-            self._group = TorchProcessGroup(self.device) if world > 1 else ProcessGroup()
-        return self._group
+    def _join_process_group(self) -> ProcessGroup:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return TorchProcessGroup(self.device) if world > 1 else ProcessGroup()
 
     # creation and conversion
     def asarray(self, x: Any, dtype: Any = None) -> torch.Tensor:
