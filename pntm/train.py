@@ -10,7 +10,7 @@ and stops with :class:`TrainingDiverged` at the first non-finite loss, gradient 
 
 Data parallel: under ``torchrun`` or ``mlx.launch`` every process builds the same global batch,
 trains on its rows, and the gradients are summed by the framework's collective in
-:meth:`Trainer.update`, weighted so that the result is the gradient of the global batch's loss;
+:meth:`Trainer.apply`, weighted so that the result is the gradient of the global batch's loss;
 rank 0 alone prints and writes.
 """
 
@@ -219,7 +219,7 @@ class Trainer:
         mode: dict[str, Any],
         noise: Any,
         lr: float,
-    ) -> tuple[Any, Any, float]:
+    ) -> tuple[float, Any, float]:
         """One optimizer update on one batch of backend arrays (one process, one pass):
         :meth:`apply` of that batch. Returns the loss, the logits and the gradient norm before
         clipping; finished on the device when it returns (the benchmarks time exactly this)."""
@@ -234,7 +234,7 @@ class Trainer:
         capacity: int,
         mode: dict[str, Any],
         lr: float,
-    ) -> tuple[Any, list[Any], float]:
+    ) -> tuple[float, list[Any], float]:
         """One optimizer update from ``parts`` of the global batch, each ``(tokens, labels,
         mask, noise, weight)`` with ``weight`` its share of the global batch's target tokens:
         the weighted sum of their gradients (and losses), summed over the process group (the
@@ -275,7 +275,7 @@ class Trainer:
         if not math.isfinite(total):
             raise TrainingDiverged(self.step + 1, "the update made the parameters non-finite")
         self.params, self.opt_state = params, opt_state
-        return loss, logits, grad_norm
+        return loss_value, logits, grad_norm
 
     def batch_at(self, step: int) -> tuple[Any, Any]:
         """The global batch of update ``step`` and its model noise: a function of (seed, step)
@@ -321,7 +321,7 @@ class Trainer:
         self.step += 1
         return {
             "step": self.step,
-            "loss": float(ops.to_numpy(loss)),
+            "loss": loss,
             "accuracy": correct / targets,
             "lr": lr,
             "grad_norm": grad_norm,
