@@ -39,10 +39,11 @@ def check_new(run_dir: Path) -> None:
     no run files."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirectoryError(f"run directory {str(run_dir)!r} exists and is not a directory")
-    if (run_dir / CHECKPOINT_NAME).exists() and not (run_dir / CHECKPOINT_NAME).is_file():
-        raise RunDirectoryError(f"{run_dir / CHECKPOINT_NAME} exists and is not a file")
-    if (run_dir / CHECKPOINT_NAME).exists():
-        raise RunExists(f"{run_dir / CHECKPOINT_NAME} exists: a run that can be resumed")
+    ckpt = run_dir / CHECKPOINT_NAME
+    if ckpt.exists():
+        if not ckpt.is_file():
+            raise RunDirectoryError(f"{ckpt} exists and is not a file")
+        raise RunExists(f"{ckpt} exists: a run that can be resumed")
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
     if found:
         raise RunDirectoryError(
