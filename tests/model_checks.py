@@ -178,16 +178,17 @@ def native_grads(
     params: dict[str, Any],
     data: tuple[np.ndarray, np.ndarray, np.ndarray],
     capacity: int | None = None,
+    **mode: Any,
 ) -> dict[str, np.ndarray]:
     """Gradients of the training loss (:func:`cross_entropy` of ``model.forward`` on ``ops``)
     on ``data`` = (tokens, targets, mask), by the backend's autodiff, with respect to every
     parameter (NumPy ``params``): flattened names (:func:`tree_flatten`) to NumPy arrays.
-    ``capacity`` defaults to the sequence length."""
+    ``capacity`` defaults to the sequence length; ``mode`` goes to ``forward`` (``heads``)."""
     tokens, targets, mask = (ops.asarray(x) for x in data)
     capacity = tokens.shape[1] if capacity is None else capacity
 
     def loss_fn(p: Any) -> Any:
-        return cross_entropy(ops, model.forward(p, tokens, capacity), targets, mask)
+        return cross_entropy(ops, model.forward(p, tokens, capacity, **mode), targets, mask)
 
     _, grads = ops.value_and_grad(loss_fn)(model.params_from_numpy(params))
     return {k: ops.to_numpy(v) for k, v in tree_flatten(grads).items()}

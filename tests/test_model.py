@@ -29,6 +29,20 @@ CONFIGS = {
     "staggered-read-lags": dict(
         d_model=8, n_layers=2, n_heads=3, head_dim=3, read_lag=1, read_lag_step=2, gated_write=True
     ),
+    # blocks 0 and 1 read by location only, block 2 by content too; priors that start the hard
+    # heads moving +1 and never resetting
+    "content-from-block": dict(
+        d_model=8,
+        n_layers=3,
+        n_heads=2,
+        head_dim=3,
+        content=True,
+        content_from_block=2,
+        read_lag=1,
+        overwrite=True,
+        velocity_prior=6.0,
+        reset_prior=-6.0,
+    ),
 }
 # (batch, T, n_slots): T=1, N=1, N < 2S+1, N > T, odd everything
 SHAPES = [(1, 1, 1), (2, 9, 1), (3, 11, 4), (2, 13, 13), (1, 24, 31)]
@@ -154,8 +168,8 @@ def test_velocity_prior_biases_the_plus_one_shift(max_shift):
     b0 = init_params(base, 0)["blocks"][0]["ctrl_b"].reshape(3, -1)
     b1 = init_params(biased, 0)["blocks"][0]["ctrl_b"].reshape(3, -1)
     changed = np.argwhere(b1 != b0)
-    offsets = {name: i for i, (name, _) in enumerate(base.controller_fields())}
-    starts = np.cumsum([0] + [n for _, n in base.controller_fields()])
+    offsets = {name: i for i, (name, _) in enumerate(base.controller_fields(0))}
+    starts = np.cumsum([0] + [n for _, n in base.controller_fields(0)])
     plus_one = [starts[offsets[h]] + max_shift + 1 for h in ("write_shift", "read_shift")]
     assert sorted({int(c) for c in changed[:, 1]}) == sorted(plus_one)
     assert len(changed) == 2 * 3
@@ -219,10 +233,90 @@ def test_bad_arguments_are_named(bad):
         ("vocab_size", 2.0),
         ("velocity_prior", float("nan")),
         ("velocity_prior", "fast"),
+        ("reset_prior", float("inf")),
+        ("hard_move_grad", -0.5),
+        ("content_from_block", -1),
+        ("content_from_block", 1.5),
     ],
 )
 def test_bad_config_is_named(field, value):
     checks.config_refused(PNTMConfig, {field: value}, field)
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (dict(content_from_block=1), r"content_from_block 1 needs content reads"),
+        (dict(content=True, content_from_block=2), r"content_from_block 2 leaves none of the 2"),
+    ],
+)
+def test_content_from_block_needs_a_block_that_reads_by_content(changes, match):
+    with pytest.raises(ValueError, match=match):
+        PNTMConfig(vocab_size=5, n_layers=2, **changes)
+
+
+def test_blocks_below_content_from_block_have_no_content_controls():
+    """Blocks below ``content_from_block`` have no key, strength or mix outputs (their
+    controller is narrower by D + 2 per memory); the blocks from it on have them."""
+    config = PNTMConfig(
+        vocab_size=5, n_layers=3, n_heads=2, head_dim=4, content=True, content_from_block=1
+    )
+    names = [[name for name, _ in config.controller_fields(b)] for b in range(3)]
+    assert "key" not in names[0] and "beta" not in names[0] and "gamma" not in names[0]
+    assert names[1][-3:] == names[2][-3:] == ["key", "beta", "gamma"]
+    widths = [block["ctrl_b"].size for block in init_params(config, 0)["blocks"]]
+    assert widths[1] - widths[0] == widths[2] - widths[0] == 2 * (4 + 2)
+
+
+def test_reset_prior_biases_the_reset_gates():
+    """The reset prior is the initial bias of every write and read head's reset-gate logit;
+    its default is the prototype's -2, and the content mix keeps its own -2."""
+    config = PNTMConfig(vocab_size=5, n_heads=3, content=True, reset_prior=-6.0)
+    starts = np.cumsum([0] + [n for _, n in config.controller_fields(0)])
+    where = {name: starts[i] for i, (name, _) in enumerate(config.controller_fields(0))}
+    bias = init_params(config, 0)["blocks"][0]["ctrl_b"].reshape(3, -1)
+    assert np.all(bias[:, where["write_gate"]] == -6.0)
+    assert np.all(bias[:, where["read_gate"]] == -6.0)
+    assert np.all(bias[:, where["gamma"]] == -2.0)
+    default = PNTMConfig(vocab_size=5, n_heads=3, content=True)
+    assert default.reset_prior == -2.0
+
+
+def test_hard_move_grad_scales_the_gradient_of_hard_moves_only():
+    """With hard heads the forward pass does not depend on ``hard_move_grad``; the gradient of
+    the controller's shift and reset-gate outputs is scaled by it (exactly 0 at 0), and that of
+    its other outputs (erase, add) is unchanged. One block, so that no scaled move lies between
+    a parameter and the loss other than its own."""
+    torch_ops = checks.float64_torch(scan="sequential")
+    base = dict(d_model=8, n_layers=1, n_heads=2, head_dim=3, velocity_prior=1.0)
+    data = checks.loss_data(T=9)
+    tokens = torch_ops.asarray(data[0])
+    logits, grads = {}, {}
+    for scale in (0.0, 0.5, 1.0):
+        config = PNTMConfig(vocab_size=checks.VOCAB, hard_move_grad=scale, **base)
+        model = PNTM(config, torch_ops)
+        params = init_params(config, 3)
+        logits[scale] = torch_ops.to_numpy(
+            model.forward(model.params_from_numpy(params), tokens, 7, heads="hard")
+        )
+        grads[scale] = checks.native_grads(torch_ops, model, params, data, 7, heads="hard")
+    assert np.array_equal(logits[0.0], logits[1.0]) and np.array_equal(logits[0.5], logits[1.0])
+    config = PNTMConfig(vocab_size=checks.VOCAB, **base)
+    sizes = config.controller_fields(0)
+    starts = np.cumsum([0] + [n for _, n in sizes])
+    width = starts[-1]
+    moves = np.zeros(width, bool)
+    for i, (name, _) in enumerate(sizes):
+        moves[starts[i] : starts[i + 1]] = name.endswith(("_shift", "_gate"))
+    moves = np.tile(moves, config.n_heads)
+    for name in ("blocks.0.ctrl_w", "blocks.0.ctrl_b"):
+        g0, g5, g1 = (grads[s][name][..., moves] for s in (0.0, 0.5, 1.0))
+        assert np.abs(g1).max() > 1e-6  # the moves do get a straight-through gradient at 1
+        assert np.all(g0 == 0)
+        np.testing.assert_allclose(g5, 0.5 * g1, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            grads[0.0][name][..., ~moves], grads[1.0][name][..., ~moves], rtol=1e-9, atol=1e-12
+        )
 
 
 def test_velocity_prior_needs_a_shift():
@@ -238,7 +332,7 @@ def test_overwrite_keeps_the_last_write_of_a_parked_head():
     ops = backends.get("numpy")
     config = PNTMConfig(vocab_size=checks.VOCAB, d_model=8, n_layers=1, n_heads=1, head_dim=3)
     model = PNTM(PNTMConfig(**(config.to_dict() | {"overwrite": True})), ops)
-    assert "erase" not in dict(model.config.controller_fields())
+    assert "erase" not in dict(model.config.controller_fields(0))
     params = init_params(model.config, 0)
     tokens = np.random.default_rng(1).integers(0, checks.VOCAB, (2, 9))
     x = ops.take(params["embed"], tokens)

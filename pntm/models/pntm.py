@@ -41,7 +41,7 @@ HEAD_MODES = ("soft", "hard")
 MIN_TEMPERATURE = 1e-3
 ACTIVATIONS = ("tanh", "linear")
 Lags = int | tuple[int, ...]  # a home's lag: one for every head, or one per head
-RESET_GATE_BIAS = -2.0  # heads start mostly moving, rarely resetting (prototype setting)
+CONTENT_MIX_BIAS = -2.0  # content reads start mostly location-addressed (the mix gamma ~ 0.12)
 
 
 @dataclass(frozen=True)
@@ -145,10 +145,40 @@ class PNTMConfig(ModelConfig):
         minimum=0,
     )
 
+    # Blocks below this index read by location only. Where a lower block could also read by
+    # content, training found the shortcut of reading the sequence's values by content (a bag
+    # of values) instead of the previous-token read the block above needs (research log §13).
+    content_from_block: int = option(
+        0,
+        "With content reads: blocks below this index (0-based) read by location only, "
+        "blocks from it on by location and content.",
+        minimum=0,
+    )
+    # The reset gates' counterpart of the velocity prior (the prototype's -2: sigma = 0.12).
+    # With hard heads a head resets where its logit is > 0; a controller initialized with
+    # unit-scale logits resets some heads on some tokens unless this is well below 0.
+    reset_prior: float = option(
+        -2.0,
+        "Initial bias of every head's reset-gate logit: a fresh head resets with probability "
+        "1 / (1 + e^-r).",
+    )
+    # How much gradient hard moves pass back. Straight-through (1) sums the position gradients
+    # of every later step into each hard shift, which swamps the rest of the gradient
+    # (research log §11); 0 keeps the moves the priors start with and trains the rest of the
+    # model around them (research log §13).
+    hard_move_grad: float = option(
+        1.0,
+        "Scale of the gradient that hard head moves (shifts and reset gates) pass back: 1 = "
+        "straight-through, 0 = none (the moves stay those of the priors).",
+        minimum=0,
+    )
+
     def __post_init__(self) -> None:
         check_ints(self, ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "mlp_ratio"))
-        check_ints(self, ("max_shift", "read_lag", "read_lag_step"), minimum=0)
+        check_ints(self, ("max_shift", "read_lag", "read_lag_step", "content_from_block"), 0)
         check_finite(self.velocity_prior, "velocity_prior")
+        check_finite(self.reset_prior, "reset_prior")
+        check_finite(self.hard_move_grad, "hard_move_grad", 0)
         if self.velocity_prior and self.max_shift < 1:
             raise ValueError(
                 f"velocity_prior {self.velocity_prior} needs max_shift >= 1 (a +1 shift to bias)"
@@ -169,6 +199,19 @@ class PNTMConfig(ModelConfig):
         check_finite(self.hard_mix, "hard_mix", 0)
         check_finite(self.head_noise, "head_noise", 0)
         check_finite(self.noise_until, "noise_until", 0, 1, low_open=True)
+        if self.content_from_block and not self.content:
+            raise ValueError(
+                f"content_from_block {self.content_from_block} needs content reads (content)"
+            )
+        if self.content and self.content_from_block >= self.n_layers:
+            raise ValueError(
+                f"content_from_block {self.content_from_block} leaves none of the "
+                f"{self.n_layers} blocks reading by content: it must be < n_layers"
+            )
+
+    def reads_content(self, block: int) -> bool:
+        """Whether block ``block`` (0-based) reads by content as well as by location."""
+        return self.content and block >= self.content_from_block
 
     @property
     def read_lags(self) -> tuple[int, ...]:
@@ -191,8 +234,8 @@ class PNTMConfig(ModelConfig):
     def n_shifts(self) -> int:
         return 2 * self.max_shift + 1
 
-    def controller_fields(self) -> list[tuple[str, int]]:
-        """Per-head slices of the controller output, in order."""
+    def controller_fields(self, block: int) -> list[tuple[str, int]]:
+        """Per-head slices of block ``block``'s controller output, in order."""
         S, D = self.n_shifts, self.head_dim
         out = [
             ("write_shift", S),
@@ -202,7 +245,7 @@ class PNTMConfig(ModelConfig):
             ("read_shift", S),
             ("read_gate", 1),
         ]
-        if self.content:
+        if self.reads_content(block):
             out += [("key", D), ("beta", 1), ("gamma", 1)]
         return out
 
@@ -211,29 +254,38 @@ def init_params(config: PNTMConfig, seed: int = 0) -> dict[str, Any]:
     """Parameters as a nested dict of float64 NumPy arrays: identical for every backend."""
     rng = np.random.default_rng(seed)
     H, V, K = config.d_model, config.vocab_size, config.n_heads
-    per_head = config.controller_fields()
-    width = sum(n for _, n in per_head)
-    bias = np.zeros((K, width))
+    hidden = config.mlp_ratio * H
+    blocks = []
+    for index in range(config.n_layers):
+        bias = _controller_bias(config, index)
+        blocks.append(
+            {
+                "norm_ctrl": np.ones(H),
+                "ctrl_w": dense(rng, H, bias.size),
+                "ctrl_b": bias,
+                "read_out": dense(rng, K * config.head_dim, H),
+                **mlp_params(rng, H, hidden),
+            }
+        )
+    embed, output = embedding_and_output(rng, V, H)
+    return {"embed": embed, "blocks": blocks, **output}
+
+
+def _controller_bias(config: PNTMConfig, block: int) -> np.ndarray:
+    """The initial controller bias of one block (K x its fields, flat): the velocity and reset
+    priors on the heads, the content mix mostly off, the rest 0."""
+    per_head = config.controller_fields(block)
+    bias = np.zeros((config.n_heads, sum(n for _, n in per_head)))
     offset = 0
     for name, n in per_head:
-        if name in ("write_gate", "read_gate", "gamma"):
-            bias[:, offset : offset + n] = RESET_GATE_BIAS
+        if name in ("write_gate", "read_gate"):
+            bias[:, offset] = config.reset_prior
+        if name == "gamma":
+            bias[:, offset] = CONTENT_MIX_BIAS
         if name in ("write_shift", "read_shift"):  # shifts -S..S: +1 is at index S + 1
             bias[:, offset + config.max_shift + 1] = config.velocity_prior
         offset += n
-    hidden = config.mlp_ratio * H
-    blocks = [
-        {
-            "norm_ctrl": np.ones(H),
-            "ctrl_w": dense(rng, H, K * width),
-            "ctrl_b": bias.reshape(-1).copy(),
-            "read_out": dense(rng, K * config.head_dim, H),
-            **mlp_params(rng, H, hidden),
-        }
-        for _ in range(config.n_layers)
-    ]
-    embed, output = embedding_and_output(rng, V, H)
-    return {"embed": embed, "blocks": blocks, **output}
+    return bias.reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -340,12 +392,14 @@ class PNTM(Model):
     def _controls(
         self,
         block: dict,
+        index: int,
         x: Array,
         heads: str,
         temperature: float,
         noise: dict[str, Array] | None = None,
     ) -> dict[str, Array]:
-        """Controller outputs per head for inputs ``x`` (..., H): shapes (..., K, width).
+        """Controller outputs per head of block number ``index`` for inputs ``x`` (..., H):
+        shapes (..., K, width).
 
         ``noise`` (training only) is added to the shift and gate logits of both heads: Gumbel
         noise makes the shifts Gumbel-softmax samples and logistic noise the gates binary
@@ -355,7 +409,7 @@ class PNTM(Model):
         raw = ops.reshape(raw, (*x.shape[:-1], c.n_heads, -1))
         out: dict[str, Array] = {}
         offset = 0
-        for name, n in c.controller_fields():
+        for name, n in c.controller_fields(index):
             out[name] = raw[..., offset : offset + n]
             offset += n
         for head in ("write", "read"):
@@ -365,9 +419,9 @@ class PNTM(Model):
                 gate_logits = gate_logits + noise[f"{head}_gate"]
             shift = ops.softmax(shift_logits / temperature, axis=-1)
             gate = ops.sigmoid(gate_logits / temperature)
-            if heads == "hard":  # straight-through: exact one-hot / 0-1 forward, soft gradient
-                shift = _straight_through_one_hot(ops, shift)
-                gate = _straight_through_step(ops, gate)
+            if heads == "hard":  # exact one-hot / 0-1 forward, (scaled) soft gradient
+                shift = _straight_through_one_hot(ops, shift, c.hard_move_grad)
+                gate = _straight_through_step(ops, gate, c.hard_move_grad)
             out[f"{head}_shift"], out[f"{head}_gate"] = shift, gate
         if c.overwrite:
             out["erase"] = ops.ones_like(out["add"])
@@ -383,13 +437,14 @@ class PNTM(Model):
             out["add"] = ops.tanh(out["add"])
         if c.gated_write:
             out["add"] = out["erase"] * out["add"]
-        if c.content:
+        if c.reads_content(index):
             out["beta"] = ops.softplus(out["beta"][..., 0])
             out["gamma"] = ops.sigmoid(out["gamma"][..., 0])
         return out
 
-    def _content(self, ctl: dict[str, Array]) -> tuple[Array | None, Array | None, Array | None]:
-        if not self.config.content:
+    @staticmethod
+    def _content(ctl: dict[str, Array]) -> tuple[Array | None, Array | None, Array | None]:
+        if "key" not in ctl:  # a block that reads by location only
             return None, None, None
         return ctl["key"], ctl["beta"], ctl["gamma"]
 
@@ -475,7 +530,7 @@ class PNTM(Model):
         x = ops.take(params["embed"], tokens)
         new_state = []
         for i, block in enumerate(params["blocks"]):
-            ctl = self._controls(block, x, heads, temperature, noise[i] if noise else None)
+            ctl = self._controls(block, i, x, heads, temperature, noise[i] if noise else None)
             prev = state[i] if state is not None else {}
             write, read = (
                 self.head_positions(
@@ -545,8 +600,8 @@ class PNTM(Model):
         ops = self.ops
         x = ops.take(params["embed"], token)
         new_state = []
-        for block, prev in zip(params["blocks"], state, strict=True):
-            ctl = self._controls(block, x, heads, temperature)
+        for i, (block, prev) in enumerate(zip(params["blocks"], state, strict=True)):
+            ctl = self._controls(block, i, x, heads, temperature)
             write = self.move_head(prev["write"], ctl["write_shift"], ctl["write_gate"])
             memory = ops.decay_write(prev["memory"], write, ctl["erase"], ctl["add"])
             read = self.move_head(
@@ -564,17 +619,25 @@ def _home_delta(n_slots: int, lag: Lags) -> np.ndarray:
     return np.eye(n_slots)[-np.asarray(lag) % n_slots]
 
 
-def _straight_through_one_hot(ops: Backend, probs: Array) -> Array:
-    """The one-hot of the argmax of ``probs`` (last axis) in the forward pass, the gradient of
-    ``probs`` in the backward pass."""
+def _straight_through_one_hot(ops: Backend, probs: Array, scale: float = 1.0) -> Array:
+    """The one-hot of the argmax of ``probs`` (last axis) in the forward pass, ``scale`` x the
+    gradient of ``probs`` in the backward pass."""
     hard = ops.one_hot(ops.argmax(probs, -1), probs.shape[-1])
-    return hard + (probs - ops.stop_gradient(probs))
+    return _with_gradient_of(ops, hard, probs, scale)
 
 
-def _straight_through_step(ops: Backend, probs: Array) -> Array:
-    """``probs > 0.5`` as 0/1 in the forward pass, the gradient of ``probs`` in the backward."""
+def _straight_through_step(ops: Backend, probs: Array, scale: float = 1.0) -> Array:
+    """``probs > 0.5`` as 0/1 in the forward pass, ``scale`` x the gradient of ``probs`` in the
+    backward pass."""
     hard = ops.where(probs > 0.5, ops.ones_like(probs), ops.zeros_like(probs))
-    return hard + (probs - ops.stop_gradient(probs))
+    return _with_gradient_of(ops, hard, probs, scale)
+
+
+def _with_gradient_of(ops: Backend, hard: Array, probs: Array, scale: float) -> Array:
+    """``hard`` in the forward pass, ``scale`` x the gradient of ``probs`` in the backward."""
+    if scale == 0:
+        return ops.stop_gradient(hard)
+    return hard + scale * (probs - ops.stop_gradient(probs))
 
 
 def _check_slots(n_slots: int) -> None:
