@@ -150,7 +150,7 @@ def test_hard_heads_from_the_controller_are_one_hot(ops):
     params = model.params_from_numpy(params)
     tokens = ops.asarray(np.random.default_rng(0).integers(0, checks.VOCAB, (2, 300)))
     x = ops.take(params["embed"], tokens)
-    ctl = model._controls(params["blocks"][0], x, "hard", 1.0)
+    ctl = model._controls(params["blocks"][0], 0, x, "hard", 1.0)
     positions = ops.to_numpy(
         model.head_positions(ctl["write_shift"], ctl["write_gate"], 37, heads="hard")
     )
@@ -336,7 +336,7 @@ def test_overwrite_keeps_the_last_write_of_a_parked_head():
     params = init_params(model.config, 0)
     tokens = np.random.default_rng(1).integers(0, checks.VOCAB, (2, 9))
     x = ops.take(params["embed"], tokens)
-    ctl = model._controls(params["blocks"][0], x, "hard", 1.0)
+    ctl = model._controls(params["blocks"][0], 0, x, "hard", 1.0)
     assert np.array_equal(ctl["erase"], np.ones_like(ctl["add"]))
     parked = np.zeros((2, 9, 1, 5))
     parked[..., 2] = 1.0  # the write head never leaves slot 2
@@ -361,9 +361,9 @@ def test_gated_write_is_a_flip_flop_with_hard_heads():
     params["blocks"][0]["ctrl_w"] *= 8.0  # spread the erase logits over both signs
     tokens = np.random.default_rng(1).integers(0, checks.VOCAB, (2, 9))
     x = ops.take(params["embed"], tokens)
-    soft = model._controls(params["blocks"][0], x, "soft", 1.0)
+    soft = model._controls(params["blocks"][0], 0, x, "soft", 1.0)
     assert np.all((soft["erase"] > 0) & (soft["erase"] < 1))
-    ctl = model._controls(params["blocks"][0], x, "hard", 1.0)
+    ctl = model._controls(params["blocks"][0], 0, x, "hard", 1.0)
     erase = ctl["erase"]
     assert set(np.unique(erase)) == {0.0, 1.0}
     np.testing.assert_array_equal(ctl["add"] == 0, erase == 0)
@@ -401,8 +401,8 @@ def test_head_noise_samples_the_heads():
     noise = model.head_noise(np.random.default_rng(0), 3, 7, 5.0)
     x = ops.take(params["embed"], tokens)
     block = params["blocks"][0]
-    clean = model._controls(block, x, "soft", 1.0)
-    noisy = model._controls(block, x, "hard", 1.0, noise[0])
+    clean = model._controls(block, 0, x, "soft", 1.0)
+    noisy = model._controls(block, 0, x, "hard", 1.0, noise[0])
     raw = np.log(clean["write_shift"]) + noise[0]["write_shift"]
     np.testing.assert_array_equal(noisy["write_shift"], np.eye(3)[raw.argmax(-1)])
     assert not np.array_equal(noisy["write_shift"], np.eye(3)[clean["write_shift"].argmax(-1)])
