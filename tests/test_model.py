@@ -168,14 +168,11 @@ def test_velocity_prior_biases_the_plus_one_shift(max_shift):
     b0 = init_params(base, 0)["blocks"][0]["ctrl_b"].reshape(3, -1)
     b1 = init_params(biased, 0)["blocks"][0]["ctrl_b"].reshape(3, -1)
     changed = np.argwhere(b1 != b0)
-    offsets = {name: i for i, (name, _) in enumerate(base.controller_fields(0))}
-    starts = np.cumsum([0] + [n for _, n in base.controller_fields(0)])
-    plus_one = [starts[offsets[h]] + max_shift + 1 for h in ("write_shift", "read_shift")]
+    where = base.controller_slices(0)
+    plus_one = [where[h].start + max_shift + 1 for h in ("write_shift", "read_shift")]
     assert sorted({int(c) for c in changed[:, 1]}) == sorted(plus_one)
     assert len(changed) == 2 * 3
-    logits = b1[
-        0, starts[offsets["write_shift"]] : starts[offsets["write_shift"]] + 2 * max_shift + 1
-    ]
+    logits = b1[0, where["write_shift"]]
     p = np.exp(logits) / np.exp(logits).sum()
     assert np.isclose(p[max_shift + 1], np.exp(v) / (np.exp(v) + 2 * max_shift))
 
@@ -272,8 +269,7 @@ def test_reset_prior_biases_the_reset_gates():
     """The reset prior is the initial bias of every write and read head's reset-gate logit;
     its default is the prototype's -2, and the content mix keeps its own -2."""
     config = PNTMConfig(vocab_size=5, n_heads=3, content=True, reset_prior=-6.0)
-    starts = np.cumsum([0] + [n for _, n in config.controller_fields(0)])
-    where = {name: starts[i] for i, (name, _) in enumerate(config.controller_fields(0))}
+    where = config.controller_slices(0)
     bias = init_params(config, 0)["blocks"][0]["ctrl_b"].reshape(3, -1)
     assert np.all(bias[:, where["write_gate"]] == -6.0)
     assert np.all(bias[:, where["read_gate"]] == -6.0)
@@ -302,12 +298,10 @@ def test_hard_move_grad_scales_the_gradient_of_hard_moves_only():
         grads[scale] = checks.native_grads(torch_ops, model, params, data, 7, heads="hard")
     assert np.array_equal(logits[0.0], logits[1.0]) and np.array_equal(logits[0.5], logits[1.0])
     config = PNTMConfig(vocab_size=checks.VOCAB, **base)
-    sizes = config.controller_fields(0)
-    starts = np.cumsum([0] + [n for _, n in sizes])
-    width = starts[-1]
-    moves = np.zeros(width, bool)
-    for i, (name, _) in enumerate(sizes):
-        moves[starts[i] : starts[i + 1]] = name.endswith(("_shift", "_gate"))
+    slices = config.controller_slices(0)
+    moves = np.zeros(max(where.stop for where in slices.values()), bool)
+    for name, where in slices.items():
+        moves[where] = name.endswith(("_shift", "_gate"))
     moves = np.tile(moves, config.n_heads)
     for name in ("blocks.0.ctrl_w", "blocks.0.ctrl_b"):
         g0, g5, g1 = (grads[s][name][..., moves] for s in (0.0, 0.5, 1.0))

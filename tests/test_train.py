@@ -174,9 +174,7 @@ def test_gated_writes_train_through_the_snapped_gate(trainable_ops, backend_name
     model, config = tiny(steps=2, hard_from=0.0, head_noise=1.0)
     model = PNTMConfig(**(model.to_dict() | {"gated_write": True}))
     trainer = Trainer("pntm", model, config, trainable_ops, backend_name)
-    names = [name for name, _ in model.controller_fields(0)]
-    start = sum(n for name, n in model.controller_fields(0)[: names.index("erase")])
-    erase_columns = slice(start, start + model.head_dim)  # K = 1: one head's fields
+    erase_columns = model.controller_slices(0)["erase"]  # K = 1: one head's fields
 
     def erase_weights():
         return trainable_ops.to_numpy(trainer.params["blocks"][0]["ctrl_w"])[:, erase_columns]

@@ -249,6 +249,14 @@ class PNTMConfig(ModelConfig):
             out += [("key", D), ("beta", 1), ("gamma", 1)]
         return out
 
+    def controller_slices(self, block: int) -> dict[str, slice]:
+        """Where each of :meth:`controller_fields` lies in one head's controller output."""
+        slices, offset = {}, 0
+        for name, n in self.controller_fields(block):
+            slices[name] = slice(offset, offset + n)
+            offset += n
+        return slices
+
 
 def init_params(config: PNTMConfig, seed: int = 0) -> dict[str, Any]:
     """Parameters as a nested dict of float64 NumPy arrays: identical for every backend."""
@@ -274,17 +282,14 @@ def init_params(config: PNTMConfig, seed: int = 0) -> dict[str, Any]:
 def _controller_bias(config: PNTMConfig, block: int) -> np.ndarray:
     """The initial controller bias of one block (K x its fields, flat): the velocity and reset
     priors on the heads, the content mix mostly off, the rest 0."""
-    per_head = config.controller_fields(block)
-    bias = np.zeros((config.n_heads, sum(n for _, n in per_head)))
-    offset = 0
-    for name, n in per_head:
-        if name in ("write_gate", "read_gate"):
-            bias[:, offset] = config.reset_prior
-        if name == "gamma":
-            bias[:, offset] = CONTENT_MIX_BIAS
-        if name in ("write_shift", "read_shift"):  # shifts -S..S: +1 is at index S + 1
-            bias[:, offset + config.max_shift + 1] = config.velocity_prior
-        offset += n
+    slices = config.controller_slices(block)
+    bias = np.zeros((config.n_heads, sum(n for _, n in config.controller_fields(block))))
+    for head in ("write", "read"):
+        bias[:, slices[f"{head}_gate"]] = config.reset_prior
+        # shifts -S..S: +1 is at index S + 1
+        bias[:, slices[f"{head}_shift"].start + config.max_shift + 1] = config.velocity_prior
+    if "gamma" in slices:
+        bias[:, slices["gamma"]] = CONTENT_MIX_BIAS
     return bias.reshape(-1)
 
 
@@ -407,11 +412,7 @@ class PNTM(Model):
         ops, c = self.ops, self.config
         raw = ops.matmul(rms_norm(ops, x, block["norm_ctrl"]), block["ctrl_w"]) + block["ctrl_b"]
         raw = ops.reshape(raw, (*x.shape[:-1], c.n_heads, -1))
-        out: dict[str, Array] = {}
-        offset = 0
-        for name, n in c.controller_fields(index):
-            out[name] = raw[..., offset : offset + n]
-            offset += n
+        out = {name: raw[..., where] for name, where in c.controller_slices(index).items()}
         for head in ("write", "read"):
             shift_logits, gate_logits = out[f"{head}_shift"], out[f"{head}_gate"][..., 0]
             if noise is not None:
