@@ -29,8 +29,8 @@ CONFIGS = {
     "staggered-read-lags": dict(
         d_model=8, n_layers=2, n_heads=3, head_dim=3, read_lag=1, read_lag_step=2, gated_write=True
     ),
-    # blocks 0 and 1 read by location only, block 2 by content too; priors that start the hard
-    # heads moving +1 and never resetting
+    # blocks 0 and 1 read by location only, block 2 by content too, its strength scaled by ln N
+    # (0 at N = 1); priors that start the hard heads moving +1 and never resetting
     "content-from-block": dict(
         d_model=8,
         n_layers=3,
@@ -38,6 +38,7 @@ CONFIGS = {
         head_dim=3,
         content=True,
         content_from_block=2,
+        content_log_scale=True,
         read_lag=1,
         overwrite=True,
         velocity_prior=6.0,
@@ -234,6 +235,7 @@ def test_bad_arguments_are_named(bad):
         ("hard_move_grad", -0.5),
         ("content_from_block", -1),
         ("content_from_block", 1.5),
+        ("content_log_scale", 1),
     ],
 )
 def test_bad_config_is_named(field, value):
@@ -245,9 +247,10 @@ def test_bad_config_is_named(field, value):
     [
         (dict(content_from_block=1), r"content_from_block 1 needs content reads"),
         (dict(content=True, content_from_block=2), r"content_from_block 2 leaves none of the 2"),
+        (dict(content_log_scale=True), r"content_log_scale needs content reads"),
     ],
 )
-def test_content_from_block_needs_a_block_that_reads_by_content(changes, match):
+def test_content_options_need_a_block_that_reads_by_content(changes, match):
     with pytest.raises(ValueError, match=match):
         PNTMConfig(vocab_size=5, n_layers=2, **changes)
 
@@ -263,6 +266,27 @@ def test_blocks_below_content_from_block_have_no_content_controls():
     assert names[1][-3:] == names[2][-3:] == ["key", "beta", "gamma"]
     widths = [block["ctrl_b"].size for block in init_params(config, 0)["blocks"]]
     assert widths[1] - widths[0] == widths[2] - widths[0] == 2 * (4 + 2)
+
+
+@pytest.mark.parametrize("n_slots", [1, 2, 130])
+def test_content_log_scale_multiplies_the_strength_by_log_slots(n_slots):
+    """With ``content_log_scale`` a content read over N slots uses strength beta ln N (none at
+    N = 1, where the one slot gets all the weight anyway); without it, beta itself. The key and
+    the mix are unchanged."""
+    from pntm import backends
+
+    ops = backends.get("numpy")
+    base = dict(vocab_size=5, n_heads=2, head_dim=3, content=True)
+    rng = np.random.default_rng(n_slots)
+    x = ops.asarray(rng.normal(size=(2, 4, 64)))
+    for scaled in (False, True):
+        model = PNTM(PNTMConfig(content_log_scale=scaled, **base), ops)
+        block = init_params(model.config, 0)["blocks"][1]
+        ctl = model._controls(block, 1, x, "soft", 1.0)
+        key, beta, gamma = model._content(ctl, n_slots)
+        factor = np.log(n_slots) if scaled else 1.0
+        np.testing.assert_allclose(beta, ctl["beta"] * factor, rtol=1e-12)
+        assert key is ctl["key"] and gamma is ctl["gamma"]
 
 
 def test_reset_prior_biases_the_reset_gates():

@@ -20,6 +20,7 @@ The number of slots N is the run-time ``capacity`` of the model contract
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,6 +174,17 @@ class PNTMConfig(ModelConfig):
         minimum=0,
     )
 
+    # Scalable softmax (Nakanishi 2025) on content reads: a content read is a softmax over all N
+    # slots (unwritten ones compete at cosine 0), so the weight left on the wrong slots grows
+    # with N at a fixed strength. Scaling beta by ln N keeps a read learned at N slots as sharp
+    # at more: n wrong slots at a cosine gap x hold ~ n^(1 - beta x) of the weight (research
+    # log §14).
+    content_log_scale: bool = option(
+        False,
+        "With content reads: the content strength is multiplied by ln N (N memory slots), so "
+        "content reads stay as sharp when the memory grows (scalable softmax).",
+    )
+
     def __post_init__(self) -> None:
         check_ints(self, ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "mlp_ratio"))
         check_ints(self, ("max_shift", "read_lag", "read_lag_step", "content_from_block"), 0)
@@ -183,7 +195,7 @@ class PNTMConfig(ModelConfig):
             raise ValueError(
                 f"velocity_prior {self.velocity_prior} needs max_shift >= 1 (a +1 shift to bias)"
             )
-        for name in ("content", "overwrite", "gated_write"):
+        for name in ("content", "overwrite", "gated_write", "content_log_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.overwrite and self.gated_write:
@@ -203,6 +215,8 @@ class PNTMConfig(ModelConfig):
             raise ValueError(
                 f"content_from_block {self.content_from_block} needs content reads (content)"
             )
+        if self.content_log_scale and not self.content:
+            raise ValueError("content_log_scale needs content reads (content)")
         if self.content and self.content_from_block >= self.n_layers:
             raise ValueError(
                 f"content_from_block {self.content_from_block} leaves none of the "
@@ -443,11 +457,15 @@ class PNTM(Model):
             out["gamma"] = ops.sigmoid(out["gamma"][..., 0])
         return out
 
-    @staticmethod
-    def _content(ctl: dict[str, Array]) -> tuple[Array | None, Array | None, Array | None]:
-        if "key" not in ctl:  # a block that reads by location only
+    def _content(
+        self, ctl: dict[str, Array], n_slots: int
+    ) -> tuple[Array | None, Array | None, Array | None]:
+        """The key, strength and mix of a block's content reads over ``n_slots`` slots (None for
+        a block that reads by location only)."""
+        if "key" not in ctl:
             return None, None, None
-        return ctl["key"], ctl["beta"], ctl["gamma"]
+        beta = ctl["beta"] * math.log(n_slots) if self.config.content_log_scale else ctl["beta"]
+        return ctl["key"], beta, ctl["gamma"]
 
     def _residual(self, block: dict, x: Array, reads: Array) -> Array:
         ops, c = self.ops, self.config
@@ -545,7 +563,12 @@ class PNTM(Model):
                 for head in ("write", "read")
             )
             reads, memory = ops.memory_scan_read(
-                write, ctl["erase"], ctl["add"], read, prev.get("memory"), *self._content(ctl)
+                write,
+                ctl["erase"],
+                ctl["add"],
+                read,
+                prev.get("memory"),
+                *self._content(ctl, n_slots),
             )
             x = self._residual(block, x, reads)
             new_state.append({"write": write[:, -1], "read": read[:, -1], "memory": memory})
@@ -608,7 +631,7 @@ class PNTM(Model):
             read = self.move_head(
                 prev["read"], ctl["read_shift"], ctl["read_gate"], self.config.read_lags
             )
-            reads = read_step(ops, memory, read, *self._content(ctl))
+            reads = read_step(ops, memory, read, *self._content(ctl, memory.shape[-2]))
             x = self._residual(block, x, reads)
             new_state.append({"write": write, "read": read, "memory": memory})
         return output_logits(ops, params, x), new_state
