@@ -109,10 +109,11 @@ RECIPES: dict[str, Recipe] = {
         # the induction circuit of research log §13: every head moves +1 and never resets
         # (priors 6 and -6, and hard moves that pass no gradient back, so they stay so); block
         # 0's read heads, one slot behind, read the previous token, and block 1 stores
-        # (key, value) pairs and reads the query's pair by content
+        # (key, value) pairs and reads the query's pair by content. D = 64 and 4,000 steps
+        # widen the content margins: D = 32 and 2,000 steps missed ~1 in 1,000 at 64 pairs (§14)
         Recipe(
             "associative_recall",
-            {"steps": 2000},
+            {"steps": 4000},
             {
                 "velocity_prior": 6.0,
                 "reset_prior": -6.0,
@@ -122,10 +123,10 @@ RECIPES: dict[str, Recipe] = {
                 "overwrite": True,
                 "content_from_block": 1,
                 "n_heads": 4,
-                "head_dim": 32,
+                "head_dim": 64,
             },
             "hard heads from step 0 with fixed +1 moves, a previous-token read and content "
-            "reads in block 1 only: exact at 8x on 2 of 3 grid seeds, 0.995 on the third",
+            "reads in block 1 only: no miss in 4,000 sequences at 8x on the 3 explored seeds",
         ),
         # with K = 2 the fitted soft circuit died at the switch (0.34 at L_train); four
         # memories per block give the noisy soft phase more heads to build a discrete one from
