@@ -276,9 +276,9 @@ def test_content_log_scale_multiplies_the_strength_by_log_slots(n_slots):
     from pntm import backends
 
     ops = backends.get("numpy")
-    base = dict(vocab_size=5, n_heads=2, head_dim=3, content=True)
+    base = dict(vocab_size=5, d_model=8, n_heads=2, head_dim=3, content=True)
     rng = np.random.default_rng(n_slots)
-    x = ops.asarray(rng.normal(size=(2, 4, 64)))
+    x = ops.asarray(rng.normal(size=(2, 4, 8)))
     for scaled in (False, True):
         model = PNTM(PNTMConfig(content_log_scale=scaled, **base), ops)
         block = init_params(model.config, 0)["blocks"][1]
