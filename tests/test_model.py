@@ -323,7 +323,7 @@ def test_hard_move_grad_scales_the_gradient_of_hard_moves_only():
     assert np.array_equal(logits[0.0], logits[1.0]) and np.array_equal(logits[0.5], logits[1.0])
     config = PNTMConfig(vocab_size=checks.VOCAB, **base)
     slices = config.controller_slices(0)
-    moves = np.zeros(max(where.stop for where in slices.values()), bool)
+    moves = np.zeros(config.controller_width(0), bool)
     for name, where in slices.items():
         moves[where] = name.endswith(("_shift", "_gate"))
     moves = np.tile(moves, config.n_heads)

@@ -263,6 +263,10 @@ class PNTMConfig(ModelConfig):
             out += [("key", D), ("beta", 1), ("gamma", 1)]
         return out
 
+    def controller_width(self, block: int) -> int:
+        """Width of one head's controller output in block ``block``: its fields summed."""
+        return sum(n for _, n in self.controller_fields(block))
+
     def controller_slices(self, block: int) -> dict[str, slice]:
         """Where each of :meth:`controller_fields` lies in one head's controller output."""
         slices, offset = {}, 0
@@ -297,7 +301,7 @@ def _controller_bias(config: PNTMConfig, block: int) -> np.ndarray:
     """The initial controller bias of one block (K x its fields, flat): the velocity and reset
     priors on the heads, the content mix mostly off, the rest 0."""
     slices = config.controller_slices(block)
-    bias = np.zeros((config.n_heads, sum(n for _, n in config.controller_fields(block))))
+    bias = np.zeros((config.n_heads, config.controller_width(block)))
     for head in ("write", "read"):
         bias[:, slices[f"{head}_gate"]] = config.reset_prior
         # shifts -S..S: +1 is at index S + 1
