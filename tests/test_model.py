@@ -236,6 +236,8 @@ def test_bad_arguments_are_named(bad):
         ("content_from_block", -1),
         ("content_from_block", 1.5),
         ("content_log_scale", 1),
+        ("move_change_cost", -0.1),
+        ("move_change_cost", float("nan")),
     ],
 )
 def test_bad_config_is_named(field, value):
@@ -287,6 +289,64 @@ def test_content_log_scale_multiplies_the_strength_by_log_slots(n_slots):
         factor = np.log(n_slots) if scaled else 1.0
         np.testing.assert_allclose(beta, ctl["beta"] * factor, rtol=1e-12)
         assert key is ctl["key"] and gamma is ctl["gamma"]
+
+
+def _certain_moves(shifts: list[int | str], n_shifts: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Shift and gate logits (1, T, 1, ...) of one head making the given moves with
+    certainty: a shift index, or "R" for a reset."""
+    big = 40.0  # softmax and sigmoid saturate to 0/1 within float64 rounding
+    shift = np.full((1, len(shifts), 1, n_shifts), -big)
+    gate = np.full((1, len(shifts), 1), -big)
+    for t, move in enumerate(shifts):
+        if move == "R":
+            gate[0, t, 0] = big
+        else:
+            shift[0, t, 0, move] = big
+    return shift, gate
+
+
+@pytest.mark.parametrize(
+    "moves,pads,want",
+    [
+        ([2, 2, 2, 2, 2], 0, 0.0),  # +1 on every token: no change
+        ([2, 2, "R", 2, 2], 0, 2.0),  # a reset at a separator: two changes
+        ([2, 1, 2, 1, 2], 0, 4.0),  # a head that walks with the data: a change per token
+        ([2, 2, 2, 0, 1], 2, 0.0),  # changes after the sequence's end do not count
+        ([2, 2, 1, 0, 1], 2, 1.0),
+        ([0], 0, 0.0),  # T = 1: no pair of tokens
+    ],
+)
+def test_move_changes_counts_changes_between_consecutive_tokens(moves, pads, want):
+    """Certain moves that change between two tokens count 1 each (half the squared distance
+    of two one-hot moves); a change into or inside the padding after the sequence's end does
+    not count; two heads and two blocks add up."""
+    from pntm import backends
+    from pntm.models.pntm import move_changes
+
+    ops = backends.get("numpy")
+    pad_id = 4
+    tokens = np.array([[0] * (len(moves) - pads) + [pad_id] * pads])
+    shift, gate = _certain_moves(moves)
+    still, never = _certain_moves([2] * len(moves))
+    block = {"write_logits": (shift, gate), "read_logits": (still, never)}
+    assert move_changes(ops, [block], tokens, pad_id) == pytest.approx(want, abs=1e-12)
+    both = {"write_logits": (shift, gate), "read_logits": (shift, gate)}
+    assert move_changes(ops, [both, block], tokens, pad_id) == pytest.approx(3 * want)
+
+
+def test_move_changes_of_uncertain_moves():
+    """Soft moves: the distance is over q = ((1 - g) s, g), so a head that resets for certain
+    costs nothing for changing the shift it would have made."""
+    from pntm import backends
+    from pntm.models.pntm import move_changes
+
+    ops = backends.get("numpy")
+    shift = np.log(np.array([[[[0.2, 0.3, 0.5]], [[0.5, 0.3, 0.2]]]]))  # (1, 2, 1, 3)
+    gate = np.array([[[0.0], [0.0]]])  # sigmoid 0.5
+    q0, q1 = np.array([0.1, 0.15, 0.25, 0.5]), np.array([0.25, 0.15, 0.1, 0.5])
+    block = {"write_logits": (shift, gate), "read_logits": (shift, np.full((1, 2, 1), 40.0))}
+    want = ((q1 - q0) ** 2).sum() / 2
+    assert move_changes(ops, [block], np.zeros((1, 2), int), 4) == pytest.approx(want)
 
 
 def test_reset_prior_biases_the_reset_gates():

@@ -31,7 +31,8 @@ needs_two = pytest.mark.skipif(
 )
 
 
-SCHEDULE = ("hard_from", "hard_mix", "head_noise", "noise_until")  # P-NTM config fields
+# P-NTM config fields that shape training
+SCHEDULE = ("hard_from", "hard_mix", "head_noise", "noise_until", "move_change_cost")
 
 
 def tiny(task: str = "copy", **options) -> tuple[PNTMConfig, TrainConfig]:
@@ -88,6 +89,7 @@ def test_head_schedule():
         ({"hard_mix": -1.0}, "hard_mix must be"),
         ({"head_noise": float("nan")}, "head_noise must be"),
         ({"noise_until": 0.0}, "noise_until must be in"),
+        ({"move_change_cost": float("inf")}, "move_change_cost must be finite"),
     ],
 )
 def test_train_config_refuses_bad_values(bad, message):
@@ -116,6 +118,50 @@ def test_noise_schedule():
     rng = np.random.default_rng(0)
     assert model.train_noise(rng, 2, 3, 5, 10) is None  # decayed to 0: no draws
     assert model.train_noise(rng, 2, 3, 0, 10)[0]["write_shift"].shape == (2, 3, 1, 3)
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+@pytest.mark.parametrize("heads", ["soft", "hard"])
+def test_move_change_cost_adds_the_move_changes(name, heads):
+    """The loss is CE + move_change_cost x (changes of every head's move between consecutive
+    tokens of a sequence) / (target tokens), the changes recomputed here in float64 from the
+    noiseless controller logits, over the sequences' own tokens only; with noisy heads too."""
+    from pntm.models.base import cross_entropy
+
+    trainer = make_trainer(
+        name,
+        task="binary_addition",
+        move_change_cost=0.3,
+        hard_from=0.0 if heads == "hard" else 1.0,
+        head_noise=1.0,
+        batch_size=5,
+        train_length=6,
+    )
+    ops, model, params = trainer.ops, trainer.model, trainer.params
+    batch, noise = trainer.batch_at(trainer.step)  # the batch train_step will train on
+    tokens = ops.asarray(batch.tokens)
+    logits, _, controls = model._forward(
+        params, tokens, batch.tokens.shape[1], heads=heads, noise=noise
+    )
+    args = [ops.asarray(a) for a in (batch.labels, batch.mask)]
+    ce = float(ops.to_numpy(cross_entropy(ops, logits, *args)))
+    changes = 0.0
+    own = batch.tokens != tasks.get("binary_addition").end_id
+    for ctl in controls:
+        for head in ("write", "read"):
+            shift_logits, gate_logits = (
+                ops.to_numpy(a).astype(np.float64) for a in ctl[f"{head}_logits"]
+            )
+            shift = np.exp(shift_logits - shift_logits.max(-1, keepdims=True))
+            shift /= shift.sum(-1, keepdims=True)
+            gate = 1 / (1 + np.exp(-gate_logits[..., None]))
+            move = np.concatenate([(1 - gate) * shift, gate], -1)  # (B, T, K, 2S + 2)
+            for b in range(len(own)):
+                n = own[b].sum()  # the sequence's tokens; padding follows
+                changes += ((move[b, 1:n] - move[b, : n - 1]) ** 2).sum() / 2
+    assert changes > 0
+    want = ce + 0.3 * changes / batch.mask.sum()
+    assert trainer.train_step()["loss"] == pytest.approx(want, rel=1e-5)
 
 
 def test_hard_mix_adds_the_hard_heads_loss(tmp_path):

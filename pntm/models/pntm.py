@@ -184,6 +184,17 @@ class PNTMConfig(ModelConfig):
         "With content reads: the content strength is multiplied by ln N (N memory slots), so "
         "content reads stay as sharp when the memory grows (scalable softmax).",
     )
+    # A head whose move follows the data (a counter of 0 bits, a walk with the output bits)
+    # addresses slots whose contents training shows only at small counts; the circuits that
+    # generalize move the same way on every token and change at separators (research log
+    # §12, §15). This charges each change of a head's move between consecutive tokens.
+    move_change_cost: float = option(
+        0.0,
+        "Weight of a training penalty on head moves that change from one token to the next: "
+        "half the squared distance between consecutive move distributions (shifts and reset), "
+        "summed over heads and tokens, per target token.",
+        minimum=0,
+    )
 
     def __post_init__(self) -> None:
         check_ints(self, ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "mlp_ratio"))
@@ -209,6 +220,7 @@ class PNTMConfig(ModelConfig):
             )
         check_finite(self.hard_from, "hard_from", 0, 1)
         check_finite(self.hard_mix, "hard_mix", 0)
+        check_finite(self.move_change_cost, "move_change_cost", 0)
         check_finite(self.head_noise, "head_noise", 0)
         check_finite(self.noise_until, "noise_until", 0, 1, low_open=True)
         if self.content_from_block and not self.content:
@@ -371,10 +383,17 @@ class PNTM(Model):
         mode: dict[str, Any],
         noise: Any = None,
     ) -> tuple[Array, Array]:
-        loss, logits = super().loss(params, tokens, labels, mask, capacity, mode, noise)
-        if self.config.hard_mix and mode.get("heads") == "soft":
+        c = self.config
+        if c.move_change_cost:
+            logits, _, controls = self._forward(params, tokens, capacity, noise=noise, **mode)
+            loss = cross_entropy(self.ops, logits, labels, mask)
+            changes = move_changes(self.ops, controls, tokens, c.vocab_size - 1)
+            loss = loss + c.move_change_cost * changes / self.ops.sum(mask)
+        else:
+            loss, logits = super().loss(params, tokens, labels, mask, capacity, mode, noise)
+        if c.hard_mix and mode.get("heads") == "soft":
             hard = self.forward(params, tokens, capacity, heads="hard", noise=noise)
-            loss = loss + self.config.hard_mix * cross_entropy(self.ops, hard, labels, mask)
+            loss = loss + c.hard_mix * cross_entropy(self.ops, hard, labels, mask)
         return loss, logits
 
     def decode_mode(self, step: int, steps: int, **overrides: Any) -> dict[str, Any]:
@@ -433,6 +452,7 @@ class PNTM(Model):
         out = {name: raw[..., where] for name, where in c.controller_slices(index).items()}
         for head in ("write", "read"):
             shift_logits, gate_logits = out[f"{head}_shift"], out[f"{head}_gate"][..., 0]
+            out[f"{head}_logits"] = (shift_logits, gate_logits)  # noiseless: move_changes
             if noise is not None:
                 shift_logits = shift_logits + noise[f"{head}_shift"]
                 gate_logits = gate_logits + noise[f"{head}_gate"]
@@ -546,14 +566,31 @@ class PNTM(Model):
         the state after the last token, so that decoding can go on with :meth:`step`.
         ``noise`` (one dict per block, from :meth:`head_noise`) samples the heads in training.
         """
+        logits, new_state, _ = self._forward(
+            params, tokens, capacity, state, heads, temperature, noise
+        )
+        return (logits, new_state) if return_state else logits
+
+    def _forward(
+        self,
+        params: dict,
+        tokens: Array,
+        capacity: int,
+        state: list[dict[str, Array]] | None = None,
+        heads: str = "soft",
+        temperature: float = 1.0,
+        noise: list[dict[str, Array]] | None = None,
+    ) -> tuple[Array, list[dict[str, Array]], list[dict[str, Array]]]:
+        """:meth:`forward`'s logits and state, and every block's controller outputs."""
         n_slots = capacity
         _check_slots(n_slots)
         _check_heads(heads, temperature)
         ops = self.ops
         x = ops.take(params["embed"], tokens)
-        new_state = []
+        new_state, controls = [], []
         for i, block in enumerate(params["blocks"]):
             ctl = self._controls(block, i, x, heads, temperature, noise[i] if noise else None)
+            controls.append(ctl)
             prev = state[i] if state is not None else {}
             write, read = (
                 self.head_positions(
@@ -576,8 +613,7 @@ class PNTM(Model):
             )
             x = self._residual(block, x, reads)
             new_state.append({"write": write[:, -1], "read": read[:, -1], "memory": memory})
-        logits = output_logits(ops, params, x)
-        return (logits, new_state) if return_state else logits
+        return output_logits(ops, params, x), new_state, controls
 
     def head_noise(
         self, rng: np.random.Generator, batch: int, length: int, scale: float
@@ -639,6 +675,26 @@ class PNTM(Model):
             x = self._residual(block, x, reads)
             new_state.append({"write": write, "read": read, "memory": memory})
         return output_logits(ops, params, x), new_state
+
+
+def move_changes(
+    ops: Backend, controls: list[dict[str, Array]], tokens: Array, pad_id: int
+) -> Array:
+    """Sum over blocks, heads, sequences and consecutive tokens of half the squared distance
+    between a head's move distributions q_{t-1} and q_t, q = ((1 - g) s, g) over the shifts s
+    and the reset g, from the noiseless logits. Tokens after the sequence's end (``pad_id``
+    padding, the last id of the vocabulary) are left out. A change between two certain moves
+    counts 1."""
+    kept = (1 - ops.one_hot(tokens, pad_id + 1)[..., pad_id])[:, 1:, None]  # (B, T - 1, 1)
+    total = 0.0
+    for ctl in controls:
+        for head in ("write", "read"):
+            shift_logits, gate_logits = ctl[f"{head}_logits"]
+            gate = ops.sigmoid(gate_logits)[..., None]
+            move = ops.concat([(1 - gate) * ops.softmax(shift_logits, axis=-1), gate], axis=-1)
+            step = move[:, 1:] - move[:, :-1]
+            total = total + ops.sum(ops.sum(step * step, axis=-1) * kept) / 2
+    return total
 
 
 def _home_delta(n_slots: int, lag: Lags) -> np.ndarray:
