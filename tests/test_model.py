@@ -291,17 +291,17 @@ def test_content_log_scale_multiplies_the_strength_by_log_slots(n_slots):
         assert key is ctl["key"] and gamma is ctl["gamma"]
 
 
-def _certain_moves(shifts: list[int | str], n_shifts: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """Shift and gate logits (1, T, 1, ...) of one head making the given moves with
-    certainty: a shift index, or "R" for a reset."""
-    big = 40.0  # softmax and sigmoid saturate to 0/1 within float64 rounding
-    shift = np.full((1, len(shifts), 1, n_shifts), -big)
-    gate = np.full((1, len(shifts), 1), -big)
-    for t, move in enumerate(shifts):
+def _certain_moves(moves: list[int | str], n_shifts: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """One-hot shifts (1, T, 1, n_shifts) and 0/1 reset gates (1, T, 1) of one head making the
+    given hard moves: a shift index, or "R" for a reset."""
+    shift = np.zeros((1, len(moves), 1, n_shifts))
+    gate = np.zeros((1, len(moves), 1))
+    for t, move in enumerate(moves):
         if move == "R":
-            gate[0, t, 0] = big
+            gate[0, t, 0] = 1.0
+            shift[0, t, 0, 1] = 1.0  # the shift of a resetting head does not count
         else:
-            shift[0, t, 0, move] = big
+            shift[0, t, 0, move] = 1.0
     return shift, gate
 
 
@@ -317,9 +317,9 @@ def _certain_moves(shifts: list[int | str], n_shifts: int = 3) -> tuple[np.ndarr
     ],
 )
 def test_move_changes_counts_changes_between_consecutive_tokens(moves, pads, want):
-    """Certain moves that change between two tokens count 1 each (half the squared distance
-    of two one-hot moves); a change into or inside the padding after the sequence's end does
-    not count; two heads and two blocks add up."""
+    """Hard moves that change between two tokens count 1 each (half the squared distance of
+    two one-hot moves); a change into or inside the padding after the sequence's end does not
+    count; heads and blocks add up."""
     from pntm import backends
     from pntm.models.pntm import move_changes
 
@@ -328,9 +328,9 @@ def test_move_changes_counts_changes_between_consecutive_tokens(moves, pads, wan
     tokens = np.array([[0] * (len(moves) - pads) + [pad_id] * pads])
     shift, gate = _certain_moves(moves)
     still, never = _certain_moves([2] * len(moves))
-    block = {"write_logits": (shift, gate), "read_logits": (still, never)}
+    block = {"write_shift": shift, "write_gate": gate, "read_shift": still, "read_gate": never}
     assert move_changes(ops, [block], tokens, pad_id) == pytest.approx(want, abs=1e-12)
-    both = {"write_logits": (shift, gate), "read_logits": (shift, gate)}
+    both = {"write_shift": shift, "write_gate": gate, "read_shift": shift, "read_gate": gate}
     assert move_changes(ops, [both, block], tokens, pad_id) == pytest.approx(3 * want)
 
 
@@ -341,10 +341,15 @@ def test_move_changes_of_uncertain_moves():
     from pntm.models.pntm import move_changes
 
     ops = backends.get("numpy")
-    shift = np.log(np.array([[[[0.2, 0.3, 0.5]], [[0.5, 0.3, 0.2]]]]))  # (1, 2, 1, 3)
-    gate = np.array([[[0.0], [0.0]]])  # sigmoid 0.5
+    shift = np.array([[[[0.2, 0.3, 0.5]], [[0.5, 0.3, 0.2]]]])  # (1, 2, 1, 3)
+    gate = np.array([[[0.5], [0.5]]])
     q0, q1 = np.array([0.1, 0.15, 0.25, 0.5]), np.array([0.25, 0.15, 0.1, 0.5])
-    block = {"write_logits": (shift, gate), "read_logits": (shift, np.full((1, 2, 1), 40.0))}
+    block = {
+        "write_shift": shift,
+        "write_gate": gate,
+        "read_shift": shift,
+        "read_gate": np.ones((1, 2, 1)),
+    }
     want = ((q1 - q0) ** 2).sum() / 2
     assert move_changes(ops, [block], np.zeros((1, 2), int), 4) == pytest.approx(want)
 

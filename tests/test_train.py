@@ -124,8 +124,10 @@ def test_noise_schedule():
 @pytest.mark.parametrize("heads", ["soft", "hard"])
 def test_move_change_cost_adds_the_move_changes(name, heads):
     """The loss is CE + move_change_cost x (changes of every head's move between consecutive
-    tokens of a sequence) / (target tokens), the changes recomputed here in float64 from the
-    noiseless controller logits, over the sequences' own tokens only; with noisy heads too."""
+    tokens of a sequence, as the forward pass makes them) / (target tokens), over the
+    sequences' own tokens only, with noisy heads. Hard heads: the changes are counted, a pair
+    of tokens where the head resets on one and not the other or shifts differently without
+    resetting; soft heads: recomputed in float64."""
     from pntm.models.base import cross_entropy
 
     trainer = make_trainer(
@@ -149,16 +151,21 @@ def test_move_change_cost_adds_the_move_changes(name, heads):
     own = batch.tokens != tasks.get("binary_addition").end_id
     for ctl in controls:
         for head in ("write", "read"):
-            shift_logits, gate_logits = (
-                ops.to_numpy(a).astype(np.float64) for a in ctl[f"{head}_logits"]
-            )
-            shift = np.exp(shift_logits - shift_logits.max(-1, keepdims=True))
-            shift /= shift.sum(-1, keepdims=True)
-            gate = 1 / (1 + np.exp(-gate_logits[..., None]))
-            move = np.concatenate([(1 - gate) * shift, gate], -1)  # (B, T, K, 2S + 2)
+            shift = ops.to_numpy(ctl[f"{head}_shift"]).astype(np.float64)  # (B, T, K, 2S + 1)
+            gate = ops.to_numpy(ctl[f"{head}_gate"]).astype(np.float64)  # (B, T, K)
             for b in range(len(own)):
                 n = own[b].sum()  # the sequence's tokens; padding follows
-                changes += ((move[b, 1:n] - move[b, : n - 1]) ** 2).sum() / 2
+                if heads == "hard":
+                    assert set(np.unique(gate)) <= {0.0, 1.0}
+                    assert np.all(shift.max(-1) == 1.0) and np.all(shift.sum(-1) == 1.0)
+                    g, s = gate[b, :n] == 1, shift[b, :n].argmax(-1)
+                    moved_apart = ~g[1:] & ~g[:-1] & (s[1:] != s[:-1])
+                    changes += np.sum((g[1:] != g[:-1]) | moved_apart)
+                else:
+                    q = np.concatenate(
+                        [(1 - gate[b, :n, :, None]) * shift[b, :n], gate[b, :n, :, None]], -1
+                    )
+                    changes += ((q[1:] - q[:-1]) ** 2).sum() / 2
     assert changes > 0
     want = ce + 0.3 * changes / batch.mask.sum()
     assert trainer.train_step()["loss"] == pytest.approx(want, rel=1e-5)

@@ -191,8 +191,8 @@ class PNTMConfig(ModelConfig):
     move_change_cost: float = option(
         0.0,
         "Weight of a training penalty on head moves that change from one token to the next: "
-        "half the squared distance between consecutive move distributions (shifts and reset), "
-        "summed over heads and tokens, per target token.",
+        "half the squared distance between consecutive moves as made (shifts and reset; "
+        "one-hot once heads are hard), summed over heads and tokens, per target token.",
         minimum=0,
     )
 
@@ -452,7 +452,6 @@ class PNTM(Model):
         out = {name: raw[..., where] for name, where in c.controller_slices(index).items()}
         for head in ("write", "read"):
             shift_logits, gate_logits = out[f"{head}_shift"], out[f"{head}_gate"][..., 0]
-            out[f"{head}_logits"] = (shift_logits, gate_logits)  # noiseless: move_changes
             if noise is not None:
                 shift_logits = shift_logits + noise[f"{head}_shift"]
                 gate_logits = gate_logits + noise[f"{head}_gate"]
@@ -681,17 +680,18 @@ def move_changes(
     ops: Backend, controls: list[dict[str, Array]], tokens: Array, pad_id: int
 ) -> Array:
     """Sum over blocks, heads, sequences and consecutive tokens of half the squared distance
-    between a head's move distributions q_{t-1} and q_t, q = ((1 - g) s, g) over the shifts s
-    and the reset g, from the noiseless logits. Tokens after the sequence's end (``pad_id``
-    padding, the last id of the vocabulary) are left out. A change between two certain moves
-    counts 1."""
+    between a head's moves q_{t-1} and q_t as the forward pass makes them, q = ((1 - g) s, g)
+    over the shifts s and the reset g: noisy samples while the heads are noisy, exact one-hot
+    moves (with their straight-through gradient) once they are hard, so that a head cannot
+    hide a change of its hard move behind flat logits. Tokens after the sequence's end
+    (``pad_id`` padding, the last id of the vocabulary) are left out. A change between two
+    certain moves counts 1."""
     kept = (1 - ops.one_hot(tokens, pad_id + 1)[..., pad_id])[:, 1:, None]  # (B, T - 1, 1)
     total = 0.0
     for ctl in controls:
         for head in ("write", "read"):
-            shift_logits, gate_logits = ctl[f"{head}_logits"]
-            gate = ops.sigmoid(gate_logits)[..., None]
-            move = ops.concat([(1 - gate) * ops.softmax(shift_logits, axis=-1), gate], axis=-1)
+            gate = ctl[f"{head}_gate"][..., None]
+            move = ops.concat([(1 - gate) * ctl[f"{head}_shift"], gate], axis=-1)
             step = move[:, 1:] - move[:, :-1]
             total = total + ops.sum(ops.sum(step * step, axis=-1) * kept) / 2
     return total
