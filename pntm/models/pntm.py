@@ -185,9 +185,10 @@ class PNTMConfig(ModelConfig):
         "content reads stay as sharp when the memory grows (scalable softmax).",
     )
     # A head whose move follows the data (a counter of 0 bits, a walk with the output bits)
-    # addresses slots whose contents training shows only at small counts; the circuits that
-    # generalize move the same way on every token and change at separators (research log
-    # §12, §15). This charges each change of a head's move between consecutive tokens.
+    # addresses slots whose contents training shows only at small counts (research log §12).
+    # This charges each change of a head's move between consecutive tokens, so that heads
+    # keep one move per phase; on binary multiplication it does that, yet no more seeds
+    # become exact (research log §15).
     move_change_cost: float = option(
         0.0,
         "Weight of a training penalty on head moves that change from one token to the next: "
