@@ -153,11 +153,12 @@ def test_move_change_cost_adds_the_move_changes(name, heads):
         for head in ("write", "read"):
             shift = ops.to_numpy(ctl[f"{head}_shift"]).astype(np.float64)  # (B, T, K, 2S + 1)
             gate = ops.to_numpy(ctl[f"{head}_gate"]).astype(np.float64)  # (B, T, K)
+            if heads == "hard":
+                assert set(np.unique(gate)) <= {0.0, 1.0}
+                assert np.all(shift.max(-1) == 1.0) and np.all(shift.sum(-1) == 1.0)
             for b in range(len(own)):
                 n = own[b].sum()  # the sequence's tokens; padding follows
                 if heads == "hard":
-                    assert set(np.unique(gate)) <= {0.0, 1.0}
-                    assert np.all(shift.max(-1) == 1.0) and np.all(shift.sum(-1) == 1.0)
                     g, s = gate[b, :n] == 1, shift[b, :n].argmax(-1)
                     moved_apart = ~g[1:] & ~g[:-1] & (s[1:] != s[:-1])
                     changes += np.sum((g[1:] != g[:-1]) | moved_apart)

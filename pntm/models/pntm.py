@@ -385,13 +385,11 @@ class PNTM(Model):
         noise: Any = None,
     ) -> tuple[Array, Array]:
         c = self.config
+        logits, _, controls = self._forward(params, tokens, capacity, noise=noise, **mode)
+        loss = cross_entropy(self.ops, logits, labels, mask)
         if c.move_change_cost:
-            logits, _, controls = self._forward(params, tokens, capacity, noise=noise, **mode)
-            loss = cross_entropy(self.ops, logits, labels, mask)
             changes = move_changes(self.ops, controls, tokens, c.vocab_size - 1)
             loss = loss + c.move_change_cost * changes / self.ops.sum(mask)
-        else:
-            loss, logits = super().loss(params, tokens, labels, mask, capacity, mode, noise)
         if c.hard_mix and mode.get("heads") == "soft":
             hard = self.forward(params, tokens, capacity, heads="hard", noise=noise)
             loss = loss + c.hard_mix * cross_entropy(self.ops, hard, labels, mask)
