@@ -9,6 +9,10 @@ unfinished ones resume from their last checkpoint. ``--set`` changes a recipe fi
 grid (for experiments); a grid directory refuses a cell whose checkpoint was trained with other
 settings. ``scripts/reproduce.py`` runs it for every model and task.
 
+The report's records (one per model x task x seed) are kept beside it (``results.json`` next to
+``results.md``), so a grid run that covers some cells, say one task re-run with a new recipe,
+replaces their rows and keeps the others; the report lists the commands its rows come from.
+
     python scripts/length_generalization.py --grid runs/lengthgen --results docs/results.md
 """
 
@@ -154,11 +158,35 @@ def summary_line(r: dict[str, Any]) -> str:
     )
 
 
+def cell_key(result: dict[str, Any]) -> tuple[str, str, int]:
+    return model_of(result), result["task"], result["seed"]
+
+
+def kept_records(report: Path, covered: set[tuple[str, str, int]]) -> list[dict[str, Any]]:
+    """The records beside ``report`` (from earlier grid runs) of the cells not in ``covered``."""
+    path = report.with_suffix(".json")
+    if not path.exists():
+        return []
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{path}: not the records of a report ({exc})") from exc
+    return [r for r in records if cell_key(r) not in covered]
+
+
 def write_report(path: Path, results: list[dict[str, Any]], command: str) -> None:
     """Markdown: a summary (model x task: median and range over seeds at 1x..16x), then one
-    table per task with a row per model and seed; and a PNG next to ``path``."""
+    table per task with a row per model and seed; a PNG and the records (JSON) next to ``path``.
+    Rows of cells that ``results`` does not hold are kept from the records already there."""
+    from pntm import models, tasks
     from pntm.checkpoint import atomic_write
 
+    results = [{"command": command, **r} for r in results]
+    results += kept_records(path, {cell_key(r) for r in results})
+    # the registries' order (tasks, then models), whichever run a row comes from
+    order = {name: i for i, name in enumerate([*tasks.NAMES, *models.NAMES])}
+    results.sort(key=lambda r: (order.get(r["task"], len(order)), order.get(model_of(r), 0)))
+    commands = list(dict.fromkeys(r["command"] for r in results))
     png = path.with_suffix(".png")
     by_task: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in sorted(results, key=lambda r: r["seed"]):
@@ -167,9 +195,10 @@ def write_report(path: Path, results: list[dict[str, Any]], command: str) -> Non
     lines = [
         "# Length generalization results",
         "",
-        "Written by `scripts/length_generalization.py`; do not edit by hand. Command:",
+        "Written by `scripts/length_generalization.py`; do not edit by hand. "
+        + ("Command:" if len(commands) == 1 else "Commands (each row comes from one of them):"),
         "",
-        f"    {command}",
+        *(f"    {c}" for c in commands),
         "",
         "Each row is one seed trained with its recipe (`pntm tasks`, `pntm/recipes.py`): the",
         "settings `pntm train --model MODEL --task NAME` uses (the other models train with the",
@@ -236,6 +265,11 @@ def write_report(path: Path, results: list[dict[str, Any]], command: str) -> Non
         samples = first["results"][0]["samples"]
         lines += ["", f"{samples} samples per length, evaluation seed {first['eval_seed']}.", ""]
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
+    records = sorted(results, key=cell_key)
+    atomic_write(
+        path.with_suffix(".json"),
+        lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1) + "\n"),
+    )
     _plot(png, by_task, models_seen)
 
 

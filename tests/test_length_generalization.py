@@ -50,6 +50,26 @@ def test_grid_trains_reports_and_reads_back(tmp_path):
     assert stamps == {p: p.stat().st_mtime_ns for p in grid.rglob("checkpoint.safetensors")}
 
 
+def test_a_report_keeps_the_rows_of_cells_another_grid_ran(tmp_path):
+    """The report's records (results.json beside it) keep every cell's row: a grid run over
+    some cells replaces theirs and keeps the others, and the report names both commands."""
+    report = tmp_path / "results.md"
+    first = ["--grid", str(tmp_path / "a"), "--tasks", "reverse", "--seeds", "0,1", *TINY]
+    grid_script.main([*first, "--results", str(report)])
+    again = ["--grid", str(tmp_path / "b"), "--tasks", "reverse", "--seeds", "1", *TINY]
+    grid_script.main([*again, "--set", "train.steps=5", "--results", str(report)])
+    text = report.read_text()
+    assert "| pntm | 0 | 4 |" in text and "| pntm | 1 | 5 |" in text
+    assert "| pntm | 1 | 4 |" not in text
+    assert "Commands (each row comes from one of them):" in text
+    assert f"--grid {tmp_path / 'a'}" in text and f"--grid {tmp_path / 'b'}" in text
+    records = json.loads(report.with_suffix(".json").read_text())
+    assert [(r["seed"], r["steps"]) for r in records] == [(0, 4), (1, 5)]
+    report.with_suffix(".json").write_text("{not json")
+    with pytest.raises(SystemExit, match=r"results\.json: not the records of a report"):
+        grid_script.main([*first, "--results", str(report), "--report-only"])
+
+
 def test_interrupted_cell_resumes_and_other_settings_are_refused(tmp_path):
     """A cell stopped at step 2 of 4 resumes from its checkpoint and ends where an
     uninterrupted cell ends; a cell trained with other settings is refused."""

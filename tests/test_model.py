@@ -44,6 +44,19 @@ CONFIGS = {
         velocity_prior=6.0,
         reset_prior=-6.0,
     ),
+    # heads that move +1 on every token and learn only their resets; S = 2 so that the fixed
+    # move is not the last shift
+    "fixed-velocity": dict(
+        d_model=8,
+        n_layers=2,
+        n_heads=2,
+        head_dim=3,
+        max_shift=2,
+        fixed_velocity=True,
+        gated_write=True,
+        read_lag=1,
+        read_lag_step=1,
+    ),
 }
 # (batch, T, n_slots): T=1, N=1, N < 2S+1, N > T, odd everything
 SHAPES = [(1, 1, 1), (2, 9, 1), (3, 11, 4), (2, 13, 13), (1, 24, 31)]
@@ -405,6 +418,62 @@ def test_hard_move_grad_scales_the_gradient_of_hard_moves_only():
 def test_velocity_prior_needs_a_shift():
     with pytest.raises(ValueError, match=r"velocity_prior 2.0 needs max_shift >= 1"):
         PNTMConfig(vocab_size=5, max_shift=0, velocity_prior=2.0)
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (dict(max_shift=0), r"fixed_velocity needs max_shift >= 1"),
+        (dict(velocity_prior=2.0), r"velocity_prior 2.0 biases a learned \+1 shift"),
+        (dict(fixed_velocity=1), r"fixed_velocity must be true or false, got 1"),
+    ],
+)
+def test_fixed_velocity_bad_configs_are_named(changes, match):
+    with pytest.raises(ValueError, match=match):
+        PNTMConfig(vocab_size=5, **{"fixed_velocity": True, **changes})
+
+
+@pytest.mark.parametrize("heads", ["soft", "hard"])
+def test_fixed_velocity_heads_count_the_tokens_since_their_last_reset(heads):
+    """With ``fixed_velocity`` the controller has no shift outputs (narrower by 2 (2S + 1) per
+    memory) and draws no shift noise; every head's shift is the one-hot +1, soft or hard, noisy
+    or not, so a hard head's slot is its home plus the tokens since its last reset (the first
+    token counting from the start)."""
+    from pntm import backends
+
+    ops = backends.get("numpy")
+    S, K, N, T = 2, 3, 11, 17
+    base = dict(vocab_size=checks.VOCAB, d_model=8, n_layers=1, n_heads=K, head_dim=3)
+    config = PNTMConfig(**base, max_shift=S, fixed_velocity=True, read_lag=2)
+    learned = PNTMConfig(**base, max_shift=S)
+    assert "write_shift" not in dict(config.controller_fields(0))
+    assert learned.controller_width(0) - config.controller_width(0) == 2 * (2 * S + 1)
+    model = PNTM(config, ops)
+    params = init_params(config, 0)
+    params["blocks"][0]["ctrl_w"] *= 6.0  # spread the reset logits over both signs
+    tokens = np.random.default_rng(3).integers(0, checks.VOCAB, (2, T))
+    x = ops.take(params["embed"], tokens)
+    noise = model.head_noise(np.random.default_rng(0), 2, T, 1.0)
+    assert set(noise[0]) == {"write_gate", "read_gate"}
+    for draws in (None, noise[0]):
+        ctl = model._controls(params["blocks"][0], 0, x, heads, 1.0, draws)
+        for head, lag in (("write", 0), ("read", 2)):
+            np.testing.assert_array_equal(
+                ctl[f"{head}_shift"], np.broadcast_to(np.eye(5)[3], (2, T, K, 5))
+            )
+            if heads == "soft":
+                continue
+            resets = ctl[f"{head}_gate"] == 1
+            assert resets.any() and not resets.all()
+            got = model.head_positions(
+                ctl[f"{head}_shift"], ctl[f"{head}_gate"], N, heads="hard", lag=lag
+            )
+            since = np.zeros(
+                (2, K), dtype=np.int64
+            )  # tokens since the last reset, or since the start
+            for t in range(T):
+                since = np.where(resets[:, t], 0, since + 1)
+                np.testing.assert_array_equal(got[:, t], np.eye(N)[(since - lag) % N])
 
 
 def test_overwrite_keeps_the_last_write_of_a_parked_head():

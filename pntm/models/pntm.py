@@ -163,6 +163,17 @@ class PNTMConfig(ModelConfig):
         "Initial bias of every head's reset-gate logit: a fresh head resets with probability "
         "1 / (1 + e^-r).",
     )
+    # Constant-velocity heads: no shift outputs; every head moves +1 on every token and learns
+    # only when to reset, so its position is the number of tokens since its last reset (plus
+    # its home). This rules out the heads that walk with the data or stand still on some
+    # tokens (research log §12) while keeping the resets an aligned read needs (a read head
+    # that restarts at a separator); on binary multiplication it raised exact match at 8x
+    # (research log §16).
+    fixed_velocity: bool = option(
+        False,
+        "Every head moves +1 slot on every token (no shift outputs) and learns only its reset "
+        "gate: a head's position counts the tokens since its last reset.",
+    )
     # How much gradient hard moves pass back. Straight-through (1) sums the position gradients
     # of every later step into each hard shift, which swamps the rest of the gradient
     # (research log §11); 0 keeps the moves the priors start with and trains the rest of the
@@ -203,11 +214,18 @@ class PNTMConfig(ModelConfig):
         check_finite(self.velocity_prior, "velocity_prior")
         check_finite(self.reset_prior, "reset_prior")
         check_finite(self.hard_move_grad, "hard_move_grad", 0)
+        if self.fixed_velocity and self.max_shift < 1:
+            raise ValueError("fixed_velocity needs max_shift >= 1 (heads move +1 on every token)")
+        if self.fixed_velocity and self.velocity_prior:
+            raise ValueError(
+                f"velocity_prior {self.velocity_prior} biases a learned +1 shift; with "
+                "fixed_velocity every head moves +1 already: leave it at 0"
+            )
         if self.velocity_prior and self.max_shift < 1:
             raise ValueError(
                 f"velocity_prior {self.velocity_prior} needs max_shift >= 1 (a +1 shift to bias)"
             )
-        for name in ("content", "overwrite", "gated_write", "content_log_scale"):
+        for name in ("content", "overwrite", "gated_write", "content_log_scale", "fixed_velocity"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.overwrite and self.gated_write:
@@ -263,13 +281,15 @@ class PNTMConfig(ModelConfig):
 
     def controller_fields(self, block: int) -> list[tuple[str, int]]:
         """Per-head slices of block ``block``'s controller output, in order."""
-        S, D = self.n_shifts, self.head_dim
+        D = self.head_dim
+        shift = [] if self.fixed_velocity else [("shift", self.n_shifts)]
+        write, read = ([(f"{head}_{name}", n) for name, n in shift] for head in ("write", "read"))
         out = [
-            ("write_shift", S),
+            *write,
             ("write_gate", 1),
             *([] if self.overwrite else [("erase", D)]),
             ("add", D),
-            ("read_shift", S),
+            *read,
             ("read_gate", 1),
         ]
         if self.reads_content(block):
@@ -317,8 +337,8 @@ def _controller_bias(config: PNTMConfig, block: int) -> np.ndarray:
     bias = np.zeros((config.n_heads, config.controller_width(block)))
     for head in ("write", "read"):
         bias[:, slices[f"{head}_gate"]] = config.reset_prior
-        # shifts -S..S: +1 is at index S + 1
-        bias[:, slices[f"{head}_shift"].start + config.max_shift + 1] = config.velocity_prior
+        if not config.fixed_velocity:  # shifts -S..S: +1 is at index S + 1
+            bias[:, slices[f"{head}_shift"].start + config.max_shift + 1] = config.velocity_prior
     if "gamma" in slices:
         bias[:, slices["gamma"]] = CONTENT_MIX_BIAS
     return bias.reshape(-1)
@@ -351,6 +371,12 @@ class PNTM(Model):
         super().__init__(config, ops)
         self._twiddles: dict[int, tuple[Array, Array]] = {}
         self._homes: dict[tuple[int, Lags], Array] = {}
+        # the one move of fixed_velocity heads: the one-hot of shift +1 among -S..S
+        self._plus_one = (
+            ops.asarray(np.eye(config.n_shifts)[config.max_shift + 1])
+            if config.fixed_velocity
+            else None
+        )
 
     @staticmethod
     def init_params(config: PNTMConfig, seed: int = 0) -> dict[str, Any]:
@@ -450,15 +476,21 @@ class PNTM(Model):
         raw = ops.reshape(raw, (*x.shape[:-1], c.n_heads, -1))
         out = {name: raw[..., where] for name, where in c.controller_slices(index).items()}
         for head in ("write", "read"):
-            shift_logits, gate_logits = out[f"{head}_shift"], out[f"{head}_gate"][..., 0]
+            gate_logits = out[f"{head}_gate"][..., 0]
             if noise is not None:
-                shift_logits = shift_logits + noise[f"{head}_shift"]
                 gate_logits = gate_logits + noise[f"{head}_gate"]
-            shift = ops.softmax(shift_logits / temperature, axis=-1)
             gate = ops.sigmoid(gate_logits / temperature)
-            if heads == "hard":  # exact one-hot / 0-1 forward, (scaled) soft gradient
-                shift = _straight_through_one_hot(ops, shift, c.hard_move_grad)
+            if heads == "hard":  # exact 0-1 forward, (scaled) soft gradient
                 gate = _straight_through_step(ops, gate, c.hard_move_grad)
+            if c.fixed_velocity:
+                shift = ops.zeros_like(gate)[..., None] + self._plus_one
+            else:
+                shift_logits = out[f"{head}_shift"]
+                if noise is not None:
+                    shift_logits = shift_logits + noise[f"{head}_shift"]
+                shift = ops.softmax(shift_logits / temperature, axis=-1)
+                if heads == "hard":  # exact one-hot forward, (scaled) soft gradient
+                    shift = _straight_through_one_hot(ops, shift, c.hard_move_grad)
             out[f"{head}_shift"], out[f"{head}_gate"] = shift, gate
         if c.overwrite:
             out["erase"] = ops.ones_like(out["add"])
@@ -625,7 +657,8 @@ class PNTM(Model):
         for _ in range(c.n_layers):
             draws = {}
             for head in ("write", "read"):
-                draws[f"{head}_shift"] = scale * rng.gumbel(size=(*shape, c.n_shifts))
+                if not c.fixed_velocity:
+                    draws[f"{head}_shift"] = scale * rng.gumbel(size=(*shape, c.n_shifts))
                 draws[f"{head}_gate"] = scale * rng.logistic(size=shape)
             if c.gated_write:
                 draws["erase"] = scale * rng.logistic(size=(*shape, c.head_dim))
