@@ -131,13 +131,17 @@ RECIPES: dict[str, Recipe] = {
         # with K = 2 the fitted soft circuit died at the switch (0.34 at L_train); four
         # memories per block give the noisy soft phase more heads to build a discrete one from
         Recipe("binary_addition", _TRAIN, {**_MODEL, "n_heads": 4}, _WIDE),
-        # the best found, not a solution: exact at 16x on 1 grid seed of 3, 0.84 at 8x median
-        # (research log §12); the staggered read heads read a_i, a_(i-1), a_(i-2) at once
+        # the best found, not yet a solution (research log §16): heads that move +1 on every
+        # token and learn only their resets, a penalty on resets that change from token to
+        # token (so heads reset at separators, not with the data), one register per block to
+        # hold the multiplier, and staggered read heads for a window over `a` (§12)
         Recipe(
             "binary_multiplication",
             {"steps": 6000},
             {
-                "velocity_prior": 2.0,
+                "fixed_velocity": True,
+                "registers": 1,
+                "move_change_cost": 0.01,
                 "gated_write": True,
                 "n_heads": 4,
                 "n_layers": 4,

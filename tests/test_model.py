@@ -44,12 +44,13 @@ CONFIGS = {
         velocity_prior=6.0,
         reset_prior=-6.0,
     ),
-    # heads that move +1 on every token and learn only their resets; S = 2 so that the fixed
-    # move is not the last shift
-    "fixed-velocity": dict(
+    # heads that move +1 on every token and learn only their resets, and one register per
+    # block; S = 2 so that the fixed move is not the last shift
+    "fixed-velocity-registers": dict(
         d_model=8,
         n_layers=2,
-        n_heads=2,
+        n_heads=3,
+        registers=1,
         head_dim=3,
         max_shift=2,
         fixed_velocity=True,
@@ -474,6 +475,56 @@ def test_fixed_velocity_heads_count_the_tokens_since_their_last_reset(heads):
             for t in range(T):
                 since = np.where(resets[:, t], 0, since + 1)
                 np.testing.assert_array_equal(got[:, t], np.eye(N)[(since - lag) % N])
+
+
+@pytest.mark.parametrize("heads", ["soft", "hard"])
+def test_registers_stay_at_home_and_hold_their_last_write(heads):
+    """The last ``registers`` memories of a block keep both heads on slot 0 at every token
+    (read lag 0 whatever read_lag is), in the parallel and the step form; with gated writes and
+    hard heads the register's read is, per component, the add of the last step that wrote it.
+    The other memories' heads move as before."""
+    from pntm import backends
+
+    ops = backends.get("numpy")
+    K, N, T, D = 3, 9, 11, 4
+    config = PNTMConfig(
+        vocab_size=checks.VOCAB,
+        d_model=8,
+        n_layers=1,
+        n_heads=K,
+        head_dim=D,
+        registers=2,
+        fixed_velocity=True,
+        gated_write=True,
+        read_lag=2,
+    )
+    assert config.read_lags == (2, 0, 0)
+    model = PNTM(config, ops)
+    params = init_params(config, 0)
+    params["blocks"][0]["ctrl_w"] *= 8.0  # spread the gate and erase logits over both signs
+    tokens = np.random.default_rng(4).integers(0, checks.VOCAB, (2, T))
+    ctl = model._controls(params["blocks"][0], 0, ops.take(params["embed"], tokens), heads, 1.0)
+    for head, lag in (("write", 0), ("read", config.read_lags)):
+        np.testing.assert_array_equal(ctl[f"{head}_gate"][..., 1:], 1.0)
+        positions = model.head_positions(
+            ctl[f"{head}_shift"], ctl[f"{head}_gate"], N, heads=heads, lag=lag
+        )
+        np.testing.assert_allclose(positions[:, :, 1:], np.eye(N)[0] + np.zeros((2, T, 2, N)))
+    state = model.init_state(2, N)[0]
+    for t in range(T):
+        _, step_state = model.step(params, [state], tokens[:, t], heads=heads)
+        state = step_state[0]
+        for head in ("write", "read"):
+            np.testing.assert_allclose(state[head][:, 1:], np.eye(N)[np.zeros((2, 2), int)])
+    if heads == "hard":
+        erase, add = ctl["erase"][:, :, 1:], ctl["add"][:, :, 1:]
+        assert 0 < erase.mean() < 1
+        held = np.zeros((2, 2, D))
+        for t in range(T):  # last write wins, per component
+            held = np.where(erase[:, t] == 1, add[:, t], held)
+        np.testing.assert_allclose(state["memory"][:, 1:, 0], held, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match=r"registers 4 must be at most the memories per block"):
+        PNTMConfig(vocab_size=5, n_heads=3, registers=4)
 
 
 def test_overwrite_keeps_the_last_write_of_a_parked_head():

@@ -174,6 +174,16 @@ class PNTMConfig(ModelConfig):
         "Every head moves +1 slot on every token (no shift outputs) and learns only its reset "
         "gate: a head's position counts the tokens since its last reset.",
     )
+    # Registers: with fixed_velocity every head moves, so a value read at every output step
+    # (the multiplier of binary multiplication) can only be held by a head that resets on every
+    # token, which training has to find (research log §16). These memories' heads stay at home
+    # (slot 0, read lag 0) by construction; with gated writes each is a bank of flip-flops.
+    registers: int = option(
+        0,
+        "The last this many memories of each block are registers: their write and read heads "
+        "stay on slot 0 (reset on every token, no read lag).",
+        minimum=0,
+    )
     # How much gradient hard moves pass back. Straight-through (1) sums the position gradients
     # of every later step into each hard shift, which swamps the rest of the gradient
     # (research log §11); 0 keeps the moves the priors start with and trains the rest of the
@@ -210,7 +220,14 @@ class PNTMConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         check_ints(self, ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "mlp_ratio"))
-        check_ints(self, ("max_shift", "read_lag", "read_lag_step", "content_from_block"), 0)
+        check_ints(
+            self, ("max_shift", "read_lag", "read_lag_step", "content_from_block", "registers"), 0
+        )
+        if self.registers > self.n_heads:
+            raise ValueError(
+                f"registers {self.registers} must be at most the memories per block "
+                f"(n_heads {self.n_heads})"
+            )
         check_finite(self.velocity_prior, "velocity_prior")
         check_finite(self.reset_prior, "reset_prior")
         check_finite(self.hard_move_grad, "hard_move_grad", 0)
@@ -260,8 +277,11 @@ class PNTMConfig(ModelConfig):
 
     @property
     def read_lags(self) -> tuple[int, ...]:
-        """Each read head's lag: how many slots behind slot 0 its home is."""
-        return tuple(self.read_lag + k * self.read_lag_step for k in range(self.n_heads))
+        """Each read head's lag: how many slots behind slot 0 its home is (0 for registers)."""
+        tapes = self.n_heads - self.registers
+        return tuple(
+            self.read_lag + k * self.read_lag_step if k < tapes else 0 for k in range(self.n_heads)
+        )
 
     def summary(self) -> str:
         return f"{self.n_layers} blocks x {self.n_heads} memories"
@@ -371,6 +391,9 @@ class PNTM(Model):
         super().__init__(config, ops)
         self._twiddles: dict[int, tuple[Array, Array]] = {}
         self._homes: dict[tuple[int, Lags], Array] = {}
+        # 1 for the heads that move, 0 for the registers' (the last ``registers`` memories)
+        tapes = config.n_heads - config.registers
+        self._tapes = ops.asarray((np.arange(config.n_heads) < tapes).astype(float))
         # the one move of fixed_velocity heads: the one-hot of shift +1 among -S..S
         self._plus_one = (
             ops.asarray(np.eye(config.n_shifts)[config.max_shift + 1])
@@ -482,6 +505,8 @@ class PNTM(Model):
             gate = ops.sigmoid(gate_logits / temperature)
             if heads == "hard":  # exact 0-1 forward, (scaled) soft gradient
                 gate = _straight_through_step(ops, gate, c.hard_move_grad)
+            if c.registers:  # registers reset on every token: they stay at home
+                gate = gate * self._tapes + (1 - self._tapes)
             if c.fixed_velocity:
                 shift = ops.zeros_like(gate)[..., None] + self._plus_one
             else:
