@@ -183,13 +183,19 @@ def write_report(path: Path, results: list[dict[str, Any]], command: str) -> Non
 
     results = [{"command": command, **r} for r in results]
     results += kept_records(path, {cell_key(r) for r in results})
-    # the registries' order (tasks, then models), whichever run a row comes from
+    # the registries' order (tasks, then models, then seeds), whichever run a row comes from
     order = {name: i for i, name in enumerate([*tasks.NAMES, *models.NAMES])}
-    results.sort(key=lambda r: (order.get(r["task"], len(order)), order.get(model_of(r), 0)))
+    results.sort(
+        key=lambda r: (
+            order.get(r["task"], len(order)),
+            order.get(model_of(r), len(order)),
+            r["seed"],
+        )
+    )
     commands = list(dict.fromkeys(r["command"] for r in results))
     png = path.with_suffix(".png")
     by_task: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for r in sorted(results, key=lambda r: r["seed"]):
+    for r in results:
         by_task.setdefault(r["task"], {}).setdefault(model_of(r), []).append(r)
     models_seen = list(dict.fromkeys(model_of(r) for r in results))
     lines = [

@@ -469,9 +469,8 @@ def test_fixed_velocity_heads_count_the_tokens_since_their_last_reset(heads):
             got = model.head_positions(
                 ctl[f"{head}_shift"], ctl[f"{head}_gate"], N, heads="hard", lag=lag
             )
-            since = np.zeros(
-                (2, K), dtype=np.int64
-            )  # tokens since the last reset, or since the start
+            # tokens since the last reset, or since the start
+            since = np.zeros((2, K), dtype=np.int64)
             for t in range(T):
                 since = np.where(resets[:, t], 0, since + 1)
                 np.testing.assert_array_equal(got[:, t], np.eye(N)[(since - lag) % N])

@@ -208,8 +208,8 @@ class PNTMConfig(ModelConfig):
     # A head whose move follows the data (a counter of 0 bits, a walk with the output bits)
     # addresses slots whose contents training shows only at small counts (research log §12).
     # This charges each change of a head's move between consecutive tokens, so that heads
-    # keep one move per phase; on binary multiplication it does that, yet no more seeds
-    # become exact (research log §15).
+    # keep one move per phase: alone it made no more multiplication seeds exact (research log
+    # §15); with fixed_velocity and registers it keeps resets at the separators (§16).
     move_change_cost: float = option(
         0.0,
         "Weight of a training penalty on head moves that change from one token to the next: "
