@@ -17,7 +17,7 @@ from typing import Any
 import click
 import numpy as np
 
-from pntm import backends, checkpoint, models, tasks
+from pntm import __version__, backends, checkpoint, models, tasks
 from pntm.bench import BenchConfig
 from pntm.config import options_of
 from pntm.train import TrainConfig
@@ -116,7 +116,7 @@ def _ops(name: str, train: bool) -> tuple[str, backends.Backend]:
 
 
 @click.group()
-@click.version_option(package_name="pntm", message="%(prog)s %(version)s")
+@click.version_option(__version__, message="%(prog)s %(version)s")
 def main() -> None:
     """Parallelizable Neural Turing Machines: train and evaluate P-NTMs on MLX or PyTorch."""
 

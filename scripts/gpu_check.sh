@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with an NVIDIA GPU, with no install step (torch, triton, numpy,
-# click, safetensors, tqdm, matplotlib and pytest present; mlx and pytest-xdist not needed),
-# from the repository root:
+# click, safetensors, tqdm, matplotlib and pytest present; mlx not needed; pytest-xdist and
+# pytest-timeout used where present), from the repository root:
 #
 #     bash scripts/gpu_check.sh [OUT_DIR [SECTION ...]]     (default: gpu_check/, all sections)
 #
@@ -24,6 +24,12 @@ status=0
 
 . scripts/check_run.sh  # run TITLE COMMAND...
 
+# pytest-xdist, where installed, spreads the suite over 8 processes (they share the GPU), and
+# pytest-timeout turns a hung test into a failure with its traceback
+PYTEST=(python3 -m pytest -o addopts="" -q -rs -p no:cacheprovider)
+python3 -c "import xdist" 2>/dev/null && PYTEST+=(-n "${GPU_CHECK_WORKERS:-8}")
+python3 -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 300)
+
 {
     printf '\n# pntm GPU check: %s\n\n' "${SECTIONS[*]}"
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
@@ -33,10 +39,8 @@ status=0
         case "$section" in
             conformance)
                 run "backends" python3 -m pntm.cli backends
-                run "conformance: torch on CUDA" python3 -m pytest -o addopts="" -q -rs \
-                    -p no:cacheprovider --backend=torch tests
-                run "conformance: triton (compiled kernels)" python3 -m pytest -o addopts="" \
-                    -q -rs -p no:cacheprovider --backend=triton tests
+                run "conformance: torch on CUDA" "${PYTEST[@]}" --backend=torch tests
+                run "conformance: triton (compiled kernels)" "${PYTEST[@]}" --backend=triton tests
                 ;;
             bench)
                 run "kernel benchmark, training step at T=65,536" python3 \

@@ -125,7 +125,8 @@ def forward_and_step(
         got, state = model.forward(native, ops.asarray(tokens), capacity, return_state=True, **mode)
         for i, (layer, expected) in enumerate(zip(state, want_state, strict=True)):
             for name, value in expected.items():
-                assert rel_err(ops.to_numpy(layer[name]), value) <= tol, (i, name)
+                err = rel_err(ops.to_numpy(layer[name]), value)
+                assert err <= tol, f"layer {i} {name}: error {err:.3g} > {tol:g}"
     assert rel_err(ops.to_numpy(got), want) <= tol, "parallel form"
     assert rel_err(step_logits(model, native, tokens, capacity, **mode), want) <= tol, "steps"
 

@@ -71,18 +71,39 @@ def test_auto_takes_the_highest_priority_backend_that_runs(monkeypatch):
 
 def test_available_ranks_triton_first_only_with_cuda(monkeypatch):
     """The priorities ``available()`` reports come from each framework's accelerator: Triton
-    (interpreted here) is never ``auto`` without CUDA, and first with it."""
+    (interpreted without CUDA) is never ``auto`` without CUDA, and first with it."""
     infos = {i.name: i for i in backends.available()}
     if not (infos["torch"].runs and infos["triton"].runs):
         pytest.skip("needs the torch and triton backends")
     from pntm.backends.torch_backend import TorchBackend
 
+    monkeypatch.setattr(TorchBackend, "accelerator", classmethod(lambda cls: None))
+    infos = {i.name: i for i in backends.available()}
     assert infos["triton"].priority is None
     assert backends.best_available() == "torch"
     monkeypatch.setattr(TorchBackend, "accelerator", classmethod(lambda cls: "cuda"))
     infos = {i.name: i for i in backends.available()}
     assert infos["triton"].priority > infos["torch"].priority
     assert backends.best_available() == "triton"
+
+
+def test_each_torchrun_process_takes_its_own_gpu(monkeypatch):
+    """LOCAL_RANK picks the GPU; a rank beyond the node's GPUs is refused with both numbers,
+    since NCCL cannot put two ranks on one GPU; without CUDA every rank is on the CPU."""
+    torch = pytest.importorskip("torch")
+    from pntm.backends.torch_backend import default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert default_device() == "cuda:0"
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert default_device() == "cuda:1"
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(RuntimeError, match=r"local rank 2 has no GPU: this node has 2 CUDA"):
+        default_device()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == "cpu"
 
 
 def test_priorities_follow_the_accelerator():

@@ -50,7 +50,8 @@ TRAIN = [
     "--train-length", "4", "--head-noise", "1", "--log-every", "1", "--no-eval", "--quiet",
 ]  # fmt: skip
 HAS_PROC = Path("/proc/self/environ").exists()  # Linux: _rank_pids reads the ranks there
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+# CPU processes on every machine: NCCL wants a GPU per rank, and a one-GPU machine has one
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
 
 
 def _free_port() -> int:

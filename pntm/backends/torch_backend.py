@@ -28,6 +28,21 @@ from pntm.backends.base import (
 from pntm.tree import tree_flatten, tree_map, tree_unflatten
 
 
+def default_device() -> str:
+    """The GPU of this process's rank on its node (``LOCAL_RANK`` under torchrun), else the CPU.
+    NCCL wants one GPU per rank, so a node with fewer GPUs than processes is refused."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local_rank >= count:
+        raise RuntimeError(
+            f"process of local rank {local_rank} has no GPU: this node has {count} CUDA "
+            f"device(s), one per process; start at most {count} processes per node, or hide "
+            "the GPUs (CUDA_VISIBLE_DEVICES='') to run every process on the CPU"
+        )
+    return f"cuda:{local_rank}"
+
+
 class TorchBackend(Backend):
     name = "torch"
     framework = "torch"
@@ -35,11 +50,14 @@ class TorchBackend(Backend):
     def __init__(
         self, device: str | None = None, dtype: Any = torch.float32, scan: str = "chunked"
     ) -> None:
-        if device is None:  # under torchrun each process of a node takes its own GPU
-            local_rank = os.environ.get("LOCAL_RANK", "0")
-            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        if device is None:
+            device = default_device()
         self.device = torch.device(device)
         self.on_cpu = self.device.type == "cpu"
+        if self.device.type == "cuda":
+            # cuDNN's LSTM rounds its fp32 products to TF32 by default (errors ~3e-4 against
+            # the float64 reference on an H100); float32 here means float32, as in our matmuls
+            torch.backends.cudnn.allow_tf32 = False
         self.float_dtype = dtype
         self.complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
         self.int_dtype = torch.int64
@@ -190,9 +208,10 @@ class TorchBackend(Backend):
     def lstm(self, x, h0, c0, w_ih, w_hh, bias):
         """``torch.lstm``, the kernel behind ``nn.LSTM``: cuDNN on CUDA, ATen's fused cell on
         the CPU. Our (I, 4H) weights are PyTorch's (4H, I) transposed (same gate order); the
-        one bias goes in as ``b_ih`` with a zero ``b_hh``."""
+        one bias goes in as ``b_ih`` with a zero ``b_hh``. cuDNN views each weight as one flat
+        block, so the transposes are made contiguous (a strided view fails there on CUDA)."""
         check_lstm_shapes(x, h0, c0, w_ih, w_hh, bias)
-        weights = [w_ih.T, w_hh.T, bias, torch.zeros_like(bias)]
+        weights = [w_ih.T.contiguous(), w_hh.T.contiguous(), bias, torch.zeros_like(bias)]
         with warnings.catch_warnings():
             # cuDNN copies weights that are not one flat buffer into one (nn.LSTM keeps them
             # flat); ours are the model's own parameters, a few kB per layer: the copy is cheap
