@@ -338,14 +338,14 @@ def test_move_changes_counts_changes_between_consecutive_tokens(moves, pads, wan
     from pntm.models.pntm import move_changes
 
     ops = backends.get("numpy")
-    pad_id = 4
-    tokens = np.array([[0] * (len(moves) - pads) + [pad_id] * pads])
+    mask = np.zeros((1, len(moves)))  # the loss's mask: the sequence's last label counts
+    mask[0, len(moves) - pads - 1] = 1.0
     shift, gate = _certain_moves(moves)
     still, never = _certain_moves([2] * len(moves))
     block = {"write_shift": shift, "write_gate": gate, "read_shift": still, "read_gate": never}
-    assert move_changes(ops, [block], tokens, pad_id) == pytest.approx(want, abs=1e-12)
+    assert move_changes(ops, [block], mask) == pytest.approx(want, abs=1e-12)
     both = {"write_shift": shift, "write_gate": gate, "read_shift": shift, "read_gate": gate}
-    assert move_changes(ops, [both, block], tokens, pad_id) == pytest.approx(3 * want)
+    assert move_changes(ops, [both, block], mask) == pytest.approx(3 * want)
 
 
 def test_move_changes_of_uncertain_moves():
@@ -365,7 +365,7 @@ def test_move_changes_of_uncertain_moves():
         "read_gate": np.ones((1, 2, 1)),
     }
     want = ((q1 - q0) ** 2).sum() / 2
-    assert move_changes(ops, [block], np.zeros((1, 2), int), 4) == pytest.approx(want)
+    assert move_changes(ops, [block], np.array([[0.0, 1.0]])) == pytest.approx(want)
 
 
 def test_reset_prior_biases_the_reset_gates():

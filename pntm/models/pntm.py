@@ -278,10 +278,15 @@ class PNTMConfig(ModelConfig):
     @property
     def read_lags(self) -> tuple[int, ...]:
         """Each read head's lag: how many slots behind slot 0 its home is (0 for registers)."""
-        tapes = self.n_heads - self.registers
         return tuple(
-            self.read_lag + k * self.read_lag_step if k < tapes else 0 for k in range(self.n_heads)
+            self.read_lag + k * self.read_lag_step if k < self.tapes else 0
+            for k in range(self.n_heads)
         )
+
+    @property
+    def tapes(self) -> int:
+        """The memories of a block whose heads move: all but the last ``registers``."""
+        return self.n_heads - self.registers
 
     def summary(self) -> str:
         return f"{self.n_layers} blocks x {self.n_heads} memories"
@@ -392,8 +397,7 @@ class PNTM(Model):
         self._twiddles: dict[int, tuple[Array, Array]] = {}
         self._homes: dict[tuple[int, Lags], Array] = {}
         # 1 for the heads that move, 0 for the registers' (the last ``registers`` memories)
-        tapes = config.n_heads - config.registers
-        self._tapes = ops.asarray((np.arange(config.n_heads) < tapes).astype(float))
+        self._tapes = ops.asarray((np.arange(config.n_heads) < config.tapes).astype(float))
         # the one move of fixed_velocity heads: the one-hot of shift +1 among -S..S
         self._plus_one = (
             ops.asarray(np.eye(config.n_shifts)[config.max_shift + 1])
@@ -437,7 +441,7 @@ class PNTM(Model):
         logits, _, controls = self._forward(params, tokens, capacity, noise=noise, **mode)
         loss = cross_entropy(self.ops, logits, labels, mask)
         if c.move_change_cost:
-            changes = move_changes(self.ops, controls, tokens, c.vocab_size - 1)
+            changes = move_changes(self.ops, controls, mask)
             loss = loss + c.move_change_cost * changes / self.ops.sum(mask)
         if c.hard_mix and mode.get("heads") == "soft":
             hard = self.forward(params, tokens, capacity, heads="hard", noise=noise)
@@ -733,17 +737,19 @@ class PNTM(Model):
         return output_logits(ops, params, x), new_state
 
 
-def move_changes(
-    ops: Backend, controls: list[dict[str, Array]], tokens: Array, pad_id: int
-) -> Array:
+def move_changes(ops: Backend, controls: list[dict[str, Array]], mask: Array) -> Array:
     """Sum over blocks, heads, sequences and consecutive tokens of half the squared distance
     between a head's moves q_{t-1} and q_t as the forward pass makes them, q = ((1 - g) s, g)
     over the shifts s and the reset g: noisy samples while the heads are noisy, exact one-hot
     moves (with their straight-through gradient) once they are hard, so that a head cannot
-    hide a change of its hard move behind flat logits. Tokens after the sequence's end
-    (``pad_id`` padding, the last id of the vocabulary) are left out. A change between two
-    certain moves counts 1."""
-    kept = (1 - ops.one_hot(tokens, pad_id + 1)[..., pad_id])[:, 1:, None]  # (B, T - 1, 1)
+    hide a change of its hard move behind flat logits. Tokens after the sequence's end are left
+    out: a token is in the sequence while ``mask`` (the loss's, (B, T)) has a 1 at it or after
+    it, since the last label that counts is the sequence's END. A change between two certain
+    moves counts 1."""
+    T = mask.shape[1]
+    after = ops.asarray(np.tril(np.ones((T, T))))  # [s, t] = 1 where s >= t
+    kept = ops.where(ops.matmul(mask, after) > 0, ops.ones_like(mask), ops.zeros_like(mask))
+    kept = kept[:, 1:, None]  # (B, T - 1, 1): the pair (t - 1, t) counts where t does
     total = 0.0
     for ctl in controls:
         for head in ("write", "read"):
