@@ -86,8 +86,8 @@ _MODEL = {"velocity_prior": 2.0, "overwrite": True, **_NOISE}
 _TRAIN = {"steps": 3000}
 _FOUND = "noisy soft phase + overwrite + velocity prior: exact at 16x on the explored seed"
 _WIDE = (
-    "the shared recipe with K = 4 memories per block: exact at 8x on seeds 0-2, 4 and 5; seed 3 "
-    "dies at the switch to hard heads (research log §17)"
+    "the shared recipe with K = 4 memories per block: exact at 8x on 8 of the seeds 0-9; seeds "
+    "3 and 9 die at the switch to hard heads (research log §17)"
 )
 
 RECIPES: dict[str, Recipe] = {
