@@ -335,6 +335,13 @@ DECODE_OPTIONS = _generated_options(
 @_with_options(TRAIN_OPTIONS)
 @_with_options(MODEL_OPTIONS)
 @click.option(
+    "--restarts",
+    type=click.IntRange(min=1),
+    help="Independent runs from different seeds (restart 0 has --seed), side by side on a "
+    "CPU; the one with the lowest cross-entropy on fresh sequences of the training lengths is "
+    "kept (default: the recipe's). Each is a run of its own in OUT/restart-R.",
+)
+@click.option(
     "--out",
     type=OutputPath(file_okay=False, path_type=Path),
     help="Run directory for the checkpoint, metrics.jsonl, eval.json and eval.png "
@@ -373,28 +380,44 @@ def train_command(**opts: Any) -> None:
     found to make that task generalize (`pntm tasks --show TASK` lists them; see
     docs/results.md); other models train with the same budget and their own defaults. Options
     in [brackets] belong to the models named there."""
-    from pntm import run
-    from pntm.train import CHECKPOINT_NAME, Trainer, TrainingDiverged, TrainingStopped, fit
+    from pntm import recipes, restarts, run
+    from pntm.train import CHECKPOINT_NAME, Trainer, fit
 
-    resume_from = None
-    if opts["resume"] is not None:
+    resume_from, plan = None, None
+    if opts["resume"] is not None and _is_restarts_run(opts["resume"]):
+        run_dir = _resumed_run_dir(opts, opts["resume"])
+        try:
+            plan = restarts.load_plan(run_dir)
+        except restarts.RestartsError as exc:
+            raise click.ClickException(str(exc)) from exc
+        if opts["restarts"] is not None and opts["restarts"] != plan.restarts:
+            raise click.ClickException(
+                f"cannot resume: --restarts {opts['restarts']} differs from the run's "
+                f"{plan.restarts}; drop it or pass the run's value"
+            )
+        train_config, model_name, model_config = _saved_configs(
+            opts, plan.model, plan.model_config, plan.train_config
+        )
+    elif opts["resume"] is not None:
         ckpt_path, resume_from = _load_checkpoint(opts["resume"])
-        run_dir = ckpt_path.parent
+        run_dir = _resumed_run_dir(opts, ckpt_path.parent)
         if ckpt_path.name != CHECKPOINT_NAME and (run_dir / CHECKPOINT_NAME).exists():
             raise click.ClickException(
                 f"cannot resume from {ckpt_path}: the run would write its checkpoints to "
                 f"{run_dir / CHECKPOINT_NAME}, which holds another run; copy {ckpt_path.name} "
                 "into a directory of its own"
             )
-        if opts["out"] is not None and opts["out"].resolve() != run_dir.resolve():
+        if opts["restarts"] not in (None, 1):
             raise click.ClickException(
-                f"--out {opts['out']} differs from the resumed run's directory {run_dir}; "
-                "drop --out when resuming"
+                f"cannot resume {run_dir} with --restarts {opts['restarts']}: it is a single run"
             )
         train_config, model_name, model_config = _resumed_configs(opts, resume_from)
     else:
         train_config, model_name, model_config = _new_configs(opts)
         run_dir = opts["out"] or run.default_run_dir(train_config.task)
+        count = opts["restarts"] or recipes.get(train_config.task, model_name).restarts
+        if count > 1:
+            plan = restarts.Plan(model_name, model_config.to_dict(), train_config.to_dict(), count)
     task = tasks.get(train_config.task)
     try:
         eval_lengths = opts["eval_lengths"] or _default_eval_lengths(
@@ -406,69 +429,27 @@ def train_command(**opts: Any) -> None:
         raise click.ClickException(str(exc)) from exc
 
     backend_name, ops = _ops(opts["backend"], train=True)
+    if plan is not None:
+        resumed = opts["resume"] is not None
+        _train_restarts(plan, run_dir, backend_name, ops, task, eval_lengths, opts, resumed)
+        return
     try:
         trainer = Trainer(model_name, model_config, train_config, ops, backend_name, resume_from)
     except (ValueError, MemoryError) as exc:
         raise click.ClickException(str(exc)) from exc
     main = trainer.group.is_main
     say = click.echo if main else (lambda *_, **__: None)
-    n_params = sum(int(np.prod(p.shape)) for p in tree_leaves(trainer.params))
-    size = model_config.summary()
-    schedule = trainer.model.describe_schedule(train_config.steps)
-    group = trainer.group
     say(
-        f"{model_name} ({size + ', ' if size else ''}{n_params / 1e3:.1f}k parameters) on "
-        f"{backend_name}: task {task.name}, lengths 1..{train_config.train_length}, "
-        f"{train_config.steps} steps"
-        + (f", {schedule}" if schedule else "")
+        _run_header(trainer.model, trainer.params, train_config, backend_name, trainer.group)
         + (f", resumed at step {trainer.step}" if resume_from else "")
-        + (f", {group.size} processes ({group.engine})" if group.size > 1 else "")
     )
     say(f"run directory: {run_dir}")
     check_new = run.check_new if main and resume_from is None else (lambda _: None)
-    try:
+    with _run_errors(run_dir, trainer.group):
         check_new(run_dir)  # before the lock, so that a refused directory gets no lock file
         with run.locked(run_dir) if main else contextlib.nullcontext():
             check_new(run_dir)  # again under the lock: a run may have finished there since
             fit(trainer, run_dir, progress=not opts["quiet"])
-    except run.RunExists as exc:
-        raise click.ClickException(
-            f"{exc}: continue it with `pntm train --resume {run_dir}`, or pass --out with "
-            "a new directory"
-        ) from exc
-    except run.RunDirectoryError as exc:
-        raise click.ClickException(str(exc)) from exc
-    except TrainingDiverged as exc:
-        raise click.ClickException(f"{exc}; checkpoint: {run_dir / CHECKPOINT_NAME}") from exc
-    except backends.ProcessGroupError as exc:
-        raise click.ClickException(
-            f"{exc}; stopped at step {trainer.step}, the last checkpoint in {run_dir} is kept"
-        ) from exc
-    except TrainingStopped as exc:
-        if not main:  # rank 0 says it, once
-            raise SystemExit(exc.exit_code) from None
-        raise Stopped(
-            f"{exc}; checkpoint saved, continue with `pntm train --resume {run_dir}`",
-            exc.exit_code,
-        ) from None
-    except KeyboardInterrupt:
-        saved = (run_dir / CHECKPOINT_NAME).exists()
-        raise Stopped(
-            "interrupted twice: stopped at once without saving; "
-            + (
-                f"the last checkpoint in {run_dir} is kept"
-                if saved
-                else f"no checkpoint was written yet: remove {run_dir} to start again"
-            ),
-            130,
-        ) from None
-    except OSError as exc:  # the disk is full, a file turned into a directory, ...
-        raise click.ClickException(
-            f"cannot write the run in {run_dir}: {exc.strerror or exc}; the last checkpoint "
-            "there is kept"
-        ) from exc
-    finally:
-        trainer.group.close()
     if opts["no_eval"] or not main:
         return
     _evaluate_and_report(
@@ -485,6 +466,138 @@ def train_command(**opts: Any) -> None:
         plot_path=run_dir / "eval.png",
         info={"checkpoint": str(run_dir / CHECKPOINT_NAME), "backend": backend_name},
     )
+
+
+def _run_header(model: Any, params: Any, train_config: Any, backend_name: str, group: Any) -> str:
+    """The line that opens a training run: model, size, backend, task, budget, schedule."""
+    n_params = sum(int(np.prod(p.shape)) for p in tree_leaves(params))
+    size = model.config.summary()
+    schedule = model.describe_schedule(train_config.steps)
+    return (
+        f"{model.name} ({size + ', ' if size else ''}{n_params / 1e3:.1f}k parameters) on "
+        f"{backend_name}: task {train_config.task}, lengths 1..{train_config.train_length}, "
+        f"{train_config.steps} steps"
+        + (f", {schedule}" if schedule else "")
+        + (f", {group.size} processes ({group.engine})" if group.size > 1 else "")
+    )
+
+
+@contextlib.contextmanager
+def _run_errors(run_dir: Path, group: Any) -> Any:
+    """What can end a run in ``run_dir``, as the command's error (one line, the exit code of a
+    signal); leaves the process group at the end."""
+    from pntm import restarts, run
+    from pntm.train import CHECKPOINT_NAME, TrainingDiverged, TrainingStopped
+
+    try:
+        yield
+    except run.RunExists as exc:
+        raise click.ClickException(
+            f"{exc}: continue it with `pntm train --resume {run_dir}`, or pass --out with "
+            "a new directory"
+        ) from exc
+    except (run.RunDirectoryError, restarts.RestartsError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    except TrainingDiverged as exc:
+        raise click.ClickException(f"{exc}; checkpoint: {run_dir / CHECKPOINT_NAME}") from exc
+    except backends.ProcessGroupError as exc:
+        raise click.ClickException(f"{exc}; the last checkpoint in {run_dir} is kept") from exc
+    except TrainingStopped as exc:
+        if not group.is_main:  # rank 0 says it, once
+            raise SystemExit(exc.exit_code) from None
+        raise Stopped(
+            f"{exc}; checkpoint saved, continue with `pntm train --resume {run_dir}`",
+            exc.exit_code,
+        ) from None
+    except KeyboardInterrupt:
+        saved = any(run_dir.glob(f"**/{CHECKPOINT_NAME}"))
+        raise Stopped(
+            "interrupted twice: stopped at once without saving; "
+            + (
+                f"the last checkpoint in {run_dir} is kept"
+                if saved
+                else f"no checkpoint was written yet: remove {run_dir} to start again"
+            ),
+            130,
+        ) from None
+    except OSError as exc:  # the disk is full, a file turned into a directory, ...
+        raise click.ClickException(
+            f"cannot write the run in {run_dir}: {exc.strerror or exc}; the last checkpoint "
+            "there is kept"
+        ) from exc
+    finally:
+        group.close()
+
+
+def _train_restarts(
+    plan: Any,
+    run_dir: Path,
+    backend_name: str,
+    ops: backends.Backend,
+    task: tasks.Task,
+    eval_lengths: list[int],
+    opts: dict[str, Any],
+    resumed: bool,
+) -> None:
+    """Train the restarts of ``plan`` (new, or ``resumed`` from ``run_dir``), keep the best and
+    evaluate it as a single run is evaluated."""
+    from pntm import restarts, run
+    from pntm.train import CHECKPOINT_NAME, TrainConfig
+
+    group = ops.process_group()
+    say = click.echo if group.is_main else (lambda *_, **__: None)
+    model_class = models.get(plan.model)
+    model = model_class(plan.model_config_object(), ops)
+    first = plan.config(0)
+    params = model_class.init_params(model.config, first.seed)
+    say(_run_header(model, params, first, backend_name, group) + f", {plan.restarts} restarts")
+    say(f"run directory: {run_dir}")
+    check_new = run.check_new if group.is_main and not resumed else (lambda _: None)
+    with _run_errors(run_dir, group):
+        check_new(run_dir)
+        with run.locked(run_dir) if group.is_main else contextlib.nullcontext():
+            check_new(run_dir)
+            results, kept = restarts.train_restarts(
+                plan, run_dir, backend_name, ops, progress=not opts["quiet"], say=say
+            )
+    say(f"kept restart {kept} (seed {results[kept].seed}): the lowest validation cross-entropy")
+    if opts["no_eval"] or not group.is_main:
+        return
+    ckpt = checkpoint.load(run_dir / CHECKPOINT_NAME)
+    config = TrainConfig.from_dict(ckpt.train_config)
+    _evaluate_and_report(
+        model,
+        model.params_from_numpy(ckpt.params),
+        task,
+        config,
+        eval_lengths,
+        samples=opts["eval_samples"],
+        seed=0,
+        mode=model.decode_mode(ckpt.step, config.steps),
+        capacity=None,
+        json_path=run_dir / "eval.json",
+        plot_path=run_dir / "eval.png",
+        info={"checkpoint": str(run_dir / CHECKPOINT_NAME), "backend": backend_name},
+    )
+
+
+def _is_restarts_run(path: Path) -> bool:
+    """A run directory of restarts whose best is not chosen yet (then it has no checkpoint)."""
+    from pntm import run
+    from pntm.train import CHECKPOINT_NAME
+
+    return (
+        path.is_dir() and (path / run.PLAN_NAME).exists() and not (path / CHECKPOINT_NAME).exists()
+    )
+
+
+def _resumed_run_dir(opts: dict[str, Any], run_dir: Path) -> Path:
+    if opts["out"] is not None and opts["out"].resolve() != run_dir.resolve():
+        raise click.ClickException(
+            f"--out {opts['out']} differs from the resumed run's directory {run_dir}; "
+            "drop --out when resuming"
+        )
+    return run_dir
 
 
 def _checked(check: Any, paths: Any) -> None:
@@ -524,17 +637,30 @@ def _new_configs(opts: dict[str, Any]) -> tuple[Any, str, Any]:
 
 def _resumed_configs(opts: dict[str, Any], ckpt: checkpoint.Checkpoint) -> tuple[Any, str, Any]:
     """The checkpoint's configs; an option given must equal the checkpoint's value."""
+    configs = _saved_configs(opts, ckpt.model, ckpt.model_config, ckpt.train_config)
+    if ckpt.step >= configs[0].steps:
+        raise click.ClickException(
+            f"the checkpoint is at step {ckpt.step}, already at --steps "
+            f"{configs[0].steps}: nothing to resume"
+        )
+    return configs
+
+
+def _saved_configs(
+    opts: dict[str, Any], model: str, model_config: dict[str, Any], train_config: dict[str, Any]
+) -> tuple[Any, str, Any]:
+    """The configs a run saved (as dicts); an option given must equal the saved value."""
     from pntm.train import TrainConfig
 
-    if opts["model"] is not None and opts["model"] != ckpt.model:
+    if opts["model"] is not None and opts["model"] != model:
         raise click.ClickException(
             f"cannot resume: --model {opts['model']!r} differs from the checkpoint's "
-            f"{ckpt.model!r}; drop it or pass the checkpoint's value"
+            f"{model!r}; drop it or pass the checkpoint's value"
         )
-    _refuse_foreign(opts, MODEL_OPTIONS, ckpt.model)
+    _refuse_foreign(opts, MODEL_OPTIONS, model)
     for generated, owner, saved in (
-        (TRAIN_OPTIONS, "train", ckpt.train_config),
-        (MODEL_OPTIONS, ckpt.model, ckpt.model_config),
+        (TRAIN_OPTIONS, "train", train_config),
+        (MODEL_OPTIONS, model, model_config),
     ):
         for field, value in _given(opts, generated, owner).items():
             if saved.get(field) != value:
@@ -544,16 +670,11 @@ def _resumed_configs(opts: dict[str, Any], ckpt: checkpoint.Checkpoint) -> tuple
                     f"{saved.get(field)!r}; drop it or pass the checkpoint's value"
                 )
     try:
-        train_config = TrainConfig.from_dict(ckpt.train_config)
-        model_config = models.get(ckpt.model).config_class.from_dict(ckpt.model_config)
+        train = TrainConfig.from_dict(train_config)
+        model_object = models.get(model).config_class.from_dict(model_config)
     except (ValueError, TypeError) as exc:
         raise click.ClickException(f"cannot resume: {exc}") from exc
-    if ckpt.step >= train_config.steps:
-        raise click.ClickException(
-            f"the checkpoint is at step {ckpt.step}, already at --steps "
-            f"{train_config.steps}: nothing to resume"
-        )
-    return train_config, ckpt.model, model_config
+    return train, model, model_object
 
 
 def _default_eval_lengths(task: tasks.Task, train_length: int) -> list[int]:

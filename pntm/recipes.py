@@ -25,8 +25,17 @@ class Recipe:
     model: dict[str, Any] = field(default_factory=dict)  # fields of the model's config
     why: str = ""
     model_name: str = "pntm"
+    restarts: int = 1  # runs from different seeds, the best kept (pntm.restarts)
 
     def __post_init__(self) -> None:
+        if (
+            isinstance(self.restarts, bool)
+            or not isinstance(self.restarts, int)
+            or self.restarts < 1
+        ):
+            raise ValueError(
+                f"recipe for {self.task!r}: restarts must be >= 1, got {self.restarts!r}"
+            )
         config_class = models.get(self.model_name).config_class
         for what, cls, values in (
             ("training", TrainConfig, self.train),
@@ -62,6 +71,8 @@ class Recipe:
         """The settings that differ from the global defaults, ``key=value`` separated by
         spaces (``-`` when none)."""
         items = {**self.train, **self.model}
+        if self.restarts > 1:
+            items["restarts"] = self.restarts
         return " ".join(f"{k}={v}" for k, v in items.items()) or "-"
 
 
@@ -172,4 +183,5 @@ def get(task: str, model: str = "pntm") -> Recipe:
         {},
         f"the P-NTM recipe's training budget, the {model} defaults",
         model_name=model,
+        restarts=recipe.restarts,
     )

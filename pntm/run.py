@@ -18,7 +18,8 @@ from pathlib import Path
 from pntm.train import CHECKPOINT_NAME, METRICS_NAME
 
 EVAL_NAMES = ("eval.json", "eval.png")
-RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, *EVAL_NAMES)
+PLAN_NAME = "restarts.json"  # a run of several restarts (pntm.restarts)
+RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, PLAN_NAME, *EVAL_NAMES)
 LOCK_NAME = ".pntm.lock"
 
 
@@ -44,6 +45,8 @@ def check_new(run_dir: Path) -> None:
         if not ckpt.is_file():
             raise RunDirectoryError(f"{ckpt} exists and is not a file")
         raise RunExists(f"{ckpt} exists: a run that can be resumed")
+    if (run_dir / PLAN_NAME).is_file():
+        raise RunExists(f"{run_dir / PLAN_NAME} exists: restarts that can be resumed")
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
     if found:
         raise RunDirectoryError(

@@ -113,6 +113,9 @@ class TrainingStopped(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
         self.signum, self.step = signum, step
 
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable: it crosses process boundaries
+        return type(self), (self.signum, self.step)
+
     @property
     def exit_code(self) -> int:
         """The shell's convention for a process ended by this signal: 128 + its number."""
@@ -351,7 +354,7 @@ class Trainer:
         )
 
 
-class _StopSignals:
+class StopSignals:
     """While active, SIGINT and SIGTERM only ask the training loop to stop at the next step
     boundary (where the state is whole and can be saved); a second SIGINT stops at once."""
 
@@ -364,7 +367,7 @@ class _StopSignals:
             raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait
         self.signum = signum
 
-    def __enter__(self) -> _StopSignals:
+    def __enter__(self) -> StopSignals:
         try:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -377,7 +380,12 @@ class _StopSignals:
             signal.signal(signum, handler)
 
 
-def fit(trainer: Trainer, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+def fit(
+    trainer: Trainer,
+    run_dir: str | Path,
+    progress: bool = True,
+    on_step: Callable[[int], int | None] | None = None,
+) -> dict[str, Any]:
     """Train until ``trainer.config.steps``; metrics every ``log_every`` steps to
     ``run_dir/metrics.jsonl``, a checkpoint every ``save_every`` steps and at the end (rank 0
     alone writes). Returns the last logged metrics.
@@ -385,7 +393,8 @@ def fit(trainer: Trainer, run_dir: str | Path, progress: bool = True) -> dict[st
     On SIGINT or SIGTERM every process stops after the step under way, a checkpoint is saved
     and :class:`TrainingStopped` is raised; resuming from it continues the same run. On a
     non-finite loss, gradient or update the last finite state is saved and
-    :class:`TrainingDiverged` is raised."""
+    :class:`TrainingDiverged` is raised. ``on_step(step)``, called after each update, may
+    return a signal number: the run then stops as if this process had received it."""
     from tqdm.auto import tqdm
 
     main = trainer.group.is_main
@@ -410,7 +419,7 @@ def fit(trainer: Trainer, run_dir: str | Path, progress: bool = True) -> dict[st
         dynamic_ncols=True,
     )
     try:
-        with _StopSignals() as signals, _metrics_log(metrics_path, main) as log:
+        with StopSignals() as signals, _metrics_log(metrics_path, main) as log:
             while trainer.step < cfg.steps:
                 # every process stops at the same step boundary if any of them was signalled
                 (stops,) = trainer.group.sum_floats([signals.signum is not None])
@@ -423,6 +432,8 @@ def fit(trainer: Trainer, run_dir: str | Path, progress: bool = True) -> dict[st
                     save()  # the trainer still holds the last finite state
                     raise
                 bar.update(1)
+                if on_step is not None and signals.signum is None:
+                    signals.signum = on_step(trainer.step)
                 if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
                     last = _summarize(window)
                     window = []

@@ -37,13 +37,17 @@ RESULT_NAME = "result.json"
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """``train.steps=3000`` / ``model.velocity_prior=2`` -> {"train": {...}, "model": {...}}."""
-    out: dict[str, dict[str, Any]] = {"train": {}, "model": {}}
+    """``train.steps=3000`` / ``model.velocity_prior=2`` / ``recipe.restarts=2`` ->
+    {"train": {...}, "model": {...}, "recipe": {...}}."""
+    out: dict[str, dict[str, Any]] = {"train": {}, "model": {}, "recipe": {}}
     for item in items:
         key, sep, raw = item.partition("=")
         group, dot, name = key.partition(".")
-        if not sep or not dot or group not in out:
-            raise SystemExit(f"--set {item!r}: expected train.FIELD=VALUE or model.FIELD=VALUE")
+        if not sep or not dot or group not in out or (group == "recipe" and name != "restarts"):
+            raise SystemExit(
+                f"--set {item!r}: expected train.FIELD=VALUE, model.FIELD=VALUE or "
+                "recipe.restarts=N"
+            )
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -79,6 +83,7 @@ def run_cell(
     eval_seed: int,
     backend: str,
     threads: int,
+    restart_workers: int = 1,
 ) -> dict[str, Any]:
     """Train (or resume) and evaluate one task x seed; returns its result (also on disk)."""
     import torch
@@ -95,6 +100,12 @@ def run_cell(
     recipe = recipes.get(task_name, model_name)
     train_config = recipe.train_config(seed=seed, **overrides["train"])
     model_config = recipe.model_config(**overrides["model"])
+    count = overrides.get("recipe", {}).get("restarts", recipe.restarts)
+    if count > 1:
+        return _restarts_cell(
+            cell, model_name, train_config, model_config, count, recipe.describe(), overrides,
+            samples, eval_seed, backend, threads, restart_workers,
+        )  # fmt: skip
     resume = None
     if (cell / CHECKPOINT_NAME).exists():
         resume = checkpoint.load(cell / CHECKPOINT_NAME)
@@ -141,6 +152,85 @@ def run_cell(
     }
     checkpoint.atomic_write(
         result_path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+    )
+    return result
+
+
+def _restarts_cell(
+    cell: Path,
+    model_name: str,
+    train_config: Any,
+    model_config: Any,
+    count: int,
+    recipe: str,
+    overrides: dict[str, dict[str, Any]],
+    samples: int,
+    eval_seed: int,
+    backend: str,
+    threads: int,
+    restart_workers: int,
+) -> dict[str, Any]:
+    """A cell of ``count`` restarts (:mod:`pntm.restarts`, as ``pntm train`` runs them, in
+    ``CELL/restart-R``), ``restart_workers`` at a time; the kept one is evaluated."""
+    from pntm import backends, checkpoint, models, restarts, tasks
+    from pntm.evaluate import default_lengths, evaluate
+    from pntm.train import CHECKPOINT_NAME
+
+    plan = restarts.Plan(model_name, model_config.to_dict(), train_config.to_dict(), count)
+    if (cell / restarts.PLAN_NAME).exists() and restarts.load_plan(cell) != plan:
+        raise ValueError(
+            f"{cell} holds restarts with other settings than this grid's; use another grid "
+            "directory"
+        )
+    ops = backends.get(backend)
+    if not (cell / CHECKPOINT_NAME).exists():
+        cell.mkdir(parents=True, exist_ok=True)
+        restarts.train_restarts(
+            plan, cell, backend, ops, workers=restart_workers, progress=False, say=lambda _: None
+        )
+    record = json.loads((cell / restarts.PLAN_NAME).read_text())
+    kept = record["results"][record["selected"]]
+    ckpt = checkpoint.load(cell / CHECKPOINT_NAME)
+    model = models.get(model_name)(model_config, ops)
+    mode = model.decode_mode(ckpt.step, train_config.steps)
+    task = tasks.get(train_config.task)
+    start = time.perf_counter()
+    results = evaluate(
+        model,
+        model.params_from_numpy(ckpt.params),
+        task,
+        default_lengths(train_config.train_length, task, FACTORS),
+        samples=samples,
+        seed=eval_seed,
+        mode=mode,
+    )
+    result = {
+        "model": model_name,
+        "task": train_config.task,
+        "seed": train_config.seed,
+        "recipe": recipe,
+        "overrides": overrides,
+        "train_config": train_config.to_dict(),
+        "model_config": model_config.to_dict(),
+        "backend": backend,
+        "threads": threads,
+        "steps": ckpt.step,
+        "train_seconds": sum(r["train_seconds"] for r in record["results"]),
+        "restarts": {
+            "count": count,
+            "workers": restart_workers,
+            "kept": record["selected"],
+            "wall_seconds": record["wall_seconds"],
+            "results": record["results"],
+        },
+        "final_loss": kept["final_loss"],
+        "eval_seconds": time.perf_counter() - start,
+        "eval_seed": eval_seed,
+        "decode_mode": mode,
+        "results": [asdict(r) for r in results],
+    }
+    checkpoint.atomic_write(
+        cell / RESULT_NAME, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
     )
     return result
 
@@ -211,7 +301,9 @@ def write_report(path: Path, results: list[dict[str, Any]], command: str) -> Non
         "P-NTM recipe's number of steps and their own defaults). Greedy exact match (every target",
         "token and END right) in each model's decoding mode (the P-NTM: the heads of the end of",
         "training), on fresh sequences drawn from the evaluation seed, memory N = the whole",
-        "sequence length. Train time is the optimizer steps' wall time on one thread. The",
+        "sequence length. Train time is the optimizer steps' wall time on one thread; a recipe",
+        "with restarts trains several seeds (restart 0 has the row's seed) and keeps the one",
+        "with the lowest cross-entropy on fresh sequences of the training lengths. The",
         "peers are not tuned: they get the P-NTM recipe's steps, batch and learning rate. Where",
         "the task's limit caps a length (associative recall: 64 pairs = 8x), the longer factors",
         "repeat the longest length evaluated.",
@@ -258,7 +350,7 @@ def write_report(path: Path, results: list[dict[str, Any]], command: str) -> Non
             for r in rows:
                 cells = [f"{x['exact_match']:.3f}" for x in r["results"]]
                 lines.append(
-                    f"| {model} | {r['seed']} | {r['steps']} | {r['train_seconds'] / 60:.1f} min "
+                    f"| {model} | {r['seed']} | {r['steps']} | {_train_time(r)} "
                     f"| {r['final_loss']:.2g} | " + " | ".join(cells) + " |"
                 )
         lines.append("")
@@ -277,6 +369,18 @@ def write_report(path: Path, results: list[dict[str, Any]], command: str) -> Non
         lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1) + "\n"),
     )
     _plot(png, by_task, models_seen)
+
+
+def _train_time(result: dict[str, Any]) -> str:
+    """One run's time; for restarts each one's, the one kept, and the wall time of them all."""
+    if "restarts" not in result:
+        return f"{result['train_seconds'] / 60:.1f} min"
+    info = result["restarts"]
+    each = " + ".join(f"{r['train_seconds'] / 60:.1f}" for r in info["results"])
+    return (
+        f"{each} min, restart {info['kept']} kept; {info['wall_seconds'] / 60:.1f} min wall, "
+        f"{info['workers']} at a time"
+    )
 
 
 def _exact_at(result: dict[str, Any], factor: int) -> float:
@@ -341,6 +445,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-seed", type=int, default=2026, help="seed of those sequences")
     parser.add_argument("--workers", type=int, default=2, help="cells trained at once")
     parser.add_argument("--threads", type=int, default=1, help="PyTorch threads per cell")
+    parser.add_argument(
+        "--restart-workers",
+        type=int,
+        default=1,
+        help="restarts of one cell trained at once (processes of --threads each), for recipes "
+        "with restarts; run them side by side as pntm train does with --workers 1",
+    )
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--set", action="append", default=[], metavar="GROUP.FIELD=VALUE")
     parser.add_argument("--results", type=Path, help="write the Markdown report here (+ .png)")
@@ -383,7 +494,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     jobs = [
         (str(args.grid), *cell, overrides, args.samples, args.eval_seed, args.backend,
-         args.threads)
+         args.threads, args.restart_workers)
         for cell in cells
     ]  # fmt: skip
 

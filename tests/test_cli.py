@@ -334,3 +334,48 @@ def test_generated_options_cover_every_field_and_refuse_type_clashes():
 
     with pytest.raises(TypeError, match="--width"):
         _generated_options({"a": A, "b": B})
+
+
+def test_restarts_train_keep_the_best_and_resume(tmp_path):
+    """``--restarts 2``: two runs in OUT/restart-R, the kept one copied to OUT and evaluated;
+    an interrupted restarts run resumes with just ``--resume``, and a --restarts that differs
+    from the run's is refused."""
+    from pntm import restarts
+
+    name = TRAINABLE[0]
+    out = tmp_path / "r"
+    result = run("train", *TINY, "--backend", name, "--restarts", "2", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "2 restarts" in result.output and "kept restart" in result.output
+    assert "exact" in result.output
+    record = json.loads((out / restarts.PLAN_NAME).read_text())
+    assert len(record["results"]) == 2 and (out / "eval.json").exists()
+    kept = out / f"restart-{record['selected']}" / "checkpoint.safetensors"
+    assert (out / "checkpoint.safetensors").read_bytes() == kept.read_bytes()
+    assert_refused(run("train", "--resume", out, "--quiet"), "already at --steps 12")
+
+    # as if stopped before the best was chosen: the plan and one unfinished restart
+    (out / "checkpoint.safetensors").unlink()
+    shutil.rmtree(out / "restart-1")
+    assert_refused(
+        run("train", *TINY, "--backend", name, "--restarts", "2", "--out", out),
+        "restarts that can be resumed",
+        f"pntm train --resume {out}",
+    )
+    assert_refused(
+        run("train", "--resume", out, "--restarts", "3", "--quiet"),
+        "--restarts 3 differs from the run's 2",
+    )
+    again = run("train", "--resume", out, "--backend", name, "--no-eval", "--quiet")
+    assert again.exit_code == 0, again.output
+    resumed = json.loads((out / restarts.PLAN_NAME).read_text())
+
+    def outcome(results):  # all but the wall time: restart 1 was trained again from its seed
+        return [(r["seed"], r["step"], r["status"], r["validation_loss"]) for r in results]
+
+    assert outcome(resumed["results"]) == outcome(record["results"])
+    assert resumed["selected"] == record["selected"]
+    assert_refused(
+        run("train", *TINY, "--backend", name, "--restarts", "2", "--out", out),
+        "can be resumed",
+    )

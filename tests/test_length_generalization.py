@@ -119,10 +119,40 @@ def test_interrupted_cell_resumes_and_other_settings_are_refused(tmp_path):
 def test_bad_overrides_are_named():
     with pytest.raises(SystemExit, match=r"train\.FIELD=VALUE"):
         grid_script.parse_overrides(["steps=3"])
+    with pytest.raises(SystemExit, match=r"recipe\.restarts=N"):
+        grid_script.parse_overrides(["recipe.steps=3"])
     assert grid_script.parse_overrides(["model.overwrite=false", "train.task=x"]) == {
         "model": {"overwrite": False},
         "train": {"task": "x"},
+        "recipe": {},
     }
+
+
+def test_a_cell_of_restarts_keeps_the_best_and_reports_each(tmp_path):
+    """With restarts, a cell trains them as ``pntm train`` does (CELL/restart-R), evaluates the
+    kept one, and its row gives each restart's time and the one kept."""
+    from pntm import restarts
+
+    grid, report = tmp_path / "grid", tmp_path / "results.md"
+    args = ["--grid", str(grid), "--tasks", "copy", "--seeds", "1", *TINY]
+    grid_script.main([*args, "--set", "recipe.restarts=2", "--results", str(report)])
+    cell = grid / "pntm" / "copy" / "seed-1"
+    result = json.loads((cell / "result.json").read_text())
+    record = json.loads((cell / restarts.PLAN_NAME).read_text())
+    assert result["restarts"]["kept"] == record["selected"]
+    assert [r["seed"] for r in record["results"]] == [1, restarts.restart_seed(1, 1)]
+    kept = cell / f"restart-{record['selected']}" / "checkpoint.safetensors"
+    assert (cell / "checkpoint.safetensors").read_bytes() == kept.read_bytes()
+    assert f"restart {record['selected']} kept" in report.read_text()
+    (cell / "result.json").unlink()  # evaluated again from the kept checkpoint, not retrained
+    again = grid_script.main([*args, "--set", "recipe.restarts=2"])
+    assert (
+        again is None
+        and json.loads((cell / "result.json").read_text())["results"] == (result["results"])
+    )
+    (cell / "result.json").unlink()
+    with pytest.raises(SystemExit, match="1 cells failed"):
+        grid_script.main([*args, "--set", "recipe.restarts=3"])
 
 
 def test_a_worker_ends_when_its_grid_process_is_gone():

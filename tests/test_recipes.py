@@ -41,6 +41,16 @@ def test_unknown_fields_and_tasks_are_named():
         recipes.get("nope")
     with pytest.raises(ValueError, match="unknown model 'rnn'"):
         recipes.get("copy", "rnn")
+    with pytest.raises(ValueError, match="restarts must be >= 1, got 0"):
+        recipes.Recipe("copy", restarts=0)
+
+
+def test_restarts_are_part_of_the_budget_and_shown():
+    recipe = recipes.Recipe("copy", {"steps": 10}, restarts=3)
+    assert recipe.describe() == "steps=10 restarts=3"
+    assert recipes.Recipe("copy", {"steps": 10}).describe() == "steps=10"
+    for name in tasks.NAMES:  # the peers train as many runs as the P-NTM
+        assert recipes.get(name, "lstm").restarts == recipes.get(name).restarts
 
 
 @pytest.mark.parametrize("model", ["ntm", "lstm", "transformer"])

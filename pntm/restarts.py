@@ -1,0 +1,397 @@
+"""Restarts: train several runs of one configuration from different seeds, keep the best.
+
+Some tasks reach their discrete machine on most seeds but not all (binary addition loses about
+one training seed in five at the switch to hard heads; research log §17-18). A failed run is
+plain in its cross-entropy on fresh sequences of the *training* lengths, decoded with hard
+heads, so restarts need no long sequence and no evaluation data to choose: each restart is an
+ordinary run (``restart-R/`` in the run directory, resumable on its own), and the one with the
+lowest validation cross-entropy is copied to the run directory's checkpoint.
+
+Restart 0 uses the run's seed, so one restart is exactly a plain run; restart ``r > 0`` uses a
+seed derived from ``(seed, r)`` (:func:`restart_seed`). The validation sequences are drawn from
+their own stream of the run's seed, apart from training batches (``[seed, 1, step]``) and from
+evaluation samples (``[seed, length]``). Restarts run side by side in processes of their own on
+a CPU (one or more threads each), one after another elsewhere or under a data-parallel
+launcher; ``restarts.json`` holds the plan from the start and each restart's result at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pntm import backends, checkpoint, models, run, tasks
+from pntm.models.base import cross_entropy, sequences_that_fit
+from pntm.run import PLAN_NAME
+from pntm.train import (
+    CHECKPOINT_NAME,
+    StopSignals,
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    TrainingStopped,
+    fit,
+)
+
+#: fresh sequences of the training lengths each restart is scored on, and per pass
+VALIDATION_SAMPLES = 2048
+VALIDATION_BATCH = 256
+
+
+class RestartsError(RuntimeError):
+    """No restart finished (each diverged), or a plan that does not fit the run asked for."""
+
+
+def restart_seed(seed: int, restart: int) -> int:
+    """The training seed of restart ``restart`` of a run seeded ``seed``: ``seed`` itself for
+    restart 0 (one restart is a plain run), else a 32-bit seed derived from both, so that
+    restarts of different seeds do not share runs."""
+    if restart == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, restart]).generate_state(1)[0])
+
+
+def restart_dir(run_dir: str | Path, restart: int) -> Path:
+    return Path(run_dir) / f"restart-{restart}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a restarts run trains: the model, its config and the training config of the run
+    (restart 0's; the others differ only in their seeds), and how many restarts."""
+
+    model: str
+    model_config: dict[str, Any]
+    train_config: dict[str, Any]
+    restarts: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.restarts, bool) or not isinstance(self.restarts, int):
+            raise ValueError(f"restarts must be an integer, got {self.restarts!r}")
+        if self.restarts < 1:
+            raise ValueError(f"restarts must be >= 1, got {self.restarts}")
+
+    def config(self, restart: int) -> TrainConfig:
+        base = TrainConfig.from_dict(self.train_config)
+        return replace(base, seed=restart_seed(base.seed, restart))
+
+    def model_config_object(self) -> Any:
+        return models.get(self.model).config_class.from_dict(self.model_config)
+
+
+@dataclass(frozen=True)
+class RestartResult:
+    restart: int
+    seed: int
+    status: str  # "finished" or "diverged"
+    step: int
+    validation_loss: float  # infinite unless finished
+    final_loss: float | None  # the last logged training loss
+    train_seconds: float  # the optimizer steps' wall time (metrics.jsonl), this process only
+
+
+def validation_loss(
+    model: Any,
+    params: Any,
+    task: tasks.Task,
+    train_length: int,
+    mode: dict[str, Any],
+    seed: int,
+    samples: int = VALIDATION_SAMPLES,
+) -> float:
+    """Mean cross-entropy per target token of ``samples`` fresh sequences of lengths
+    1..``train_length`` (drawn as training draws them, from the stream ``[seed, 2, i]``),
+    teacher-forced in decoding mode ``mode`` (the P-NTM: hard heads). Penalties that are part
+    of a model's training loss are left out: this scores what the model predicts."""
+    ops = model.ops
+    total = tokens_counted = 0.0
+    for i, start in enumerate(range(0, samples, VALIDATION_BATCH)):
+        rng = np.random.default_rng([seed, 2, i])
+        lengths = rng.integers(1, train_length + 1, min(VALIDATION_BATCH, samples - start))
+        batch = task.batch(rng, lengths)
+        capacity = batch.tokens.shape[1]
+        size = sequences_that_fit(model, capacity, capacity, False, len(lengths))
+        for j in range(0, len(lengths), size):
+            rows = slice(j, j + size)
+            mask = batch.mask[rows]
+            logits = model.forward(params, ops.asarray(batch.tokens[rows]), capacity, **mode)
+            ce = cross_entropy(ops, logits, ops.asarray(batch.labels[rows]), ops.asarray(mask))
+            total += float(ops.to_numpy(ce)) * float(mask.sum())
+            tokens_counted += float(mask.sum())
+    return total / tokens_counted
+
+
+def write_plan(
+    run_dir: Path,
+    plan: Plan,
+    results: list[RestartResult] | None = None,
+    selected: int | None = None,
+    wall_seconds: float | None = None,
+) -> None:
+    """``restarts.json``: the plan, and (at the end) each restart's result and the one kept."""
+    seed = TrainConfig.from_dict(plan.train_config).seed
+    payload: dict[str, Any] = {
+        **asdict(plan),
+        "seeds": [restart_seed(seed, r) for r in range(plan.restarts)],
+        "validation": {
+            "samples": VALIDATION_SAMPLES,
+            "lengths": "1..train_length, as in training",
+            "data": f"numpy default_rng([{seed}, 2, batch])",
+            "metric": "cross-entropy per target token, decoding mode (hard heads)",
+        },
+    }
+    if results is not None:
+        payload["results"] = [asdict(r) for r in results]
+        payload["selected"] = selected
+        payload["wall_seconds"] = wall_seconds
+    text = json.dumps(payload, indent=2, allow_nan=True) + "\n"
+    checkpoint.atomic_write(run_dir / PLAN_NAME, lambda tmp: Path(tmp).write_text(text))
+
+
+def load_plan(run_dir: str | Path) -> Plan:
+    path = Path(run_dir) / PLAN_NAME
+    try:
+        data = json.loads(path.read_text())
+        return Plan(data["model"], data["model_config"], data["train_config"], data["restarts"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RestartsError(f"cannot read the restarts plan {path}: {exc}") from exc
+
+
+def default_workers(restarts: int, ops: backends.Backend) -> int:
+    """Restarts trained at once: as many as there are CPU cores on a CPU backend, one at a
+    time on an accelerator (each restart has it to itself) or under a data-parallel launcher."""
+    if not ops.on_cpu or ops.process_group().size > 1:
+        return 1
+    return max(1, min(restarts, os.cpu_count() or 1))
+
+
+def train_restart(
+    plan: Plan,
+    run_dir: Path,
+    restart: int,
+    ops: backends.Backend,
+    backend_name: str,
+    progress: bool = False,
+    on_step: Callable[[int], int | None] | None = None,
+) -> RestartResult:
+    """Train (or resume, from its checkpoint) restart ``restart`` in its directory and score
+    it; a diverged restart is reported, not raised (a stopped one raises
+    :class:`TrainingStopped`)."""
+    directory = restart_dir(run_dir, restart)
+    config = plan.config(restart)
+    resume = None
+    if (directory / CHECKPOINT_NAME).exists():
+        resume = checkpoint.load(directory / CHECKPOINT_NAME)
+        saved = (TrainConfig.from_dict(resume.train_config), resume.model, resume.model_config)
+        if saved != (config, plan.model, plan.model_config):
+            raise RestartsError(
+                f"{directory} holds a run with other settings than the restarts plan of "
+                f"{run_dir}; use another run directory"
+            )
+    trainer = Trainer(plan.model, plan.model_config_object(), config, ops, backend_name, resume)
+    status = "finished"
+    main = trainer.group.is_main
+    with run.locked(directory) if main else contextlib.nullcontext():
+        if resume is None and main:
+            run.check_new(directory)
+        try:
+            fit(trainer, directory, progress=progress, on_step=on_step)
+        except TrainingDiverged:
+            status = "diverged"  # its last finite state is saved; the others may still win
+    score = math.inf
+    if status == "finished":
+        task = tasks.get(config.task)
+        score = validation_loss(
+            trainer.model,
+            trainer.params,
+            task,
+            config.train_length,
+            trainer.decode_mode(),
+            TrainConfig.from_dict(plan.train_config).seed,
+        )
+    metrics = _read_metrics(directory)
+    return RestartResult(
+        restart=restart,
+        seed=config.seed,
+        status=status,
+        step=trainer.step,
+        validation_loss=score,
+        final_loss=metrics[-1]["loss"] if metrics else None,
+        train_seconds=sum(m["seconds"] for m in metrics),
+    )
+
+
+def train_restarts(
+    plan: Plan,
+    run_dir: str | Path,
+    backend_name: str,
+    ops: backends.Backend,
+    workers: int | None = None,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> tuple[list[RestartResult], int]:
+    """Train every restart of ``plan`` in ``run_dir`` (resuming those with a checkpoint),
+    ``workers`` at a time (default: :func:`default_workers`), then copy the one with the
+    lowest validation loss to ``run_dir``'s checkpoint. Returns the results and the index
+    kept. The caller holds ``run_dir``'s lock; ``restarts.json`` is written before training.
+
+    Raises :class:`TrainingStopped` when a signal stopped the restarts (each saved its
+    checkpoint; calling again resumes them) and :class:`RestartsError` when none finished."""
+    run_dir = Path(run_dir)
+    workers = workers or default_workers(plan.restarts, ops)
+    write_plan(run_dir, plan)
+    start = time.perf_counter()
+    if workers == 1:
+        results = []
+        for r in range(plan.restarts):
+            say(f"restart {r} of {plan.restarts} (seed {plan.config(r).seed})")
+            results.append(train_restart(plan, run_dir, r, ops, backend_name, progress))
+            say(_describe(results[-1]))
+    else:
+        results = _in_processes(plan, run_dir, backend_name, workers, progress, say)
+    finished = [r for r in results if r.status == "finished"]
+    if not finished:
+        raise RestartsError(f"no restart of {run_dir} finished: every one diverged")
+    best = min(finished, key=lambda r: r.validation_loss)
+    src = restart_dir(run_dir, best.restart) / CHECKPOINT_NAME
+    checkpoint.atomic_write(run_dir / CHECKPOINT_NAME, lambda tmp: shutil.copyfile(src, tmp))
+    write_plan(run_dir, plan, results, best.restart, time.perf_counter() - start)
+    return results, best.restart
+
+
+def _describe(result: RestartResult) -> str:
+    loss = "" if result.final_loss is None else f", training loss {result.final_loss:.3g}"
+    return (
+        f"restart {result.restart} (seed {result.seed}): {result.status} at step "
+        f"{result.step}{loss}, validation cross-entropy {result.validation_loss:.3g}"
+    )
+
+
+# ------------------------------------------------------------------ restarts in processes
+
+_steps_done: Any = None  # per-worker: a shared counter of optimizer steps, for the progress bar
+_stop: Any = None  # per-worker: set by the parent when it is asked to stop
+
+
+def _init_worker(steps_done: Any, stop: Any, threads: int) -> None:
+    global _steps_done, _stop
+    _steps_done, _stop = steps_done, stop
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    # the parent watches for Ctrl-C and tells the workers through ``stop``; a worker that
+    # also got the terminal's SIGINT stops the same way (fit's own handler)
+
+
+def _worker(
+    plan: Plan, run_dir: Path, restart: int, backend_name: str, threads: int
+) -> RestartResult | None:
+    """Train one restart in this worker; ``None`` when the run was stopped before it began
+    (the pool may already have handed it over)."""
+    if _stop.is_set():
+        return None
+    ops = backends.get(backend_name)
+    if ops.framework == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+
+    def on_step(step: int) -> int | None:
+        with _steps_done.get_lock():
+            _steps_done.value += 1
+        return signal.SIGTERM if _stop.is_set() else None
+
+    return train_restart(plan, run_dir, restart, ops, backend_name, False, on_step)
+
+
+def _in_processes(
+    plan: Plan,
+    run_dir: Path,
+    backend_name: str,
+    workers: int,
+    progress: bool,
+    say: Callable[[str], None],
+) -> list[RestartResult]:
+    from tqdm.auto import tqdm
+
+    ctx = get_context("spawn")  # no fork of a process that may hold framework threads
+    steps_done, stop = ctx.Value("q", 0), ctx.Event()
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    steps = plan.config(0).steps
+    done_before = sum(_checkpoint_step(restart_dir(run_dir, r)) for r in range(plan.restarts))
+    say(
+        f"{plan.restarts} restarts, {workers} at a time ({threads} thread"
+        f"{'s' if threads > 1 else ''} each): seeds "
+        + ", ".join(str(plan.config(r).seed) for r in range(plan.restarts))
+    )
+    results: dict[int, RestartResult] = {}
+    bar = tqdm(total=plan.restarts * steps, initial=done_before, disable=not progress, unit="step")
+    with (
+        StopSignals() as signals,
+        ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_init_worker, initargs=(steps_done, stop, threads)
+        ) as pool,
+    ):
+        futures = {
+            pool.submit(_worker, plan, run_dir, r, backend_name, threads): r
+            for r in range(plan.restarts)
+        }
+        pending, errors, stops = set(futures), [], []
+        while pending:
+            for future in [f for f in pending if f.done()]:
+                pending.discard(future)
+                if future.cancelled():
+                    continue
+                try:
+                    result = future.result()
+                except TrainingStopped as exc:  # saved; resumable
+                    stops.append(exc)
+                    continue
+                except Exception as exc:  # raised once the others have stopped
+                    errors.append(exc)
+                    continue
+                if result is None:
+                    continue
+                results[result.restart] = result
+                if progress:
+                    bar.write(_describe(result))
+                else:
+                    say(_describe(result))
+            if (signals.signum is not None or errors or stops) and not stop.is_set():
+                stop.set()  # each restart under way saves at its next step boundary
+                for future in pending:
+                    future.cancel()  # those not started: nothing to save
+            if done_before + steps_done.value > bar.n:
+                bar.update(done_before + steps_done.value - bar.n)
+            time.sleep(0.2)
+    bar.close()
+    if errors:
+        raise errors[0]
+    if stops or signals.signum is not None:
+        signum = signals.signum or stops[0].signum
+        raise TrainingStopped(signum, min((s.step for s in stops), default=0))
+    bar.close()
+    return [results[r] for r in sorted(results)]
+
+
+def _checkpoint_step(directory: Path) -> int:
+    path = directory / CHECKPOINT_NAME
+    return checkpoint.load(path).step if path.exists() else 0
+
+
+def _read_metrics(directory: Path) -> list[dict[str, Any]]:
+    path = directory / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,174 @@
+"""Restarts (pntm.restarts): restart 0 is the plain run, the kept one has the lowest validation
+cross-entropy, processes give what one process gives, a stopped run resumes to the same end,
+diverged restarts are passed over, and a plan with other settings is refused."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import numpy as np
+import pytest
+
+from pntm import backends, checkpoint, restarts, tasks
+from pntm.models.base import cross_entropy
+from pntm.models.pntm import PNTM
+from pntm.train import CHECKPOINT_NAME, Trainer, TrainingDiverged, TrainingStopped, fit
+from pntm.tree import tree_flatten
+from tests.test_train import tiny
+
+pytestmark = pytest.mark.skipif(
+    not any(i.name == "torch" and i.runs for i in backends.available()),
+    reason="restarts are tested on torch",
+)
+
+
+def plan_of(count: int, **train) -> restarts.Plan:
+    model, config = tiny(**{"steps": 12, "save_every": 5, "log_every": 2, **train})
+    return restarts.Plan("pntm", model.to_dict(), config.to_dict(), count)
+
+
+def params_of(path) -> dict[str, np.ndarray]:
+    return tree_flatten(checkpoint.load(path).params)
+
+
+def same_params(a, b, rtol: float = 0.0) -> bool:
+    a, b = params_of(a), params_of(b)
+    return a.keys() == b.keys() and all(np.allclose(a[k], b[k], rtol, rtol) for k in a)
+
+
+def test_restart_seeds():
+    assert restarts.restart_seed(7, 0) == 7  # one restart is the plain run
+    seeds = {restarts.restart_seed(s, r) for s in range(20) for r in range(4)}
+    assert len(seeds) == 80  # no two restarts of small seeds share a run
+    assert restarts.restart_seed(3, 1) == restarts.restart_seed(3, 1)
+    assert all(0 <= s < 2**32 for s in seeds)
+
+
+def test_restart_zero_is_the_plain_run_and_the_lowest_validation_loss_is_kept(tmp_path):
+    ops = backends.get("torch")
+    plan = plan_of(3)
+    results, kept = restarts.train_restarts(plan, tmp_path / "r", "torch", ops, workers=1)
+    model, config = tiny(steps=12, save_every=5, log_every=2)
+    plain = Trainer("pntm", model, config, ops, "torch")
+    fit(plain, tmp_path / "plain", progress=False)
+    assert same_params(
+        tmp_path / "r" / "restart-0" / CHECKPOINT_NAME, tmp_path / "plain" / CHECKPOINT_NAME
+    )
+    assert [r.seed for r in results] == [restarts.restart_seed(config.seed, r) for r in range(3)]
+    assert len({r.validation_loss for r in results}) == 3  # three different runs
+    assert kept == int(np.argmin([r.validation_loss for r in results]))
+    assert same_params(
+        tmp_path / "r" / CHECKPOINT_NAME, tmp_path / "r" / f"restart-{kept}" / CHECKPOINT_NAME
+    )
+    record = json.loads((tmp_path / "r" / "restarts.json").read_text())
+    assert record["selected"] == kept and record["restarts"] == 3
+    assert [r["validation_loss"] for r in record["results"]] == [r.validation_loss for r in results]
+    assert restarts.load_plan(tmp_path / "r") == plan
+
+
+def test_validation_loss_is_the_token_weighted_cross_entropy_of_its_own_stream():
+    ops = backends.get("torch")
+    model_config, config = tiny()
+    model = PNTM(model_config, ops)
+    params = model.params_from_numpy(PNTM.init_params(model_config, 0))
+    task = tasks.get("copy")
+    mode = model.decode_mode(config.steps, config.steps)
+    got = restarts.validation_loss(model, params, task, 4, mode, seed=5, samples=300)
+    total = count = 0.0
+    for i, n in enumerate((restarts.VALIDATION_BATCH, 300 - restarts.VALIDATION_BATCH)):
+        rng = np.random.default_rng([5, 2, i])
+        batch = task.batch(rng, rng.integers(1, 5, n))
+        logits = model.forward(params, ops.asarray(batch.tokens), batch.tokens.shape[1], **mode)
+        ce = cross_entropy(ops, logits, ops.asarray(batch.labels), ops.asarray(batch.mask))
+        total += float(ops.to_numpy(ce)) * batch.mask.sum()
+        count += batch.mask.sum()
+    assert got == pytest.approx(total / count, rel=1e-6)  # fp32 sums, summed in another order
+    other = restarts.validation_loss(model, params, task, 4, mode, seed=6, samples=300)
+    assert other != got  # the data follows the run's seed
+
+
+def test_restarts_in_processes_match_one_process(tmp_path):
+    ops = backends.get("torch")
+    plan = plan_of(3)
+    one, kept_one = restarts.train_restarts(plan, tmp_path / "one", "torch", ops, workers=1)
+    two, kept_two = restarts.train_restarts(
+        plan, tmp_path / "two", "torch", ops, workers=2, progress=False
+    )
+    assert kept_one == kept_two
+    for a, b in zip(one, two, strict=True):
+        assert (a.seed, a.step, a.status) == (b.seed, b.step, b.status)
+        assert a.validation_loss == pytest.approx(b.validation_loss, rel=1e-6)
+    # one thread per worker against this process's threads: fp32 sums in another order, through
+    # 12 Adam updates (whose first steps move every weight by about lr whatever the gradient)
+    assert same_params(
+        tmp_path / "one" / CHECKPOINT_NAME, tmp_path / "two" / CHECKPOINT_NAME, rtol=1e-4
+    )
+
+
+def test_a_stopped_run_resumes_to_the_same_end(tmp_path, monkeypatch):
+    ops = backends.get("torch")
+    plan = plan_of(2)
+    restarts.train_restarts(plan, tmp_path / "whole", "torch", ops, workers=1)
+
+    real_fit = restarts.fit
+
+    def stopping_fit(trainer, run_dir, progress=True, on_step=None):
+        # restart 1 is stopped after its 7th update, as by SIGTERM
+        stop = (
+            (lambda s: signal.SIGTERM if s == 7 else None) if "restart-1" in str(run_dir) else None
+        )
+        return real_fit(trainer, run_dir, progress, on_step=stop)
+
+    monkeypatch.setattr(restarts, "fit", stopping_fit)
+    with pytest.raises(TrainingStopped) as stopped:
+        restarts.train_restarts(plan, tmp_path / "cut", "torch", ops, workers=1)
+    assert stopped.value.signum == signal.SIGTERM and stopped.value.step == 7
+    assert not (tmp_path / "cut" / CHECKPOINT_NAME).exists()  # nothing kept before all end
+    assert checkpoint.load(tmp_path / "cut" / "restart-1" / CHECKPOINT_NAME).step == 7
+    monkeypatch.setattr(restarts, "fit", real_fit)
+    resumed = restarts.load_plan(tmp_path / "cut")
+    results, _ = restarts.train_restarts(resumed, tmp_path / "cut", "torch", ops, workers=1)
+    assert [r.step for r in results] == [12, 12]
+    for r in (0, 1):
+        assert same_params(
+            tmp_path / "whole" / f"restart-{r}" / CHECKPOINT_NAME,
+            tmp_path / "cut" / f"restart-{r}" / CHECKPOINT_NAME,
+        )
+    assert same_params(tmp_path / "whole" / CHECKPOINT_NAME, tmp_path / "cut" / CHECKPOINT_NAME)
+
+
+def test_diverged_restarts_are_passed_over(tmp_path, monkeypatch):
+    ops = backends.get("torch")
+    plan = plan_of(3)
+    real_fit = restarts.fit
+    diverging = {"restart-0", "restart-2"}
+
+    def fit_or_diverge(trainer, run_dir, progress=True, on_step=None):
+        if run_dir.name in diverging:
+            raise TrainingDiverged(3, "the loss is nan")
+        return real_fit(trainer, run_dir, progress, on_step)
+
+    monkeypatch.setattr(restarts, "fit", fit_or_diverge)
+    results, kept = restarts.train_restarts(plan, tmp_path / "a", "torch", ops, workers=1)
+    assert kept == 1
+    assert [r.status for r in results] == ["diverged", "finished", "diverged"]
+    assert results[0].validation_loss == np.inf
+    diverging.add("restart-1")
+    with pytest.raises(restarts.RestartsError, match="every one diverged"):
+        restarts.train_restarts(plan, tmp_path / "b", "torch", ops, workers=1)
+
+
+def test_a_restart_trained_with_other_settings_is_refused(tmp_path):
+    ops = backends.get("torch")
+    restarts.train_restarts(plan_of(2), tmp_path, "torch", ops, workers=1)
+    (tmp_path / CHECKPOINT_NAME).unlink()
+    with pytest.raises(restarts.RestartsError, match="other settings"):
+        restarts.train_restarts(plan_of(2, lr=1e-3), tmp_path, "torch", ops, workers=1)
+
+
+@pytest.mark.parametrize("count", [0, -1, 1.5, True])
+def test_a_bad_restart_count_is_named(count):
+    model, config = tiny()
+    with pytest.raises(ValueError, match=f"restarts must be .*{count!r}"):
+        restarts.Plan("pntm", model.to_dict(), config.to_dict(), count)
