@@ -26,6 +26,7 @@ import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -186,10 +187,12 @@ def train_restart(
     backend_name: str,
     progress: bool = False,
     on_step: Callable[[int], int | None] | None = None,
+    resuming: bool = False,
 ) -> RestartResult:
     """Train (or resume, from its checkpoint) restart ``restart`` in its directory and score
     it; a diverged restart is reported, not raised (a stopped one raises
-    :class:`TrainingStopped`)."""
+    :class:`TrainingStopped`). A new run refuses a directory holding run files; when
+    ``resuming`` the plan, a restart killed before its first checkpoint starts again there."""
     directory = restart_dir(run_dir, restart)
     config = plan.config(restart)
     resume = None
@@ -205,7 +208,7 @@ def train_restart(
     status = "finished"
     main = trainer.group.is_main
     with run.locked(directory) if main else contextlib.nullcontext():
-        if resume is None and main:
+        if resume is None and main and not resuming:
             run.check_new(directory)
         try:
             fit(trainer, directory, progress=progress, on_step=on_step)
@@ -252,16 +255,19 @@ def train_restarts(
     checkpoint; calling again resumes them) and :class:`RestartsError` when none finished."""
     run_dir = Path(run_dir)
     workers = workers or default_workers(plan.restarts, ops)
+    resuming = (run_dir / PLAN_NAME).exists()
     write_plan(run_dir, plan)
     start = time.perf_counter()
     if workers == 1:
         results = []
         for r in range(plan.restarts):
             say(f"restart {r} of {plan.restarts} (seed {plan.config(r).seed})")
-            results.append(train_restart(plan, run_dir, r, ops, backend_name, progress))
+            results.append(
+                train_restart(plan, run_dir, r, ops, backend_name, progress, None, resuming)
+            )
             say(_describe(results[-1]))
     else:
-        results = _in_processes(plan, run_dir, backend_name, workers, progress, say)
+        results = _in_processes(plan, run_dir, backend_name, workers, progress, say, resuming)
     finished = [r for r in results if r.status == "finished"]
     if not finished:
         raise RestartsError(f"no restart of {run_dir} finished: every one diverged")
@@ -295,7 +301,7 @@ def _init_worker(steps_done: Any, stop: Any, threads: int) -> None:
 
 
 def _worker(
-    plan: Plan, run_dir: Path, restart: int, backend_name: str, threads: int
+    plan: Plan, run_dir: Path, restart: int, backend_name: str, threads: int, resuming: bool
 ) -> RestartResult | None:
     """Train one restart in this worker; ``None`` when the run was stopped before it began
     (the pool may already have handed it over)."""
@@ -312,7 +318,7 @@ def _worker(
             _steps_done.value += 1
         return signal.SIGTERM if _stop.is_set() else None
 
-    return train_restart(plan, run_dir, restart, ops, backend_name, False, on_step)
+    return train_restart(plan, run_dir, restart, ops, backend_name, False, on_step, resuming)
 
 
 def _in_processes(
@@ -322,6 +328,7 @@ def _in_processes(
     workers: int,
     progress: bool,
     say: Callable[[str], None],
+    resuming: bool,
 ) -> list[RestartResult]:
     from tqdm.auto import tqdm
 
@@ -344,7 +351,7 @@ def _in_processes(
         ) as pool,
     ):
         futures = {
-            pool.submit(_worker, plan, run_dir, r, backend_name, threads): r
+            pool.submit(_worker, plan, run_dir, r, backend_name, threads, resuming): r
             for r in range(plan.restarts)
         }
         pending, errors, stops = set(futures), [], []
@@ -376,6 +383,11 @@ def _in_processes(
                 bar.update(done_before + steps_done.value - bar.n)
             time.sleep(0.2)
     bar.close()
+    if any(isinstance(e, BrokenProcessPool) for e in errors):
+        raise RestartsError(
+            f"a process training a restart of {run_dir} ended abruptly (killed, or out of "
+            "memory); each restart's last checkpoint is kept, so the run can be resumed"
+        ) from next(e for e in errors if isinstance(e, BrokenProcessPool))
     if errors:
         raise errors[0]
     if stops or signals.signum is not None:

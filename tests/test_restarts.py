@@ -172,3 +172,21 @@ def test_a_bad_restart_count_is_named(count):
     model, config = tiny()
     with pytest.raises(ValueError, match=f"restarts must be .*{count!r}"):
         restarts.Plan("pntm", model.to_dict(), config.to_dict(), count)
+
+
+def test_a_restart_killed_before_its_first_checkpoint_starts_again(tmp_path):
+    """Resuming the plan: a restart directory with metrics but no checkpoint (its process was
+    killed early) trains from step 0 again, its stale metrics dropped; a new run refuses it."""
+    ops = backends.get("torch")
+    plan = plan_of(2)
+    whole, _ = restarts.train_restarts(plan, tmp_path / "whole", "torch", ops, workers=1)
+    cut = tmp_path / "cut"
+    restarts.train_restarts(plan, cut, "torch", ops, workers=1)
+    (cut / CHECKPOINT_NAME).unlink()
+    (cut / "restart-1" / CHECKPOINT_NAME).unlink()
+    with pytest.raises(Exception, match="already holds metrics.jsonl"):
+        restarts.train_restart(plan, cut, 1, ops, "torch")
+    again, _ = restarts.train_restarts(plan, cut, "torch", ops, workers=1)
+    assert [r.validation_loss for r in again] == [r.validation_loss for r in whole]
+    metrics = (cut / "restart-1" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == list(range(2, 13, 2))
