@@ -256,7 +256,9 @@ def train_restarts(
     run_dir = Path(run_dir)
     workers = workers or default_workers(plan.restarts, ops)
     resuming = (run_dir / PLAN_NAME).exists()
-    write_plan(run_dir, plan)
+    main = ops.process_group().is_main  # under a launcher, rank 0 alone writes
+    if main:
+        write_plan(run_dir, plan)
     start = time.perf_counter()
     if workers == 1:
         results = []
@@ -272,9 +274,10 @@ def train_restarts(
     if not finished:
         raise RestartsError(f"no restart of {run_dir} finished: every one diverged")
     best = min(finished, key=lambda r: r.validation_loss)
-    src = restart_dir(run_dir, best.restart) / CHECKPOINT_NAME
-    checkpoint.atomic_write(run_dir / CHECKPOINT_NAME, lambda tmp: shutil.copyfile(src, tmp))
-    write_plan(run_dir, plan, results, best.restart, time.perf_counter() - start)
+    if main:
+        src = restart_dir(run_dir, best.restart) / CHECKPOINT_NAME
+        checkpoint.atomic_write(run_dir / CHECKPOINT_NAME, lambda tmp: shutil.copyfile(src, tmp))
+        write_plan(run_dir, plan, results, best.restart, time.perf_counter() - start)
     return results, best.restart
 
 

@@ -212,3 +212,16 @@ def test_killing_one_process_ends_the_job(engine, tmp_path):
     assert said in output, output
     assert 'File "' + str(ROOT / "pntm") not in output, output  # no traceback of ours
     assert checkpoint.load(tmp_path / CHECKPOINT_NAME).step >= 2
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_restarts_under_a_launcher_run_one_after_another(engine, single, tmp_path):
+    """``--restarts 2`` with two processes: each restart is a data-parallel run of both (one
+    after another), restart 0 is the single-process run, and rank 0 alone writes the choice."""
+    done = run(command(engine, 2, tmp_path, "--restarts", "2"))
+    assert_same_run(single(engine), tmp_path / "restart-0")
+    record = json.loads((tmp_path / "restarts.json").read_text())
+    assert [r["status"] for r in record["results"]] == ["finished", "finished"]
+    kept = tmp_path / f"restart-{record['selected']}" / CHECKPOINT_NAME
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == kept.read_bytes()
+    assert done.stdout.count("kept restart") == 1

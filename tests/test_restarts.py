@@ -13,6 +13,7 @@ import pytest
 from pntm import backends, checkpoint, restarts, tasks
 from pntm.models.base import cross_entropy
 from pntm.models.pntm import PNTM
+from pntm.run import RunDirectoryError
 from pntm.train import CHECKPOINT_NAME, Trainer, TrainingDiverged, TrainingStopped, fit
 from pntm.tree import tree_flatten
 from tests.test_train import tiny
@@ -184,7 +185,7 @@ def test_a_restart_killed_before_its_first_checkpoint_starts_again(tmp_path):
     restarts.train_restarts(plan, cut, "torch", ops, workers=1)
     (cut / CHECKPOINT_NAME).unlink()
     (cut / "restart-1" / CHECKPOINT_NAME).unlink()
-    with pytest.raises(Exception, match="already holds metrics.jsonl"):
+    with pytest.raises(RunDirectoryError, match=r"already holds metrics\.jsonl"):
         restarts.train_restart(plan, cut, 1, ops, "torch")
     again, _ = restarts.train_restarts(plan, cut, "torch", ops, workers=1)
     assert [r.validation_loss for r in again] == [r.validation_loss for r in whole]
