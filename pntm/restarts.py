@@ -157,7 +157,7 @@ def write_plan(
     if results is not None:
         payload["results"] = [asdict(r) for r in results]
         payload["selected"] = selected
-        payload["wall_seconds"] = wall_seconds
+        payload["wall_seconds"] = wall_seconds  # of the call that finished them
     text = json.dumps(payload, indent=2, allow_nan=True) + "\n"
     checkpoint.atomic_write(run_dir / PLAN_NAME, lambda tmp: Path(tmp).write_text(text))
 

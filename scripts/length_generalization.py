@@ -303,7 +303,8 @@ def write_report(path: Path, results: list[dict[str, Any]], command: str) -> Non
         "training), on fresh sequences drawn from the evaluation seed, memory N = the whole",
         "sequence length. Train time is the optimizer steps' wall time on one thread; a recipe",
         "with restarts trains several seeds (restart 0 has the row's seed) and keeps the one",
-        "with the lowest cross-entropy on fresh sequences of the training lengths. The",
+        "with the lowest cross-entropy on fresh sequences of the training lengths (its time",
+        "marked *; `pntm train` runs them side by side, one per core). The",
         "peers are not tuned: they get the P-NTM recipe's steps, batch and learning rate. Where",
         "the task's limit caps a length (associative recall: 64 pairs = 8x), the longer factors",
         "repeat the longest length evaluated.",
@@ -372,14 +373,17 @@ def write_report(path: Path, results: list[dict[str, Any]], command: str) -> Non
 
 
 def _train_time(result: dict[str, Any]) -> str:
-    """One run's time; for restarts each one's, the one kept, and the wall time of them all."""
+    """One run's time; for restarts each one's (the kept one marked), which side by side on
+    the cores of one machine take about as long as the longest."""
     if "restarts" not in result:
         return f"{result['train_seconds'] / 60:.1f} min"
     info = result["restarts"]
-    each = " + ".join(f"{r['train_seconds'] / 60:.1f}" for r in info["results"])
     return (
-        f"{each} min, restart {info['kept']} kept; {info['wall_seconds'] / 60:.1f} min wall, "
-        f"{info['workers']} at a time"
+        " + ".join(
+            f"{r['train_seconds'] / 60:.1f}" + ("*" if r["restart"] == info["kept"] else "")
+            for r in info["results"]
+        )
+        + " min"
     )
 
 

@@ -143,7 +143,9 @@ def test_a_cell_of_restarts_keeps_the_best_and_reports_each(tmp_path):
     assert [r["seed"] for r in record["results"]] == [1, restarts.restart_seed(1, 1)]
     kept = cell / f"restart-{record['selected']}" / "checkpoint.safetensors"
     assert (cell / "checkpoint.safetensors").read_bytes() == kept.read_bytes()
-    assert f"restart {record['selected']} kept" in report.read_text()
+    times = [f"{r['train_seconds'] / 60:.1f}" for r in record["results"]]
+    times[record["selected"]] += "*"
+    assert f"| {' + '.join(times)} min |" in report.read_text()
     (cell / "result.json").unlink()  # evaluated again from the kept checkpoint, not retrained
     again = grid_script.main([*args, "--set", "recipe.restarts=2"])
     assert (
