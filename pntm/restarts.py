@@ -56,6 +56,18 @@ class RestartsError(RuntimeError):
     """No restart finished (each diverged), or a plan that does not fit the run asked for."""
 
 
+class RestartsStopped(TrainingStopped):
+    """Restarts stopped by a signal, each at the step its checkpoint holds."""
+
+    def __init__(self, signum: int, steps: list[int], total: int) -> None:
+        super().__init__(signum, min(steps))
+        self.steps = steps
+        self.args = (
+            f"stopped by {signal.Signals(signum).name} with the restarts at steps "
+            f"{', '.join(map(str, steps))} of {total}",
+        )
+
+
 def restart_seed(seed: int, restart: int) -> int:
     """The training seed of restart ``restart`` of a run seeded ``seed``: ``seed`` itself for
     restart 0 (one restart is a plain run), else a 32-bit seed derived from both, so that
@@ -299,8 +311,9 @@ def _init_worker(steps_done: Any, stop: Any, threads: int) -> None:
     global _steps_done, _stop
     _steps_done, _stop = steps_done, stop
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    # the parent watches for Ctrl-C and tells the workers through ``stop``; a worker that
-    # also got the terminal's SIGINT stops the same way (fit's own handler)
+    # a worker between restarts ignores Ctrl-C (no traceback from an idle process); while it
+    # trains, fit's own handler stops it at a step boundary, as the parent's ``stop`` does
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _worker(
@@ -394,8 +407,8 @@ def _in_processes(
     if errors:
         raise errors[0]
     if stops or signals.signum is not None:
-        signum = signals.signum or stops[0].signum
-        raise TrainingStopped(signum, min((s.step for s in stops), default=0))
+        saved = [_checkpoint_step(restart_dir(run_dir, r)) for r in range(plan.restarts)]
+        raise RestartsStopped(signals.signum or stops[0].signum, saved, steps)
     bar.close()
     return [results[r] for r in sorted(results)]
 
