@@ -89,8 +89,7 @@ def run_cell(
     import torch
 
     torch.set_num_threads(threads)
-    from pntm import backends, checkpoint, recipes, tasks
-    from pntm.evaluate import default_lengths, evaluate
+    from pntm import backends, checkpoint, recipes
     from pntm.train import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, Trainer, fit
 
     cell = cell_dir(grid, model_name, task_name, seed)
@@ -120,40 +119,15 @@ def run_cell(
     if trainer.step < train_config.steps:
         fit(trainer, cell, progress=False)
     metrics = [json.loads(line) for line in (cell / METRICS_NAME).read_text().splitlines()]
-    task = tasks.get(task_name)
-    mode = trainer.decode_mode()
-    start = time.perf_counter()
-    results = evaluate(
-        trainer.model,
-        trainer.params,
-        task,
-        default_lengths(train_config.train_length, task, FACTORS),
-        samples=samples,
-        seed=eval_seed,
-        mode=mode,
-    )
-    result = {
-        "model": model_name,
-        "task": task_name,
-        "seed": seed,
-        "recipe": recipe.describe(),
-        "overrides": overrides,
-        "train_config": train_config.to_dict(),
-        "model_config": model_config.to_dict(),
-        "backend": backend,
-        "threads": threads,
+    trained = {
         "steps": trainer.step,
         "train_seconds": sum(m["seconds"] for m in metrics),
         "final_loss": metrics[-1]["loss"],
-        "eval_seconds": time.perf_counter() - start,
-        "eval_seed": eval_seed,
-        "decode_mode": mode,
-        "results": [asdict(r) for r in results],
     }
-    checkpoint.atomic_write(
-        result_path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
-    )
-    return result
+    return _evaluate_cell(
+        cell, trainer.model, trainer.params, trainer.decode_mode(), train_config, recipe.describe(),
+        overrides, trained, samples, eval_seed, backend, threads,
+    )  # fmt: skip
 
 
 def _restarts_cell(
@@ -172,8 +146,7 @@ def _restarts_cell(
 ) -> dict[str, Any]:
     """A cell of ``count`` restarts (:mod:`pntm.restarts`, as ``pntm train`` runs them, in
     ``CELL/restart-R``), ``restart_workers`` at a time; the kept one is evaluated."""
-    from pntm import backends, checkpoint, models, restarts, tasks
-    from pntm.evaluate import default_lengths, evaluate
+    from pntm import backends, checkpoint, models, restarts
     from pntm.train import CHECKPOINT_NAME
 
     plan = restarts.Plan(model_name, model_config.to_dict(), train_config.to_dict(), count)
@@ -192,30 +165,10 @@ def _restarts_cell(
     kept = record["results"][record["selected"]]
     ckpt = checkpoint.load(cell / CHECKPOINT_NAME)
     model = models.get(model_name)(model_config, ops)
-    mode = model.decode_mode(ckpt.step, train_config.steps)
-    task = tasks.get(train_config.task)
-    start = time.perf_counter()
-    results = evaluate(
-        model,
-        model.params_from_numpy(ckpt.params),
-        task,
-        default_lengths(train_config.train_length, task, FACTORS),
-        samples=samples,
-        seed=eval_seed,
-        mode=mode,
-    )
-    result = {
-        "model": model_name,
-        "task": train_config.task,
-        "seed": train_config.seed,
-        "recipe": recipe,
-        "overrides": overrides,
-        "train_config": train_config.to_dict(),
-        "model_config": model_config.to_dict(),
-        "backend": backend,
-        "threads": threads,
+    trained = {
         "steps": ckpt.step,
         "train_seconds": sum(r["train_seconds"] for r in record["results"]),
+        "final_loss": kept["final_loss"],
         "restarts": {
             "count": count,
             "workers": restart_workers,
@@ -223,7 +176,54 @@ def _restarts_cell(
             "wall_seconds": record["wall_seconds"],
             "results": record["results"],
         },
-        "final_loss": kept["final_loss"],
+    }
+    return _evaluate_cell(
+        cell, model, model.params_from_numpy(ckpt.params),
+        model.decode_mode(ckpt.step, train_config.steps), train_config, recipe, overrides,
+        trained, samples, eval_seed, backend, threads,
+    )  # fmt: skip
+
+
+def _evaluate_cell(
+    cell: Path,
+    model: Any,
+    params: Any,
+    mode: dict[str, Any],
+    train_config: Any,
+    recipe: str,
+    overrides: dict[str, dict[str, Any]],
+    trained: dict[str, Any],
+    samples: int,
+    eval_seed: int,
+    backend: str,
+    threads: int,
+) -> dict[str, Any]:
+    """Evaluate a trained cell at L_train x FACTORS; its result, written to CELL/result.json."""
+    from pntm import checkpoint, tasks
+    from pntm.evaluate import default_lengths, evaluate
+
+    task = tasks.get(train_config.task)
+    start = time.perf_counter()
+    results = evaluate(
+        model,
+        params,
+        task,
+        default_lengths(train_config.train_length, task, FACTORS),
+        samples=samples,
+        seed=eval_seed,
+        mode=mode,
+    )
+    result = {
+        "model": model.name,
+        "task": task.name,
+        "seed": train_config.seed,
+        "recipe": recipe,
+        "overrides": overrides,
+        "train_config": train_config.to_dict(),
+        "model_config": model.config.to_dict(),
+        "backend": backend,
+        "threads": threads,
+        **trained,
         "eval_seconds": time.perf_counter() - start,
         "eval_seed": eval_seed,
         "decode_mode": mode,
