@@ -150,6 +150,8 @@ def _restarts_cell(
     from pntm.train import CHECKPOINT_NAME
 
     plan = restarts.Plan(model_name, model_config.to_dict(), train_config.to_dict(), count)
+    if (cell / CHECKPOINT_NAME).exists() and not (cell / restarts.PLAN_NAME).exists():
+        raise ValueError(f"{cell} holds a single run, not restarts; use another grid directory")
     if (cell / restarts.PLAN_NAME).exists() and restarts.load_plan(cell) != plan:
         raise ValueError(
             f"{cell} holds restarts with other settings than this grid's; use another grid "

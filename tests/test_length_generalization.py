@@ -156,6 +156,16 @@ def test_a_cell_of_restarts_keeps_the_best_and_reports_each(tmp_path):
     with pytest.raises(SystemExit, match="1 cells failed"):
         grid_script.main([*args, "--set", "recipe.restarts=3"])
 
+    plain = ["--grid", str(tmp_path / "plain"), "--tasks", "copy", "--seeds", "1", *TINY]
+    grid_script.main(plain)  # one run per cell
+    (tmp_path / "plain" / "pntm" / "copy" / "seed-1" / "result.json").unlink()
+    overrides = grid_script.parse_overrides([*TINY[: TINY.index("--samples")][1::2]])
+    overrides["recipe"]["restarts"] = 2
+    with pytest.raises(ValueError, match="holds a single run, not restarts"):
+        grid_script.run_cell(
+            str(tmp_path / "plain"), "pntm", "copy", 1, overrides, 3, 0, "torch", 1
+        )
+
 
 def test_a_worker_ends_when_its_grid_process_is_gone():
     """A worker whose recorded parent is no longer its parent (the grid process was killed)
