@@ -542,15 +542,19 @@ def _train_restarts(
     """Train the restarts of ``plan`` (new, or ``resumed`` from ``run_dir``), keep the best and
     evaluate it as a single run is evaluated."""
     from pntm import restarts, run
-    from pntm.train import CHECKPOINT_NAME, TrainConfig
+    from pntm.train import CHECKPOINT_NAME, TrainConfig, Trainer
 
     group = ops.process_group()
     say = click.echo if group.is_main else (lambda *_, **__: None)
-    model_class = models.get(plan.model)
-    model = model_class(plan.model_config_object(), ops)
-    first = plan.config(0)
-    params = model_class.init_params(model.config, first.seed)
-    say(_run_header(model, params, first, backend_name, group) + f", {plan.restarts} restarts")
+    try:  # refused here what no restart could train (memory, batch against processes)
+        probe = Trainer(plan.model, plan.model_config_object(), plan.config(0), ops, backend_name)
+    except (ValueError, MemoryError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    model = probe.model
+    say(
+        _run_header(model, probe.params, probe.config, backend_name, group)
+        + f", {plan.restarts} restarts"
+    )
     say(f"run directory: {run_dir}")
     check_new = run.check_new if group.is_main and not resumed else (lambda _: None)
     with _run_errors(run_dir, group):

@@ -307,9 +307,10 @@ _steps_done: Any = None  # per-worker: a shared counter of optimizer steps, for 
 _stop: Any = None  # per-worker: set by the parent when it is asked to stop
 
 
-def _init_worker(steps_done: Any, stop: Any, threads: int) -> None:
+def _init_worker(steps_done: Any, stop: Any, threads: int, parent: int) -> None:
     global _steps_done, _stop
     _steps_done, _stop = steps_done, stop
+    run.exit_with_parent(parent)  # no orphan training on if the parent is killed
     os.environ["OMP_NUM_THREADS"] = str(threads)
     # a worker between restarts ignores Ctrl-C (no traceback from an idle process); while it
     # trains, fit's own handler stops it at a step boundary, as the parent's ``stop`` does
@@ -363,7 +364,10 @@ def _in_processes(
     with (
         StopSignals() as signals,
         ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=_init_worker, initargs=(steps_done, stop, threads)
+            workers,
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(steps_done, stop, threads, os.getpid()),
         ) as pool,
     ):
         futures = {

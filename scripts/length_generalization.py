@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pntm.run import exit_with_parent
 
 FACTORS = (1, 2, 4, 8, 16)
 RESULT_NAME = "result.json"
@@ -54,19 +55,6 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
             value = raw
         out[group][name] = value
     return out
-
-
-def exit_with_parent(parent: int, poll_s: float = 2.0) -> None:
-    """Pool initializer: end this worker once the grid process that started it is gone
-    (killed, not interrupted), so that no orphan goes on training into the grid directory.
-    Checkpoints are written by rename, so the cell resumes cleanly next time."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
 
 
 def cell_dir(grid: str | Path, model: str, task: str, seed: int) -> Path:
