@@ -45,6 +45,7 @@ from pntm.train import (
     TrainingDiverged,
     TrainingStopped,
     fit,
+    read_metrics,
 )
 
 #: fresh sequences of the training lengths each restart is scored on, and per pass
@@ -96,6 +97,11 @@ class Plan:
             raise ValueError(f"restarts must be an integer, got {self.restarts!r}")
         if self.restarts < 1:
             raise ValueError(f"restarts must be >= 1, got {self.restarts}")
+
+    @property
+    def seed(self) -> int:
+        """The run's seed: restart 0's, and the validation data's."""
+        return TrainConfig.from_dict(self.train_config).seed
 
     def config(self, restart: int) -> TrainConfig:
         base = TrainConfig.from_dict(self.train_config)
@@ -155,7 +161,7 @@ def write_plan(
     wall_seconds: float | None = None,
 ) -> None:
     """``restarts.json``: the plan, and (at the end) each restart's result and the one kept."""
-    seed = TrainConfig.from_dict(plan.train_config).seed
+    seed = plan.seed
     payload: dict[str, Any] = {
         **asdict(plan),
         "seeds": [restart_seed(seed, r) for r in range(plan.restarts)],
@@ -235,9 +241,9 @@ def train_restart(
             task,
             config.train_length,
             trainer.decode_mode(),
-            TrainConfig.from_dict(plan.train_config).seed,
+            plan.seed,
         )
-    metrics = _read_metrics(directory)
+    metrics = read_metrics(directory)
     return RestartResult(
         restart=restart,
         seed=config.seed,
@@ -420,10 +426,3 @@ def _in_processes(
 def _checkpoint_step(directory: Path) -> int:
     path = directory / CHECKPOINT_NAME
     return checkpoint.load(path).step if path.exists() else 0
-
-
-def _read_metrics(directory: Path) -> list[dict[str, Any]]:
-    path = directory / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

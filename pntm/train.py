@@ -484,6 +484,14 @@ def _summarize(window: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The metrics lines a run logged (``run_dir/metrics.jsonl``; none if it has none)."""
+    path = Path(run_dir) / METRICS_NAME
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return

@@ -78,7 +78,7 @@ def run_cell(
 
     torch.set_num_threads(threads)
     from pntm import backends, checkpoint, recipes
-    from pntm.train import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, Trainer, fit
+    from pntm.train import CHECKPOINT_NAME, TrainConfig, Trainer, fit, read_metrics
 
     cell = cell_dir(grid, model_name, task_name, seed)
     result_path = cell / RESULT_NAME
@@ -106,7 +106,7 @@ def run_cell(
     trainer = Trainer(model_name, model_config, train_config, ops, backend, resume)
     if trainer.step < train_config.steps:
         fit(trainer, cell, progress=False)
-    metrics = [json.loads(line) for line in (cell / METRICS_NAME).read_text().splitlines()]
+    metrics = read_metrics(cell)
     trained = {
         "steps": trainer.step,
         "train_seconds": sum(m["seconds"] for m in metrics),
