@@ -342,6 +342,13 @@ DECODE_OPTIONS = _generated_options(
     "kept (default: the recipe's). Each is a run of its own in OUT/restart-R.",
 )
 @click.option(
+    "--validation-factor",
+    type=click.IntRange(min=0),
+    help="With restarts: also decode each on fresh sequences of this x the training length "
+    "and keep the one with the fewest misses there, the cross-entropy breaking ties; 0 = "
+    "the training lengths only (default: the recipe's). Pick a length you do not evaluate at.",
+)
+@click.option(
     "--out",
     type=OutputPath(file_okay=False, path_type=Path),
     help="Run directory for the checkpoint, metrics.jsonl, eval.json and eval.png "
@@ -390,11 +397,13 @@ def train_command(**opts: Any) -> None:
             plan = restarts.load_plan(run_dir)
         except restarts.RestartsError as exc:
             raise click.ClickException(str(exc)) from exc
-        if opts["restarts"] is not None and opts["restarts"] != plan.restarts:
-            raise click.ClickException(
-                f"cannot resume: --restarts {opts['restarts']} differs from the run's "
-                f"{plan.restarts}; drop it or pass the run's value"
-            )
+        for name in ("restarts", "validation_factor"):
+            given, saved = opts[name], getattr(plan, name)
+            if given is not None and given != saved:
+                raise click.ClickException(
+                    f"cannot resume: --{name.replace('_', '-')} {given} differs from the "
+                    f"run's {saved}; drop it or pass the run's value"
+                )
         train_config, model_name, model_config = _saved_configs(
             opts, plan.model, plan.model_config, plan.train_config
         )
@@ -407,17 +416,37 @@ def train_command(**opts: Any) -> None:
                 f"{run_dir / CHECKPOINT_NAME}, which holds another run; copy {ckpt_path.name} "
                 "into a directory of its own"
             )
-        if opts["restarts"] not in (None, 1):
+        restarts_given = [
+            f"--{name.replace('_', '-')} {opts[name]}"
+            for name, plain in (("restarts", 1), ("validation_factor", 0))
+            if opts[name] not in (None, plain)
+        ]
+        if restarts_given:
             raise click.ClickException(
-                f"cannot resume {run_dir} with --restarts {opts['restarts']}: it is a single run"
+                f"cannot resume {run_dir} with {' '.join(restarts_given)}: it is a single run"
             )
         train_config, model_name, model_config = _resumed_configs(opts, resume_from)
     else:
         train_config, model_name, model_config = _new_configs(opts)
         run_dir = opts["out"] or run.default_run_dir(train_config.task)
-        count = opts["restarts"] or recipes.get(train_config.task, model_name).restarts
+        recipe = recipes.get(train_config.task, model_name)
+        count = opts["restarts"] or recipe.restarts
+        factor = opts["validation_factor"]
+        if count == 1 and factor:
+            raise click.ClickException(
+                f"--validation-factor {factor} chooses among restarts: it needs --restarts > 1"
+            )
         if count > 1:
-            plan = restarts.Plan(model_name, model_config.to_dict(), train_config.to_dict(), count)
+            try:
+                plan = restarts.Plan(
+                    model_name,
+                    model_config.to_dict(),
+                    train_config.to_dict(),
+                    count,
+                    recipe.validation_factor if factor is None else factor,
+                )
+            except ValueError as exc:
+                raise click.ClickException(str(exc)) from exc
     task = tasks.get(train_config.task)
     try:
         eval_lengths = opts["eval_lengths"] or _default_eval_lengths(
@@ -564,7 +593,10 @@ def _train_restarts(
             results, kept = restarts.train_restarts(
                 plan, run_dir, backend_name, ops, progress=not opts["quiet"], say=say
             )
-    say(f"kept restart {kept} (seed {results[kept].seed}): the lowest validation cross-entropy")
+    rule = "the lowest validation cross-entropy"
+    if plan.validation_factor:
+        rule = f"the fewest misses at length {plan.validation_length}, then {rule}"
+    say(f"kept restart {kept} (seed {results[kept].seed}): {rule}")
     if opts["no_eval"] or not group.is_main:
         return
     ckpt = checkpoint.load(run_dir / CHECKPOINT_NAME)

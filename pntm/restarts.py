@@ -5,12 +5,17 @@ one training seed in five at the switch to hard heads; research log §17-18). A 
 plain in its cross-entropy on fresh sequences of the *training* lengths, decoded with hard
 heads, so restarts need no long sequence and no evaluation data to choose: each restart is an
 ordinary run (``restart-R/`` in the run directory, resumable on its own), and the one with the
-lowest validation cross-entropy is copied to the run directory's checkpoint.
+lowest validation cross-entropy is copied to the run directory's checkpoint. A run whose rare
+misses appear only beyond the training lengths (binary multiplication, §19) is told apart on a
+validation *length*: with ``validation_factor`` F > 0 each restart is also decoded on fresh
+sequences of F x the training length, and the one with the fewest misses there is kept, the
+cross-entropy breaking ties. F should not be an evaluation length.
 
 Restart 0 uses the run's seed, so one restart is exactly a plain run; restart ``r > 0`` uses a
 seed derived from ``(seed, r)`` (:func:`restart_seed`). The validation sequences are drawn from
-their own stream of the run's seed, apart from training batches (``[seed, 1, step]``) and from
-evaluation samples (``[seed, length]``). Restarts run side by side in processes of their own on
+their own streams of the run's seed (``[seed, 2, batch]``, and ``[seed, 3, batch]`` at the
+validation length), apart from training batches (``[seed, 1, step]``) and from evaluation
+samples (``[seed, length]``). Restarts run side by side in processes of their own on
 a CPU (one or more threads each), one after another elsewhere or under a data-parallel
 launcher; ``restarts.json`` holds the plan from the start and each restart's result at the end.
 """
@@ -91,12 +96,29 @@ class Plan:
     model_config: dict[str, Any]
     train_config: dict[str, Any]
     restarts: int
+    validation_factor: int = 0  # > 0: misses at this x the training length choose first
 
     def __post_init__(self) -> None:
-        if isinstance(self.restarts, bool) or not isinstance(self.restarts, int):
-            raise ValueError(f"restarts must be an integer, got {self.restarts!r}")
-        if self.restarts < 1:
-            raise ValueError(f"restarts must be >= 1, got {self.restarts}")
+        for name, low in (("restarts", 1), ("validation_factor", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if self.validation_factor:
+            config = TrainConfig.from_dict(self.train_config)
+            try:
+                tasks.get(config.task).check_length(self.validation_length)
+            except ValueError as exc:
+                raise ValueError(
+                    f"validation_factor {self.validation_factor} x training length "
+                    f"{config.train_length}: {exc}"
+                ) from exc
+
+    @property
+    def validation_length(self) -> int:
+        """The length restarts are decoded at to count misses (0: none)."""
+        return self.validation_factor * TrainConfig.from_dict(self.train_config).train_length
 
     @property
     def seed(self) -> int:
@@ -120,6 +142,13 @@ class RestartResult:
     validation_loss: float  # infinite unless finished
     final_loss: float | None  # the last logged training loss
     train_seconds: float  # the optimizer steps' wall time (metrics.jsonl), this process only
+    validation_misses: int | None = None  # at the plan's validation length, when it has one
+
+    @property
+    def rank(self) -> tuple[float, float]:
+        """Lower is better: misses at the validation length (none counted: 0), then the
+        cross-entropy at the training lengths."""
+        return (self.validation_misses or 0, self.validation_loss)
 
 
 def validation_loss(
@@ -137,20 +166,66 @@ def validation_loss(
     of a model's training loss are left out: this scores what the model predicts."""
     ops = model.ops
     total = tokens_counted = 0.0
+
+    def lengths(rng: np.random.Generator, n: int) -> np.ndarray:
+        return rng.integers(1, train_length + 1, n)
+
+    passes = _validation_logits(model, params, task, mode, seed, 2, samples, lengths)
+    for logits, labels, mask in passes:
+        ce = cross_entropy(ops, logits, ops.asarray(labels), ops.asarray(mask))
+        total += float(ops.to_numpy(ce)) * float(mask.sum())
+        tokens_counted += float(mask.sum())
+    return total / tokens_counted
+
+
+def validation_misses(
+    model: Any,
+    params: Any,
+    task: tasks.Task,
+    length: int,
+    mode: dict[str, Any],
+    seed: int,
+    samples: int = VALIDATION_SAMPLES,
+) -> int:
+    """How many of ``samples`` fresh sequences of ``length`` (from the stream ``[seed, 3, i]``)
+    have a target token whose teacher-forced argmax in decoding mode ``mode`` is wrong: exactly
+    the sequences greedy decoding gets wrong, since greedy decoding feeds back its own argmax."""
+    ops = model.ops
+    misses = 0
+
+    def lengths(rng: np.random.Generator, n: int) -> np.ndarray:
+        return np.full(n, length)
+
+    passes = _validation_logits(model, params, task, mode, seed, 3, samples, lengths)
+    for logits, labels, mask in passes:
+        wrong = (ops.to_numpy(ops.argmax(logits, -1)) != labels) & (mask > 0)
+        misses += int(wrong.any(axis=1).sum())
+    return misses
+
+
+def _validation_logits(
+    model: Any,
+    params: Any,
+    task: tasks.Task,
+    mode: dict[str, Any],
+    seed: int,
+    stream: int,
+    samples: int,
+    draw_lengths: Callable[[np.random.Generator, int], np.ndarray],
+) -> Any:
+    """(logits, labels, mask) of ``samples`` fresh sequences, batch ``i`` drawn from
+    ``[seed, stream, i]`` with lengths ``draw_lengths(rng, n)``, in as many passes as fit."""
+    ops = model.ops
     for i, start in enumerate(range(0, samples, VALIDATION_BATCH)):
-        rng = np.random.default_rng([seed, 2, i])
-        lengths = rng.integers(1, train_length + 1, min(VALIDATION_BATCH, samples - start))
+        rng = np.random.default_rng([seed, stream, i])
+        lengths = draw_lengths(rng, min(VALIDATION_BATCH, samples - start))
         batch = task.batch(rng, lengths)
         capacity = batch.tokens.shape[1]
         size = sequences_that_fit(model, capacity, capacity, False, len(lengths))
         for j in range(0, len(lengths), size):
             rows = slice(j, j + size)
-            mask = batch.mask[rows]
             logits = model.forward(params, ops.asarray(batch.tokens[rows]), capacity, **mode)
-            ce = cross_entropy(ops, logits, ops.asarray(batch.labels[rows]), ops.asarray(mask))
-            total += float(ops.to_numpy(ce)) * float(mask.sum())
-            tokens_counted += float(mask.sum())
-    return total / tokens_counted
+            yield logits, batch.labels[rows], batch.mask[rows]
 
 
 def write_plan(
@@ -172,6 +247,14 @@ def write_plan(
             "metric": "cross-entropy per target token, decoding mode (hard heads)",
         },
     }
+    if plan.validation_factor:
+        payload["validation_length"] = {
+            "samples": VALIDATION_SAMPLES,
+            "length": plan.validation_length,
+            "data": f"numpy default_rng([{seed}, 3, batch])",
+            "metric": "sequences with a wrong token (greedy misses); chosen first, then the "
+            "cross-entropy",
+        }
     if results is not None:
         payload["results"] = [asdict(r) for r in results]
         payload["selected"] = selected
@@ -184,7 +267,13 @@ def load_plan(run_dir: str | Path) -> Plan:
     path = Path(run_dir) / PLAN_NAME
     try:
         data = json.loads(path.read_text())
-        return Plan(data["model"], data["model_config"], data["train_config"], data["restarts"])
+        return Plan(
+            data["model"],
+            data["model_config"],
+            data["train_config"],
+            data["restarts"],
+            data.get("validation_factor", 0),  # plans written before it had none
+        )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise RestartsError(f"cannot read the restarts plan {path}: {exc}") from exc
 
@@ -232,17 +321,14 @@ def train_restart(
             fit(trainer, directory, progress=progress, on_step=on_step)
         except TrainingDiverged:
             status = "diverged"  # its last finite state is saved; the others may still win
-    score = math.inf
+    score, misses = math.inf, None
     if status == "finished":
         task = tasks.get(config.task)
-        score = validation_loss(
-            trainer.model,
-            trainer.params,
-            task,
-            config.train_length,
-            trainer.decode_mode(),
-            plan.seed,
-        )
+        model, params, mode = trainer.model, trainer.params, trainer.decode_mode()
+        score = validation_loss(model, params, task, config.train_length, mode, plan.seed)
+        if plan.validation_factor:
+            length = plan.validation_length
+            misses = validation_misses(model, params, task, length, mode, plan.seed)
     metrics = read_metrics(directory)
     return RestartResult(
         restart=restart,
@@ -252,6 +338,7 @@ def train_restart(
         validation_loss=score,
         final_loss=metrics[-1]["loss"] if metrics else None,
         train_seconds=sum(m["seconds"] for m in metrics),
+        validation_misses=misses,
     )
 
 
@@ -265,8 +352,8 @@ def train_restarts(
     say: Callable[[str], None] = print,
 ) -> tuple[list[RestartResult], int]:
     """Train every restart of ``plan`` in ``run_dir`` (resuming those with a checkpoint),
-    ``workers`` at a time (default: :func:`default_workers`), then copy the one with the
-    lowest validation loss to ``run_dir``'s checkpoint. Returns the results and the index
+    ``workers`` at a time (default: :func:`default_workers`), then copy the best
+    (:attr:`RestartResult.rank`) to ``run_dir``'s checkpoint. Returns the results and the index
     kept. The caller holds ``run_dir``'s lock; ``restarts.json`` is written before training.
 
     Raises :class:`TrainingStopped` when a signal stopped the restarts (each saved its
@@ -291,7 +378,7 @@ def train_restarts(
     finished = [r for r in results if r.status == "finished"]
     if not finished:
         raise RestartsError(f"no restart of {run_dir} finished: every one diverged")
-    best = min(finished, key=lambda r: r.validation_loss)
+    best = min(finished, key=lambda r: r.rank)
     if main:
         src = restart_dir(run_dir, best.restart) / CHECKPOINT_NAME
         checkpoint.atomic_write(run_dir / CHECKPOINT_NAME, lambda tmp: shutil.copyfile(src, tmp))
@@ -301,9 +388,11 @@ def train_restarts(
 
 def _describe(result: RestartResult) -> str:
     loss = "" if result.final_loss is None else f", training loss {result.final_loss:.3g}"
+    misses = result.validation_misses
+    missed = "" if misses is None else f", {misses} of {VALIDATION_SAMPLES} missed"
     return (
         f"restart {result.restart} (seed {result.seed}): {result.status} at step "
-        f"{result.step}{loss}, validation cross-entropy {result.validation_loss:.3g}"
+        f"{result.step}{loss}, validation cross-entropy {result.validation_loss:.3g}{missed}"
     )
 
 

@@ -38,16 +38,18 @@ RESULT_NAME = "result.json"
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """``train.steps=3000`` / ``model.velocity_prior=2`` / ``recipe.restarts=2`` ->
+    """``train.steps=3000`` / ``model.velocity_prior=2`` / ``recipe.restarts=2`` /
+    ``recipe.validation_factor=6`` ->
     {"train": {...}, "model": {...}, "recipe": {...}}."""
     out: dict[str, dict[str, Any]] = {"train": {}, "model": {}, "recipe": {}}
     for item in items:
         key, sep, raw = item.partition("=")
         group, dot, name = key.partition(".")
-        if not sep or not dot or group not in out or (group == "recipe" and name != "restarts"):
+        recipe_field = name in ("restarts", "validation_factor")
+        if not sep or not dot or group not in out or (group == "recipe" and not recipe_field):
             raise SystemExit(
-                f"--set {item!r}: expected train.FIELD=VALUE, model.FIELD=VALUE or "
-                "recipe.restarts=N"
+                f"--set {item!r}: expected train.FIELD=VALUE, model.FIELD=VALUE, "
+                "recipe.restarts=N or recipe.validation_factor=F"
             )
         try:
             value = json.loads(raw)
@@ -87,10 +89,11 @@ def run_cell(
     recipe = recipes.get(task_name, model_name)
     train_config = recipe.train_config(seed=seed, **overrides["train"])
     model_config = recipe.model_config(**overrides["model"])
-    count = overrides.get("recipe", {}).get("restarts", recipe.restarts)
-    if count > 1:
+    chosen = {"restarts": recipe.restarts, "validation_factor": recipe.validation_factor}
+    chosen |= overrides.get("recipe", {})
+    if chosen["restarts"] > 1:
         return _restarts_cell(
-            cell, model_name, train_config, model_config, count, recipe.describe(), overrides,
+            cell, model_name, train_config, model_config, chosen, recipe.describe(), overrides,
             samples, eval_seed, backend, threads, restart_workers,
         )  # fmt: skip
     resume = None
@@ -123,7 +126,7 @@ def _restarts_cell(
     model_name: str,
     train_config: Any,
     model_config: Any,
-    count: int,
+    chosen: dict[str, int],
     recipe: str,
     overrides: dict[str, dict[str, Any]],
     samples: int,
@@ -132,12 +135,17 @@ def _restarts_cell(
     threads: int,
     restart_workers: int,
 ) -> dict[str, Any]:
-    """A cell of ``count`` restarts (:mod:`pntm.restarts`, as ``pntm train`` runs them, in
-    ``CELL/restart-R``), ``restart_workers`` at a time; the kept one is evaluated."""
+    """A cell of ``chosen["restarts"]`` restarts chosen with its ``validation_factor``
+    (:mod:`pntm.restarts`, as ``pntm train`` runs them, in ``CELL/restart-R``),
+    ``restart_workers`` at a time; the kept one is evaluated."""
     from pntm import backends, checkpoint, models, restarts
     from pntm.train import CHECKPOINT_NAME
 
-    plan = restarts.Plan(model_name, model_config.to_dict(), train_config.to_dict(), count)
+    count = chosen["restarts"]
+    plan = restarts.Plan(
+        model_name, model_config.to_dict(), train_config.to_dict(), count,
+        chosen["validation_factor"],
+    )  # fmt: skip
     if (cell / CHECKPOINT_NAME).exists() and not (cell / restarts.PLAN_NAME).exists():
         raise ValueError(f"{cell} holds a single run, not restarts; use another grid directory")
     if (cell / restarts.PLAN_NAME).exists() and restarts.load_plan(cell) != plan:
@@ -163,6 +171,7 @@ def _restarts_cell(
             "count": count,
             "workers": restart_workers,
             "kept": record["selected"],
+            "validation_length": plan.validation_length,
             "wall_seconds": record["wall_seconds"],
             "results": record["results"],
         },
@@ -296,7 +305,9 @@ def write_report(path: Path, results: list[dict[str, Any]], command: str) -> Non
         "`docs/research-log.md` gives the budgets measured alone); a recipe",
         "with restarts trains several seeds (restart 0 has the row's seed) and keeps the one",
         "with the lowest cross-entropy on fresh sequences of the training lengths (its time",
-        "marked *; `pntm train` runs them side by side, one per core). The",
+        "marked *; `pntm train` runs them side by side, one per core); with a validation factor",
+        "F in its recipe, the one with the fewest misses on fresh sequences of F x L_train comes",
+        "first (F is not an evaluated factor). The",
         "peers are not tuned: they get the P-NTM recipe's steps, batch and learning rate. Where",
         "the task's limit caps a length (associative recall: 64 pairs = 8x), the longer factors",
         "repeat the longest length evaluated.",

@@ -336,6 +336,40 @@ def test_generated_options_cover_every_field_and_refuse_type_clashes():
         _generated_options({"a": A, "b": B})
 
 
+def test_a_validation_factor_chooses_among_restarts(tmp_path):
+    """``--validation-factor F`` decodes each restart at F x the training length and says so;
+    without restarts there is nothing to choose and it is refused, as is a length the task
+    does not have."""
+    from pntm import restarts
+
+    name, out = TRAINABLE[0], tmp_path / "r"
+    result = run(
+        "train", *TINY, "--backend", name, "--restarts", "2", "--validation-factor", "3",
+        "--out", out, "--no-eval",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "missed" in result.output and "the fewest misses at length" in result.output
+    record = json.loads((out / restarts.PLAN_NAME).read_text())
+    assert record["validation_factor"] == 3
+    assert all(isinstance(r["validation_misses"], int) for r in record["results"])
+    too_long, b_dir = tasks.get("copy").max_length // 3 + 1, tmp_path / "b"  # L_train 3
+    assert_refused(
+        run("train", *TINY, "--restarts", "1", "--validation-factor", "3", "--out", tmp_path / "a"),
+        "--validation-factor 3 chooses among restarts: it needs --restarts > 1",
+    )
+    assert_refused(
+        run("train", *TINY, "--restarts", "2", "--validation-factor", too_long, "--out", b_dir),
+        f"validation_factor {too_long} x training length",
+        "out of range",
+    )
+    assert not (tmp_path / "a").exists() and not b_dir.exists()
+    # a finished restarts run resumes as the single run it kept
+    assert_refused(
+        run("train", "--resume", out, "--validation-factor", "2", "--quiet"),
+        "with --validation-factor 2: it is a single run",
+    )
+
+
 def test_restarts_train_keep_the_best_and_resume(tmp_path):
     """``--restarts 2``: two runs in OUT/restart-R, the kept one copied to OUT and evaluated;
     an interrupted restarts run resumes with just ``--resume``, and a --restarts that differs
@@ -365,6 +399,10 @@ def test_restarts_train_keep_the_best_and_resume(tmp_path):
     assert_refused(
         run("train", "--resume", out, "--restarts", "3", "--quiet"),
         "--restarts 3 differs from the run's 2",
+    )
+    assert_refused(
+        run("train", "--resume", out, "--validation-factor", "3", "--quiet"),
+        "--validation-factor 3 differs from the run's 0",
     )
     again = run("train", "--resume", out, "--backend", name, "--no-eval", "--quiet")
     assert again.exit_code == 0, again.output

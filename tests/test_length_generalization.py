@@ -121,6 +121,9 @@ def test_bad_overrides_are_named():
         grid_script.parse_overrides(["steps=3"])
     with pytest.raises(SystemExit, match=r"recipe\.restarts=N"):
         grid_script.parse_overrides(["recipe.steps=3"])
+    assert grid_script.parse_overrides(["recipe.validation_factor=6"])["recipe"] == {
+        "validation_factor": 6
+    }
     assert grid_script.parse_overrides(["model.overwrite=false", "train.task=x"]) == {
         "model": {"overwrite": False},
         "train": {"task": "x"},
@@ -155,6 +158,9 @@ def test_a_cell_of_restarts_keeps_the_best_and_reports_each(tmp_path):
     (cell / "result.json").unlink()
     with pytest.raises(SystemExit, match="1 cells failed"):
         grid_script.main([*args, "--set", "recipe.restarts=3"])
+    with pytest.raises(SystemExit, match="1 cells failed"):  # chosen another way: refused too
+        factor = ["--set", "recipe.validation_factor=2"]
+        grid_script.main([*args, "--set", "recipe.restarts=2", *factor])
 
     plain = ["--grid", str(tmp_path / "plain"), "--tasks", "copy", "--seeds", "1", *TINY]
     grid_script.main(plain)  # one run per cell

@@ -43,14 +43,19 @@ def test_unknown_fields_and_tasks_are_named():
         recipes.get("copy", "rnn")
     with pytest.raises(ValueError, match="restarts must be >= 1, got 0"):
         recipes.Recipe("copy", restarts=0)
+    with pytest.raises(ValueError, match="validation_factor must be >= 0, got -2"):
+        recipes.Recipe("copy", validation_factor=-2)
 
 
 def test_restarts_are_part_of_the_budget_and_shown():
     recipe = recipes.Recipe("copy", {"steps": 10}, restarts=3)
     assert recipe.describe() == "steps=10 restarts=3"
     assert recipes.Recipe("copy", {"steps": 10}).describe() == "steps=10"
-    for name in tasks.NAMES:  # the peers train as many runs as the P-NTM
-        assert recipes.get(name, "lstm").restarts == recipes.get(name).restarts
+    chosen = recipes.Recipe("copy", {"steps": 10}, restarts=3, validation_factor=6)
+    assert chosen.describe() == "steps=10 restarts=3 validation_factor=6"
+    for name in tasks.NAMES:  # the peers train as many runs as the P-NTM, chosen alike
+        peer, own = recipes.get(name, "lstm"), recipes.get(name)
+        assert (peer.restarts, peer.validation_factor) == (own.restarts, own.validation_factor)
 
 
 @pytest.mark.parametrize("model", ["ntm", "lstm", "transformer"])

@@ -89,6 +89,90 @@ def test_validation_loss_is_the_token_weighted_cross_entropy_of_its_own_stream()
     assert other != got  # the data follows the run's seed
 
 
+class _LabelsModel:
+    """A stand-in model that predicts every next token right (it looks the labels up), except
+    at one target position of the sequences ``wrong`` picks, and at the first prompt position
+    of every sequence (which no score may count)."""
+
+    name = "labels"
+
+    def __init__(self, ops, labels: dict[bytes, tuple[np.ndarray, np.ndarray]], wrong) -> None:
+        self.ops, self.labels, self.wrong = ops, labels, wrong
+
+    def memory_per_sequence(self, *_) -> None:
+        return None
+
+    def forward(self, params, tokens, capacity, **mode):
+        tokens = self.ops.to_numpy(tokens)
+        logits = np.zeros((*tokens.shape, 16))
+        for i, row in enumerate(tokens):
+            labels, mask = self.labels[row.tobytes()]
+            logits[i, np.arange(len(row)), labels] = 1.0
+            targets, prompt = np.flatnonzero(mask), np.flatnonzero(mask == 0)
+            if self.wrong(row):
+                logits[i, targets[-1], labels[targets[-1]]] = -1.0
+            logits[i, prompt[0], labels[prompt[0]]] = -1.0
+        return self.ops.asarray(logits)
+
+
+def test_validation_misses_count_the_sequences_with_a_wrong_target_token():
+    """Fresh sequences of the validation length from the stream ``[seed, 3, i]``: a sequence
+    counts when one of its target tokens (not a prompt or padding position) is predicted
+    wrong, which is when greedy decoding gets it wrong."""
+    ops = backends.get("numpy")
+    task, length, seed, samples = tasks.get("binary_addition"), 6, 5, 300
+    labels, expected = {}, 0
+    for i, n in enumerate((restarts.VALIDATION_BATCH, samples - restarts.VALIDATION_BATCH)):
+        batch = task.batch(np.random.default_rng([seed, 3, i]), np.full(n, length))
+        assert batch.tokens.shape[1] == task.sequence_length(length) - 1
+        for row, lab, mask in zip(batch.tokens, batch.labels, batch.mask, strict=True):
+            labels[row.tobytes()] = (lab, mask)
+            expected += int(row[0] == 1)
+    model = _LabelsModel(ops, labels, wrong=lambda row: row[0] == 1)
+    assert 0 < expected < samples
+    assert restarts.validation_misses(model, None, task, length, {}, seed, samples) == expected
+    model.wrong = lambda row: False  # wrong only at a prompt position of every sequence
+    assert restarts.validation_misses(model, None, task, length, {}, seed, samples) == 0
+
+
+def test_misses_at_the_validation_length_choose_before_the_cross_entropy(tmp_path, monkeypatch):
+    """With a validation factor the kept restart has the fewest misses at F x the training
+    length, even against a lower cross-entropy; the plan records the length and each count."""
+    ops = backends.get("torch")
+    by_loss, _ = restarts.train_restarts(plan_of(2), tmp_path / "loss", "torch", ops, workers=1)
+    best_loss = int(np.argmin([r.validation_loss for r in by_loss]))
+    calls = []
+
+    def misses(model, params, task, length, mode, seed):
+        calls.append((length, seed))
+        return 7 if len(calls) - 1 == best_loss else 3  # the lowest cross-entropy misses more
+
+    monkeypatch.setattr(restarts, "validation_misses", misses)
+    plan = plan_of(2, train_length=3)
+    plan = restarts.Plan(plan.model, plan.model_config, plan.train_config, 2, 5)
+    assert plan.validation_length == 15
+    results, kept = restarts.train_restarts(plan, tmp_path / "misses", "torch", ops, workers=1)
+    assert calls == [(15, plan.seed)] * 2
+    assert kept == 1 - best_loss and [r.validation_misses for r in results][best_loss] == 7
+    record = json.loads((tmp_path / "misses" / restarts.PLAN_NAME).read_text())
+    assert record["validation_factor"] == 5 and record["validation_length"]["length"] == 15
+    assert [r["validation_misses"] for r in record["results"]] == [
+        r.validation_misses for r in results
+    ]
+    assert restarts.load_plan(tmp_path / "misses") == plan
+    assert by_loss[0].validation_misses is None  # no factor: nothing decoded at length
+
+
+def test_a_plan_names_a_bad_validation_factor():
+    plan = plan_of(2)
+    with pytest.raises(ValueError, match="validation_factor must be >= 0, got -1"):
+        restarts.Plan(plan.model, plan.model_config, plan.train_config, 2, -1)
+    with pytest.raises(ValueError, match="validation_factor must be an integer, got True"):
+        restarts.Plan(plan.model, plan.model_config, plan.train_config, 2, True)
+    with pytest.raises(ValueError, match=r"validation_factor 1000 x training length .*1\.\.\d+"):
+        restarts.Plan(plan.model, plan.model_config, plan.train_config, 2, 1000)
+
+
 def test_restarts_in_processes_match_one_process(tmp_path):
     ops = backends.get("torch")
     plan = plan_of(3)
