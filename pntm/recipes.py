@@ -171,7 +171,7 @@ RECIPES: dict[str, Recipe] = {
             },
             "fixed-velocity heads, a register per block, a move-change penalty, 8,000 steps and "
             "the better of 2 restarts by misses at 6x: exact at 16x on grid seeds 0-2 and "
-            "held-out seeds 3 and 5; 4 of 10 runs miss 1 in 200 to 1 in 2,000 at 8x, which "
+            "held-out seeds 3-5; 4 of 10 runs miss 1 in 200 to 1 in 2,000 at 8x, which "
             "the choice at 6x does not always see (research log §18-19)",
             restarts=2,
             validation_factor=6,
