@@ -29,7 +29,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, replace
@@ -212,7 +212,7 @@ def _validation_logits(
     stream: int,
     samples: int,
     draw_lengths: Callable[[np.random.Generator, int], np.ndarray],
-) -> Any:
+) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
     """(logits, labels, mask) of ``samples`` fresh sequences, batch ``i`` drawn from
     ``[seed, stream, i]`` with lengths ``draw_lengths(rng, n)``, in as many passes as fit."""
     ops = model.ops
