@@ -593,10 +593,7 @@ def _train_restarts(
             results, kept = restarts.train_restarts(
                 plan, run_dir, backend_name, ops, progress=not opts["quiet"], say=say
             )
-    rule = "the lowest validation cross-entropy"
-    if plan.validation_factor:
-        rule = f"the fewest misses at length {plan.validation_length}, then {rule}"
-    say(f"kept restart {kept} (seed {results[kept].seed}): {rule}")
+    say(f"kept restart {kept} (seed {results[kept].seed}): {plan.choice}")
     if opts["no_eval"] or not group.is_main:
         return
     ckpt = checkpoint.load(run_dir / CHECKPOINT_NAME)

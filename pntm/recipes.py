@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from pntm import models, tasks
+from pntm import models, restarts, tasks
 from pntm.train import TrainConfig
 
 __all__ = ["RECIPES", "Recipe", "get"]
@@ -30,12 +30,10 @@ class Recipe:
     validation_factor: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("restarts", 1), ("validation_factor", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(
-                    f"recipe for {self.task!r}: {name} must be >= {low}, got {value!r}"
-                )
+        try:
+            restarts.check_choice(self.restarts, self.validation_factor)
+        except ValueError as exc:
+            raise ValueError(f"recipe for {self.task!r}: {exc}") from exc
         config_class = models.get(self.model_name).config_class
         for what, cls, values in (
             ("training", TrainConfig, self.train),

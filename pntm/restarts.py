@@ -74,6 +74,18 @@ class RestartsStopped(TrainingStopped):
         )
 
 
+def check_choice(restarts: int, validation_factor: int) -> None:
+    """Refuse a restart count below 1 or a validation factor below 0 (0: none), naming it."""
+    for name, value, low in (
+        ("restarts", restarts, 1),
+        ("validation_factor", validation_factor, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
 def restart_seed(seed: int, restart: int) -> int:
     """The training seed of restart ``restart`` of a run seeded ``seed``: ``seed`` itself for
     restart 0 (one restart is a plain run), else a 32-bit seed derived from both, so that
@@ -99,12 +111,7 @@ class Plan:
     validation_factor: int = 0  # > 0: misses at this x the training length choose first
 
     def __post_init__(self) -> None:
-        for name, low in (("restarts", 1), ("validation_factor", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
+        check_choice(self.restarts, self.validation_factor)
         if self.validation_factor:
             config = TrainConfig.from_dict(self.train_config)
             try:
@@ -114,6 +121,14 @@ class Plan:
                     f"validation_factor {self.validation_factor} x training length "
                     f"{config.train_length}: {exc}"
                 ) from exc
+
+    @property
+    def choice(self) -> str:
+        """How the kept restart is chosen (:attr:`RestartResult.rank`), in words."""
+        rule = "the lowest validation cross-entropy"
+        if self.validation_factor:
+            rule = f"the fewest misses at length {self.validation_length}, then {rule}"
+        return rule
 
     @property
     def validation_length(self) -> int:
