@@ -100,11 +100,24 @@ def backend_option(help: str) -> Any:
     )  # fmt: skip
 
 
-def _ops(name: str, train: bool) -> tuple[str, backends.Backend]:
-    """Resolve ``auto`` and build the backend, or fail with why it cannot run here."""
+def threads_option() -> Any:
+    return click.option(
+        "--threads",
+        type=click.IntRange(min=1),
+        help="Threads for the framework's operations and the fused CPU kernels alike. Default: "
+        "the framework's operations on 1 thread (their OpenMP workers spin, and on a machine "
+        "busy with other work 2 threads ran 30x slower than 1) or OMP_NUM_THREADS where set, "
+        "the kernels on every core (their workers sleep while they wait).",
+    )
+
+
+def _ops(name: str, train: bool, threads: int | None = None) -> tuple[str, backends.Backend]:
+    """Resolve ``auto``, build the backend and set its threads (``backends.set_threads``), or
+    fail with why it cannot run here."""
     try:
         name = backends.best_available() if name == "auto" else name
         ops = backends.get(name)
+        backends.set_threads(ops, threads)
     except (ValueError, RuntimeError) as exc:
         runnable = [i.name for i in backends.available() if i.runs and (i.trainable or not train)]
         raise click.ClickException(f"{exc}; backends that run here: {', '.join(runnable)}") from exc
@@ -131,7 +144,7 @@ def backends_command() -> None:
         status = "runs" if info.runs else "no"
         role = "train+eval" if info.trainable else ("eval" if info.runs else "-")
         mark = "auto" if info.name == auto else ""
-        click.echo(f"{info.name:7s} {status:5s} {role:11s} {mark:4s} {info.reason}")
+        click.echo(f"{info.name:9s} {status:5s} {role:11s} {mark:4s} {info.reason}")
 
 
 @main.command("tasks")
@@ -373,6 +386,7 @@ DECODE_OPTIONS = _generated_options(
     type=click.IntRange(min=1),
     help="Samples per evaluated length.",
 )
+@threads_option()
 @click.option("--no-eval", is_flag=True, help="Skip the evaluation after training.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_command(**opts: Any) -> None:
@@ -457,7 +471,7 @@ def train_command(**opts: Any) -> None:
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
 
-    backend_name, ops = _ops(opts["backend"], train=True)
+    backend_name, ops = _ops(opts["backend"], train=True, threads=opts["threads"])
     if plan is not None:
         resumed = opts["resume"] is not None
         _train_restarts(plan, run_dir, backend_name, ops, task, eval_lengths, opts, resumed)
@@ -770,6 +784,7 @@ def _load_checkpoint(path: Path) -> tuple[Path, checkpoint.Checkpoint]:
     type=OutputPath(dir_okay=False, path_type=Path),
     help="Where to write the plot (default: the JSON file's name with .png).",
 )
+@threads_option()
 def eval_command(checkpoint_path: Path, **opts: Any) -> None:
     """Greedy-decode a checkpoint's task at several lengths: exact match and token accuracy.
 
@@ -796,7 +811,7 @@ def eval_command(checkpoint_path: Path, **opts: Any) -> None:
     json_path = opts["json_path"] or run.unique_eval_path(checkpoint_path.parent)
     plot_path = opts["plot_path"] or json_path.with_suffix(".png")
     _checked(run.check_output_files, [json_path, plot_path])  # now, not after evaluating
-    backend_name, ops = _ops(opts["backend"], train=False)
+    backend_name, ops = _ops(opts["backend"], train=False, threads=opts["threads"])
     model_class = models.get(ckpt.model)
     model = model_class(model_class.config_class.from_dict(ckpt.model_config), ops)
     params = model.params_from_numpy(ckpt.params)
@@ -903,6 +918,7 @@ BENCH_OPTIONS = _generated_options({"bench": BenchConfig})
     type=OutputPath(file_okay=False, path_type=Path),
     help="Directory for bench.json, bench.md and bench.png (default: runs/bench-BACKEND-DATE).",
 )
+@threads_option()
 @click.option("--quiet", is_flag=True, help="Do not print each measurement as it starts.")
 def bench_command(**opts: Any) -> None:
     """Time a training step of every model over T, and greedy decoding tokens/s.
@@ -916,7 +932,7 @@ def bench_command(**opts: Any) -> None:
         cfg = BenchConfig(**_given(opts, BENCH_OPTIONS, "bench"))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
-    backend_name, ops = _ops(opts["backend"], train=True)
+    backend_name, ops = _ops(opts["backend"], train=True, threads=opts["threads"])
     out = opts["out"] or Path("runs") / f"bench-{backend_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     _checked(run.check_writable, out)  # now, not after the measurements
     say = (lambda _: None) if opts["quiet"] else (lambda line: click.echo(line, err=True))

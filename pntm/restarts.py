@@ -435,10 +435,7 @@ def _worker(
     if _stop.is_set():
         return None
     ops = backends.get(backend_name)
-    if ops.framework == "torch":
-        import torch
-
-        torch.set_num_threads(threads)
+    backends.set_threads(ops, threads)
 
     def on_step(step: int) -> int | None:
         with _steps_done.get_lock():

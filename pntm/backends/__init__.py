@@ -26,6 +26,7 @@ __all__ = [
     "available",
     "best_available",
     "get",
+    "set_threads",
 ]
 
 
@@ -37,8 +38,8 @@ class BackendSpec:
     extra: str | None  # the pip extra that installs what it needs: pip install 'pntm[extra]'
     #: ``--backend auto`` takes the runnable, trainable backend of highest priority: ``priority``
     #: where the framework's accelerator (CUDA, Metal) is present, else ``priority_without``
-    #: (None: never chosen without it)
-    priority: int = 0
+    #: (None: never chosen in that case)
+    priority: int | None = 0
     priority_without: int | None = None
 
 
@@ -48,6 +49,11 @@ BACKENDS: tuple[BackendSpec, ...] = (
     BackendSpec("torch", "pntm.backends.torch_backend:TorchBackend", "chunked", "torch", 20, 20),
     BackendSpec("triton", "pntm.backends.torch_backend:TorchBackend", "triton", "torch", 40),
     BackendSpec("metal", "pntm.backends.mlx_backend:MLXBackend", "metal", "mlx", 50),
+    # fused CPU kernels: first on a machine without an accelerator, never picked beside one
+    BackendSpec(
+        "numba", "pntm.backends.torch_backend:TorchBackend", "numba_cpu", "torch", None, 25
+    ),
+    BackendSpec("mlx-numba", "pntm.backends.mlx_backend:MLXBackend", "numba_cpu", "mlx", None, 15),
 )
 NAMES: tuple[str, ...] = tuple(spec.name for spec in BACKENDS)
 _SPECS = {spec.name: spec for spec in BACKENDS}
@@ -128,3 +134,30 @@ def best_available() -> str:
             "no trainable backend is installed: pip install 'pntm[torch]' or 'pntm[mlx]'"
         )
     return max(candidates, key=lambda info: info.priority).name
+
+
+def set_threads(ops: Backend, threads: int | None = None) -> str:
+    """The thread policy of a process that trains or evaluates on ``ops``; returns it in words.
+
+    ``threads`` sets both the framework's intra-op threads and the fused CPU kernels' threads.
+    None, the default: the framework's operations on one thread (OMP_NUM_THREADS, where set,
+    is left in force) and the kernels on every core. The framework's OpenMP workers spin
+    while they wait, so on a 2-core machine that was busy with another process a PyTorch step
+    on 2 threads ran 30x slower than on 1 (measured: 368 s against 17 s for 200 steps of
+    reverse); around the fused kernels its operations are small, and the kernels' workers
+    (numba's workqueue pool) sleep while they wait (``docs/performance.md``, "Threads").
+    """
+    import os
+
+    cores = os.cpu_count() or 1
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    framework = threads if threads is not None else (None if "OMP_NUM_THREADS" in os.environ else 1)
+    if framework is not None:
+        ops.set_framework_threads(framework)
+    kernel_threads = None
+    if hasattr(ops.scan_module, "set_threads"):
+        kernel_threads = min(threads or cores, ops.scan_module.max_threads())
+        ops.scan_module.set_threads(kernel_threads)
+    words = f"{ops.framework_threads()} framework thread(s)"
+    return words + (f", {kernel_threads} kernel thread(s)" if kernel_threads else "")

@@ -277,6 +277,13 @@ class Backend(abc.ABC):
             group = self._process_group = self._join_process_group()
         return group
 
+    def set_framework_threads(self, threads: int) -> None:  # noqa: B027 - only PyTorch has one
+        """The framework's intra-op threads (PyTorch's; MLX has no such setting)."""
+
+    def framework_threads(self) -> int | None:
+        """The framework's intra-op threads, where it has such a setting."""
+        return None
+
     def _join_process_group(self) -> ProcessGroup:
         """Join the launcher's group; one process unless the backend knows its launcher."""
         return ProcessGroup()
@@ -352,6 +359,68 @@ class Backend(abc.ABC):
         if m0 is None:
             m0 = self.zeros_like(w[:, 0, ..., None] * add[:, 0, :, None, :])
         return self.scan_module.memory_scan_read(self, w, erase, add, rho, m0, key, beta, gamma)
+
+    def head_scan(
+        self,
+        shift: Array,
+        gate: Array,
+        n_slots: int,
+        start: Array | None = None,
+        lag: int | tuple[int, ...] = 0,
+        hard: bool = False,
+    ) -> Array:
+        """All head distributions of the head recurrence (``docs/design.md``, "Heads"):
+        ``w_t = (1 - g_t) (s_t ⊛ w_{t-1}) + g_t delta_{-lag}`` over ``n_slots`` slots, a circular
+        convolution of the shift distribution ``s_t`` over ``-S..S`` and a reset to the home
+        slot ``-lag`` (one lag for every head or one per head), from ``w_0 = start`` (the home
+        if None).
+
+        Shapes: ``shift`` (B, T, K, 2S+1), ``gate`` (B, T, K), ``start`` (B, K, N).
+        Returns ``w`` (B, T, K, N). With ``hard`` (one-hot shifts and 0/1 gates) every ``w_t`` is
+        exactly one-hot, with the gradient of the recurrence.
+
+        A scan module may compute it directly in slot space (``head_scan``, ``O(T N S)``); the
+        default is the parallel form, :func:`fourier_head_scan`.
+        """
+        if hasattr(self.scan_module, "head_scan"):
+            return self.scan_module.head_scan(self, shift, gate, n_slots, start, lag)
+        return fourier_head_scan(self, shift, gate, n_slots, start, lag, hard)
+
+    def block_scan(
+        self,
+        write_shift: Array,
+        write_gate: Array,
+        read_shift: Array,
+        read_gate: Array,
+        erase: Array,
+        add: Array,
+        n_slots: int,
+        write_start: Array | None = None,
+        read_start: Array | None = None,
+        m0: Array | None = None,
+        read_lag: int | tuple[int, ...] = 0,
+        hard: bool = False,
+        key: Array | None = None,
+        beta: Array | None = None,
+        gamma: Array | None = None,
+    ) -> tuple[Array, Array, Array, Array]:
+        """The recurrences of one P-NTM block: the write head (home 0) and the read head
+        (home ``-read_lag``) by :meth:`head_scan`, then the memory with its reads by
+        :meth:`memory_scan_read` over their distributions.
+
+        Returns the reads (B, T, K, D), the final memory (B, K, N, D) and the last write and
+        read distributions (B, K, N). A scan module may fuse the three (``block_scan``, for
+        location reads), so that the ``(B, T, K, N)`` head distributions are never stored.
+        """
+        if key is None and hasattr(self.scan_module, "block_scan"):
+            return self.scan_module.block_scan(
+                self, write_shift, write_gate, read_shift, read_gate, erase, add, n_slots,
+                write_start, read_start, m0, read_lag,
+            )  # fmt: skip
+        write = self.head_scan(write_shift, write_gate, n_slots, write_start, 0, hard)
+        read = self.head_scan(read_shift, read_gate, n_slots, read_start, read_lag, hard)
+        reads, memory = self.memory_scan_read(write, erase, add, read, m0, key, beta, gamma)
+        return reads, memory, write[:, -1], read[:, -1]
 
     # ------------------------------------------------------------------ the peers' primitives
     # The LSTM and the Transformer (pntm.models.lstm, pntm.models.transformer) are compared with
@@ -554,3 +623,61 @@ def read_step_vjp(
         - (d_cos * cosine / (norm_m * norm_m))[..., None] * memory
     )
     return d_memory, d_rho, d_key, d_beta, d_gamma
+
+
+# ---------------------------------------------------------------------- head recurrence
+# The parallel form of Backend.head_scan: a circular convolution is diagonal in Fourier space
+# over the slots, so each frequency is a complex first-order recurrence (``linear_scan``).
+
+
+def home_delta(n_slots: int, lag: int | tuple[int, ...]) -> np.ndarray:
+    """The home ``delta_{-lag}`` over ``n_slots`` slots (circular): (N,) for one lag, (K, N)
+    for one per head."""
+    return np.eye(n_slots)[-np.asarray(lag) % n_slots]
+
+
+def shift_spectrum(n_slots: int, max_shift: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of ``2 pi j k / N`` for shifts j = -S..S and frequencies k = 0..N//2."""
+    angle = 2 * np.pi * np.outer(np.arange(-max_shift, max_shift + 1), np.arange(n_slots // 2 + 1))
+    return np.cos(angle / n_slots), np.sin(angle / n_slots)
+
+
+def fourier_head_scan(
+    ops: Backend,
+    shift: Array,
+    gate: Array,
+    n_slots: int,
+    start: Array | None = None,
+    lag: int | tuple[int, ...] = 0,
+    hard: bool = False,
+) -> Array:
+    """:meth:`Backend.head_scan` by a scan in Fourier space:
+    ``hat w_t(k) = (1 - g_t) hat s_t(k) hat w_{t-1}(k) + g_t hat h(k)`` with the home
+    ``h = delta_{-lag}`` (``hat h(k) = exp(2 pi i k lag / N)``).
+
+    With hard heads every ``w_t`` is one-hot in exact arithmetic, but the float32 FFT route
+    leaves it up to ~1e-3 off at long T; it is snapped to the one-hot of its argmax in the
+    forward pass (gradients pass straight through)."""
+    cache = ops.__dict__.setdefault("_spectra", {})
+    key = (n_slots, shift.shape[-1] // 2)
+    if key not in cache:
+        cache[key] = tuple(ops.asarray(x) for x in shift_spectrum(*key))
+    cos, sin = cache[key]
+    keep = (1 - gate)[..., None]
+    spec_re, spec_im = ops.matmul(shift, cos), -ops.matmul(shift, sin)
+    a = ops.complex(keep * spec_re, keep * spec_im)
+    lags = np.asarray(lag)[..., None] % n_slots  # (1,) or (K, 1): one home per head
+    home = 2 * np.pi * lags * np.arange(n_slots // 2 + 1) / n_slots
+    home_re, home_im = np.cos(home), np.sin(home)
+    g = gate[..., None]
+    b = ops.complex(g * ops.asarray(home_re), g * ops.asarray(home_im))
+    if start is None:
+        zeros = ops.zeros_like(spec_re[:, 0])
+        h0 = ops.complex(zeros + ops.asarray(home_re), zeros + ops.asarray(home_im))
+    else:
+        h0 = ops.rfft(start, axis=-1)
+    positions = ops.irfft(ops.linear_scan(a, b, h0), n=n_slots, axis=-1)
+    if not hard:
+        return positions
+    snapped = ops.one_hot(ops.argmax(positions, -1), n_slots)
+    return snapped + (positions - ops.stop_gradient(positions))

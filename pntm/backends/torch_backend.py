@@ -73,6 +73,12 @@ class TorchBackend(Backend):
     def accelerator(cls) -> str | None:
         return "cuda" if torch.cuda.is_available() else None
 
+    def set_framework_threads(self, threads: int) -> None:
+        torch.set_num_threads(threads)
+
+    def framework_threads(self) -> int | None:
+        return torch.get_num_threads()
+
     def memory_limit(self) -> int | None:
         if self.device.type == "cuda":
             return int(torch.cuda.get_device_properties(self.device).total_memory)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pntm.backends.base import Array, Backend, read_step
+from pntm.backends.base import Array, Backend, home_delta, read_step
 from pntm.config import check_finite, check_ints, option
 from pntm.models.base import Model, ModelConfig, cross_entropy
 from pntm.models.layers import (
@@ -394,7 +394,6 @@ class PNTM(Model):
 
     def __init__(self, config: PNTMConfig, ops: Backend) -> None:
         super().__init__(config, ops)
-        self._twiddles: dict[int, tuple[Array, Array]] = {}
         self._homes: dict[tuple[int, Lags], Array] = {}
         # 1 for the heads that move, 0 for the registers' (the last ``registers`` memories)
         self._tapes = ops.asarray((np.arange(config.n_heads) < config.tapes).astype(float))
@@ -474,8 +473,8 @@ class PNTM(Model):
         at_home = np.zeros((batch, c.n_heads, 1))
         return [
             {
-                "write": ops.asarray(at_home + _home_delta(n_slots, 0)),
-                "read": ops.asarray(at_home + _home_delta(n_slots, c.read_lags)),
+                "write": ops.asarray(at_home + home_delta(n_slots, 0)),
+                "read": ops.asarray(at_home + home_delta(n_slots, c.read_lags)),
                 "memory": ops.asarray(np.zeros((batch, c.n_heads, n_slots, c.head_dim))),
             }
             for _ in range(c.n_layers)
@@ -557,19 +556,6 @@ class PNTM(Model):
         return x + mlp(ops, block, x)
 
     # ------------------------------------------------------------------ parallel form
-    def _spectrum(self, n_slots: int) -> tuple[Array, Array]:
-        """cos and sin of ``2 pi j k / N`` for shifts j = -S..S and frequencies k = 0..N//2."""
-        if n_slots not in self._twiddles:
-            S = self.config.max_shift
-            angle = (
-                2 * np.pi * np.outer(np.arange(-S, S + 1), np.arange(n_slots // 2 + 1)) / n_slots
-            )
-            self._twiddles[n_slots] = (
-                self.ops.asarray(np.cos(angle)),
-                self.ops.asarray(np.sin(angle)),
-            )
-        return self._twiddles[n_slots]
-
     def head_positions(
         self,
         shift: Array,
@@ -579,33 +565,12 @@ class PNTM(Model):
         heads: str = "soft",
         lag: Lags = 0,
     ) -> Array:
-        """All head distributions ``w_t`` (B, T, K, N) of SPEC §2 by a scan in Fourier space:
-        ``hat w_t(k) = (1 - g_t) hat s_t(k) hat w_{t-1}(k) + g_t hat h(k)`` (SPEC §3), with the
-        home ``h = delta_{-lag}`` (``hat h(k) = exp(2 pi i k lag / N)``; 1 at lag 0) as the
-        reset target and, without ``start``, as ``w_0``; ``lag`` is one lag for every head or
-        one per head.
-
-        With hard heads every ``w_t`` is one-hot in exact arithmetic, but the float32 FFT
-        route leaves it up to ~1e-3 off at long T; it is snapped to the one-hot of its argmax
-        in the forward pass (gradients pass straight through), so that the parallel form is
-        exactly the discrete machine that :meth:`step` runs."""
-        ops = self.ops
-        cos, sin = self._spectrum(n_slots)
-        keep = (1 - gate)[..., None]
-        spec_re, spec_im = ops.matmul(shift, cos), -ops.matmul(shift, sin)
-        a = ops.complex(keep * spec_re, keep * spec_im)
-        lags = np.asarray(lag)[..., None] % n_slots  # (1,) or (K, 1): one home per head
-        home = 2 * np.pi * lags * np.arange(n_slots // 2 + 1) / n_slots
-        home_re, home_im = np.cos(home), np.sin(home)
-        g = gate[..., None]
-        b = ops.complex(g * ops.asarray(home_re), g * ops.asarray(home_im))
-        if start is None:
-            zeros = ops.zeros_like(spec_re[:, 0])
-            h0 = ops.complex(zeros + ops.asarray(home_re), zeros + ops.asarray(home_im))
-        else:
-            h0 = ops.rfft(start, axis=-1)
-        positions = ops.irfft(ops.linear_scan(a, b, h0), n=n_slots, axis=-1)
-        return _straight_through_one_hot(ops, positions) if heads == "hard" else positions
+        """All head distributions ``w_t`` (B, T, K, N) of the head recurrence
+        (``Backend.head_scan``: in Fourier space by a parallel scan, or in slot space by a fused
+        kernel), from ``start`` or, without it, the home ``delta_{-lag}``; ``lag`` is one lag
+        for every head or one per head. With hard heads every ``w_t`` is exactly one-hot: the
+        parallel form is exactly the discrete machine that :meth:`step` runs."""
+        return self.ops.head_scan(shift, gate, n_slots, start, lag, hard=heads == "hard")
 
     def forward(
         self,
@@ -651,27 +616,26 @@ class PNTM(Model):
             ctl = self._controls(block, i, x, heads, temperature, noise[i] if noise else None)
             controls.append(ctl)
             prev = state[i] if state is not None else {}
-            write, read = (
-                self.head_positions(
-                    ctl[f"{head}_shift"],
-                    ctl[f"{head}_gate"],
-                    n_slots,
-                    prev.get(head),
-                    heads,
-                    lag=self.config.read_lags if head == "read" else 0,
-                )
-                for head in ("write", "read")
-            )
-            reads, memory = ops.memory_scan_read(
-                write,
+            key, beta, gamma = self._content(ctl, n_slots)
+            reads, memory, write, read = ops.block_scan(
+                ctl["write_shift"],
+                ctl["write_gate"],
+                ctl["read_shift"],
+                ctl["read_gate"],
                 ctl["erase"],
                 ctl["add"],
-                read,
+                n_slots,
+                prev.get("write"),
+                prev.get("read"),
                 prev.get("memory"),
-                *self._content(ctl, n_slots),
+                self.config.read_lags,
+                heads == "hard",
+                key,
+                beta,
+                gamma,
             )
             x = self._residual(block, x, reads)
-            new_state.append({"write": write[:, -1], "read": read[:, -1], "memory": memory})
+            new_state.append({"write": write, "read": read, "memory": memory})
         return output_logits(ops, params, x), new_state, controls
 
     def head_noise(
@@ -697,7 +661,7 @@ class PNTM(Model):
     # ------------------------------------------------------------------ recurrent (step) form
     def _home(self, n_slots: int, lag: Lags) -> Array:
         if (n_slots, lag) not in self._homes:
-            self._homes[n_slots, lag] = self.ops.asarray(_home_delta(n_slots, lag))
+            self._homes[n_slots, lag] = self.ops.asarray(home_delta(n_slots, lag))
         return self._homes[n_slots, lag]
 
     def move_head(self, position: Array, shift: Array, gate: Array, lag: Lags = 0) -> Array:
@@ -758,12 +722,6 @@ def move_changes(ops: Backend, controls: list[dict[str, Array]], mask: Array) ->
             step = move[:, 1:] - move[:, :-1]
             total = total + ops.sum(ops.sum(step * step, axis=-1) * kept) / 2
     return total
-
-
-def _home_delta(n_slots: int, lag: Lags) -> np.ndarray:
-    """The home ``delta_{-lag}`` over ``n_slots`` slots (circular): (N,) for one lag, (K, N)
-    for one per head."""
-    return np.eye(n_slots)[-np.asarray(lag) % n_slots]
 
 
 def _straight_through_one_hot(ops: Backend, probs: Array, scale: float = 1.0) -> Array:

@@ -25,6 +25,7 @@ against ``sequential`` in float64 and its hand-written reverse mode, ``reference
 | ``chunked`` | two-level chunked scans in framework operations |
 | ``triton`` | fused Triton kernels (PyTorch tensors, CUDA or Triton's CPU interpreter) |
 | ``metal`` | fused Metal kernels (MLX arrays, Apple GPUs or a C++ emulator on the CPU) |
+| ``numba_cpu`` | fused CPU kernels compiled by numba (PyTorch tensors and MLX arrays) |
 """
 
-NAMES = ("sequential", "chunked", "triton", "metal")
+NAMES = ("sequential", "chunked", "triton", "metal", "numba_cpu")
