@@ -13,6 +13,14 @@ adds one training step (forward, backward, AdamW) of the default model at a long
     TRITON_INTERPRET=1 python scripts/bench_kernels.py --device cpu --lengths 64 --sizes 8x8 \
         --batch 2 --repeats 1                                 # a smoke run without a GPU
     python scripts/bench_kernels.py --framework mlx          # Metal on a Mac
+    python scripts/bench_kernels.py --device cpu --lengths 128,512,2048 --square-width 16 \
+        --batch 8 --heads 4 --scans memory,block              # the fused CPU kernels (numba)
+
+On a CPU (``--device cpu``, or no GPU) the fused numba kernels take the GPU kernels' place, and
+the memory scan's rows also give GFLOP/s (counted operations, ``MEMORY_FLOPS``) against the
+measured peak of the CPU (PyTorch's float32 matrix multiply on the same threads). ``block``
+times one whole block's recurrences with hard heads: the two head scans and the memory scan
+(the fused kernel's ``block_scan``, or the Fourier head scans and the chunked memory scan).
 
 The batch defaults to 65,536 tokens per run (B = 65536 // T, at least 1): B=32 at T=2048.
 """
@@ -55,8 +63,18 @@ IMPLS = {
         "sequential": ("mlx", "sequential"),
     },
 }
-KERNELS = ("triton", "metal")
+# on a CPU the fused kernels are numba's (pntm.backends.scans.numba_cpu)
+CPU_KERNELS = {
+    "torch": ("numba", ("numba", "numba_cpu")),
+    "mlx": ("numba", ("mlx-numba", "numba_cpu")),
+}
+KERNELS = ("triton", "metal", "numba")
 TOKENS_PER_RUN = 65_536
+# counted floating-point operations per (step, slot, slot element) of the memory scan with
+# location reads: the write (e m, a - e m, w (...), + m: 4) and the read (2) forward; the
+# backward adds the recomputed write (4), the read's and the write's gradients (d_rho 2, G_t 2,
+# d_w 4, d_a 2, d_e 2) and G's decay (2)
+MEMORY_FLOPS = {"fwd": 6, "fwdbwd": 6 + 4 + 14}
 
 
 # ---------------------------------------------------------------------- measurement
@@ -108,9 +126,12 @@ def measure(fn: Callable[[], object], ops: Backend, repeats: int) -> tuple[float
 
 
 def copy_bandwidth(ops: Backend) -> float | None:
-    """Bytes per second of a 1 GiB on-device copy (read + write)."""
+    """Bytes per second of a 1 GiB on-device copy (read + write); on a CPU, of NumPy's copy of
+    256 MiB into a buffer already touched (the kernels' own outputs are)."""
     if accelerator(ops) is None:
-        return None
+        src, dst = np.ones(1 << 26, dtype=np.float32), np.zeros(1 << 26, dtype=np.float32)
+        seconds = min(_seconds(lambda: np.copyto(dst, src)) for _ in range(5))
+        return 2 * src.nbytes / seconds
     x = ops.asarray(np.zeros(1 << 28, dtype=np.float32))
 
     def copy():
@@ -119,6 +140,22 @@ def copy_bandwidth(ops: Backend) -> float | None:
 
     seconds, _ = measure(copy, ops, 5)
     return 2 * (1 << 28) * 4 / seconds
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def cpu_peak_flops() -> float:
+    """Float32 FLOP/s of PyTorch's matrix multiply (oneDNN/MKL: vectorized FMAs on every core),
+    2048 x 2048 x 2048, best of 5: the measured peak the kernels are compared with."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    torch.mm(a, b)
+    return 2 * 2048**3 / min(_seconds(lambda: torch.mm(a, b)) for _ in range(5))
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -162,12 +199,31 @@ def memory_bytes(B, T, K, N, D, element: int = 4) -> int:
     return element * (2 * B * T * K * N + 3 * B * T * K * D + B * K * N * D)
 
 
+def block_inputs(ops: Backend, B, T, K, N, D) -> dict:
+    """Hard heads (one-hot shifts over -1..1, 0/1 gates resetting 1 step in 10) for a block."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for head in ("write", "read"):
+        out[f"{head}_shift"] = np.eye(3)[rng.integers(0, 3, (B, T, K))]
+        out[f"{head}_gate"] = (rng.uniform(size=(B, T, K)) < 0.1).astype(float)
+    out["erase"] = 1 / (1 + np.exp(-rng.normal(size=(B, T, K, D))))
+    out["add"] = np.tanh(rng.normal(size=(B, T, K, D)))
+    return {name: ops.asarray(x.astype(np.float32)) for name, x in out.items()}
+
+
 def linear_bytes(B, T, K, N) -> int:
     return 8 * 3 * B * T * K * (N // 2 + 1)  # complex64 a and b read, h written
 
 
-def run_case(scan: str, ops: Backend, inputs: dict, mode: str) -> Callable[[], object]:
-    primitive = ops.memory_scan_read if scan == "memory" else ops.linear_scan
+def run_case(
+    scan: str, ops: Backend, inputs: dict, mode: str, n_slots: int = 0
+) -> Callable[[], object]:
+    def block(write_shift, write_gate, read_shift, read_gate, erase, add):
+        return ops.block_scan(
+            write_shift, write_gate, read_shift, read_gate, erase, add, n_slots, hard=True
+        )
+
+    primitive = {"memory": ops.memory_scan_read, "linear": ops.linear_scan, "block": block}[scan]
 
     def total(out):
         outs = out if isinstance(out, tuple) else (out,)
@@ -255,7 +311,15 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     default=None,
     help="Implementations (default: all of the framework's: triton or metal, chunked, sequential).",
 )
-@click.option("--scans", default="memory,linear", show_default=True, help="Scans to time.")
+@click.option(
+    "--scans", default="memory,linear", show_default=True, help="Scans to time (and block)."
+)
+@click.option(
+    "--square-width",
+    type=int,
+    default=0,
+    help="N = T for every length, with slots of this width (instead of --sizes).",
+)
 @click.option("--modes", default="fwd,fwdbwd", show_default=True, help="fwd and/or fwdbwd.")
 @click.option(
     "--sequential-max-length",
@@ -288,6 +352,7 @@ def main(
     heads,
     impls,
     scans,
+    square_width,
     modes,
     sequential_max_length,
     repeats,
@@ -296,11 +361,19 @@ def main(
     train_step_batch,
     json_out,
 ):
-    """Time the scan kernels against the framework-ops and plain-loop scans."""
+    """Time the scan kernels against the framework-ops and plain-loop scans (on a CPU, the
+    fused numba kernels take the GPU kernels' place)."""
     lengths_ = [int(v) for v in lengths.split(",")]
     sizes_ = parse_sizes(sizes)
-    impls_ = _choices(impls or ",".join(IMPLS[framework]), IMPLS[framework], "implementations")
-    scans_ = _choices(scans, ("memory", "linear"), "scans")
+    table = dict(IMPLS[framework])
+    on_cpu = (framework == "torch" and (device == "cpu" or not _has_cuda())) or (
+        framework == "mlx" and not _has_metal()
+    )
+    if on_cpu:  # the fused CPU kernels take the GPU kernels' place
+        name, impl = CPU_KERNELS[framework]
+        table = {name: impl, **{k: v for k, v in table.items() if k not in KERNELS}}
+    impls_ = _choices(impls or ",".join(table), table, "implementations")
+    scans_ = _choices(scans, ("memory", "linear", "block"), "scans")
     modes_ = _choices(modes, ("fwd", "fwdbwd"), "modes")
     options = {}
     if framework == "torch":
@@ -310,7 +383,7 @@ def main(
     infos = {i.name: i for i in backends.available()}
     ops_of = {}
     for impl in impls_:
-        name, scan = IMPLS[framework][impl]
+        name, scan = table[impl]
         if infos[name].runs:
             ops_of[impl] = backends.get(name, scan=scan, **options)
         else:
@@ -319,23 +392,37 @@ def main(
         raise click.ClickException(f"none of {impls_} runs here")
     any_ops = next(iter(ops_of.values()))
     bandwidth = copy_bandwidth(any_ops)
+    peak = cpu_peak_flops() if on_cpu and framework == "torch" else None
+    if on_cpu:
+        import torch
+
+        threads = f"{torch.get_num_threads()} PyTorch thread(s)" if framework == "torch" else ""
+        kernel_threads = next(
+            (o.scan_module.threads() for o in ops_of.values() if o.scan == "numba_cpu"), None
+        )
+        threads += f", {kernel_threads} kernel thread(s)" if kernel_threads else ""
     header = dict(
         device=_machine(any_ops),
         framework=any_ops.describe(),
         kernels=_kernel_versions(),
         copy_bandwidth_gbs=bandwidth and bandwidth / 1e9,
+        peak_gflops=peak and peak / 1e9,
+        threads=threads if on_cpu else None,
     )
     click.echo(f"# {json.dumps(header)}")
     click.echo(
         f"{'scan':6s} {'mode':6s} {'B':>5s} {'T':>6s} {'N':>4s} {'D':>4s} {'impl':10s} "
-        f"{'ms':>10s} {'peak MiB':>9s} {'GB/s':>7s} {'of copy':>7s} {'vs kernel':>9s}"
+        f"{'ms':>10s} {'peak MiB':>9s} {'GB/s':>7s} {'of copy':>7s} {'vs kernel':>9s} "
+        f"{'GFLOP/s':>7s} {'of peak':>7s}"
     )
     results = []
     for scan in scans_:
         for T in lengths_:
             B = batch or max(1, TOKENS_PER_RUN // T)
             # the head scan depends on N only
-            cases = sizes_ if scan == "memory" else list({N: (N, D) for N, D in sizes_}.values())
+            cases = sizes_ if scan != "linear" else list({N: (N, D) for N, D in sizes_}.values())
+            if square_width:
+                cases = [(T, square_width)]
             for N, D in cases:
                 for mode in modes_:
                     base = None
@@ -346,7 +433,12 @@ def main(
                         if scan == "memory" and not _fused(ops, N, D):
                             row["note"] = "the kernel does not take this N, D: chunked path"
                         row.update(_time_one(scan, mode, ops, B, T, heads, N, D, repeats))
-                        if row.get("seconds") and mode == "fwd":
+                        if row.get("seconds") and scan == "memory":
+                            flops = MEMORY_FLOPS[mode] * B * T * heads * N * D
+                            row["gflops"] = flops / row["seconds"] / 1e9
+                            if peak:
+                                row["of_peak"] = flops / row["seconds"] / peak
+                        if row.get("seconds") and mode == "fwd" and scan != "block":
                             moved = (
                                 memory_bytes(B, T, heads, N, D)
                                 if scan == "memory"
@@ -403,12 +495,9 @@ def _choices(text: str, allowed, what: str) -> list[str]:
 
 def _time_one(scan, mode, ops, B, T, K, N, D, repeats) -> dict:
     try:
-        inputs = (
-            memory_inputs(ops, B, T, K, N, D)
-            if scan == "memory"
-            else linear_inputs(ops, B, T, K, N)
-        )
-        seconds, peak = measure(run_case(scan, ops, inputs, mode), ops, repeats)
+        make = {"memory": memory_inputs, "block": block_inputs}
+        inputs = make[scan](ops, B, T, K, N, D) if scan in make else linear_inputs(ops, B, T, K, N)
+        seconds, peak = measure(run_case(scan, ops, inputs, mode, N), ops, repeats)
         return dict(seconds=seconds, peak_bytes=peak)
     except (MemoryError, RuntimeError) as exc:
         if not is_out_of_memory(exc):
@@ -430,7 +519,7 @@ def _format(row: dict) -> str:
         f"{row['scan']:6s} {row['mode']:6s} {row['B']:5d} {row['T']:6d} {row['N']:4d} "
         f"{row['D']:4d} {row['impl']:10s} {num('seconds', '10.3f', 1e3)} "
         f"{num('peak_bytes', '9.1f', 1 / 2**20)} {num('gbs', '7.1f')} {num('of_copy', '7.1%')} "
-        f"{num('vs_kernel', '8.2f')}x"
+        f"{num('vs_kernel', '8.2f')}x {num('gflops', '7.2f')} {num('of_peak', '7.1%')}"
     )
     return text + "".join(f"  {row[key]}" for key in ("error", "note") if key in row)
 
@@ -439,6 +528,22 @@ def _fused(ops: Backend, N: int, D: int) -> bool:
     """Whether the scan module runs this memory scan (location reads) in its kernel."""
     fits = getattr(ops.scan_module, "fits", None)
     return fits is None or fits(N, D)
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _has_metal() -> bool:
+    try:
+        import mlx.core as mx
+    except ImportError:
+        return False
+    return mx.metal.is_available()
 
 
 def _machine(ops: Backend) -> str:
@@ -458,7 +563,7 @@ def _machine(ops: Backend) -> str:
 def _kernel_versions() -> dict[str, str]:
     """Versions of the kernel languages' packages that are installed."""
     versions = {}
-    for package in ("triton", "mlx"):
+    for package in ("triton", "mlx", "numba"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
     return versions

@@ -84,8 +84,18 @@ def ref():
 
 @pytest.fixture(autouse=True)
 def nan_filled_kernel_outputs(monkeypatch):
-    """Every buffer a Triton kernel writes starts as NaN, so an element it fails to write
-    fails the comparison with the reference (as in flash-linear-attention's tests)."""
+    """Every buffer a Triton or numba kernel writes starts as NaN, so an element it fails to
+    write fails the comparison with the reference (as in flash-linear-attention's tests)."""
+    try:
+        import numpy as np
+
+        from pntm.backends.scans import numba_cpu
+
+        monkeypatch.setattr(
+            numba_cpu, "_output", lambda shape, dtype: np.full(shape, np.nan, dtype)
+        )
+    except ImportError:
+        pass
     try:
         from pntm.backends.scans import triton as triton_scans
     except ImportError:

@@ -17,7 +17,7 @@ from pntm.optim import AdamW, clip_by_global_norm
 
 def test_available_lists_every_backend_with_a_reason():
     infos = {info.name: info for info in backends.available()}
-    assert set(infos) == {"numpy", "mlx", "torch", "triton", "metal"}
+    assert set(infos) == {"numpy", "mlx", "torch", "triton", "metal", "numba", "mlx-numba"}
     assert infos["numpy"].runs and not infos["numpy"].trainable
     for info in infos.values():
         assert info.reason
@@ -42,8 +42,8 @@ def test_a_scan_module_refuses_a_framework_it_does_not_run_on():
 
 
 def test_auto_takes_the_highest_priority_backend_that_runs(monkeypatch):
-    """On a CUDA machine the Triton kernels win; on a CPU machine PyTorch, then MLX; Metal (and
-    MLX) only where Metal is."""
+    """On a CUDA machine the Triton kernels win; on a CPU machine the fused CPU kernels, then
+    PyTorch, then MLX; Metal (and MLX) only where Metal is."""
 
     def machine(infos):
         monkeypatch.setattr(backends, "available", lambda: infos)
@@ -62,6 +62,10 @@ def test_auto_takes_the_highest_priority_backend_that_runs(monkeypatch):
     assert machine(cpu) == "torch"
     emulated = [*cpu[:4], info("metal", True, "", True, None)]  # the C++ emulator: never auto
     assert machine(emulated) == "torch"
+    fused = [*cpu, info("numba", True, "", True, 25), info("mlx-numba", True, "", True, 15)]
+    assert machine(fused) == "numba"
+    assert machine([*cpu, info("numba", False, "numba is not installed")]) == "torch"
+    assert machine([*cpu[:2], fused[-1]]) == "mlx-numba"  # MLX alone: its fused kernels
     apple = [cuda[0], info("mlx", True, "", True, 30), cuda[2], info("metal", True, "", True, 50)]
     assert machine(apple) == "metal"
     assert machine([*apple[:3], cuda[4]]) == "mlx"
@@ -80,10 +84,11 @@ def test_available_ranks_triton_first_only_with_cuda(monkeypatch):
     monkeypatch.setattr(TorchBackend, "accelerator", classmethod(lambda cls: None))
     infos = {i.name: i for i in backends.available()}
     assert infos["triton"].priority is None
-    assert backends.best_available() == "torch"
+    assert backends.best_available() == ("numba" if infos["numba"].runs else "torch")
     monkeypatch.setattr(TorchBackend, "accelerator", classmethod(lambda cls: "cuda"))
     infos = {i.name: i for i in backends.available()}
     assert infos["triton"].priority > infos["torch"].priority
+    assert infos["numba"].priority is None  # the CPU kernels are never auto beside a GPU
     assert backends.best_available() == "triton"
 
 
@@ -107,8 +112,13 @@ def test_each_torchrun_process_takes_its_own_gpu(monkeypatch):
 
 
 def test_priorities_follow_the_accelerator():
-    """The rows' priorities: Triton only with CUDA, MLX above PyTorch only with Metal."""
+    """The rows' priorities: Triton only with CUDA, MLX above PyTorch only with Metal, the
+    fused CPU kernels first without an accelerator and never with one."""
     spec = {s.name: s for s in backends.BACKENDS}
+    assert spec["numba"].priority_without > spec["torch"].priority_without
+    assert spec["torch"].priority_without > spec["mlx-numba"].priority_without
+    assert spec["mlx-numba"].priority_without > spec["mlx"].priority_without
+    assert spec["numba"].priority is None and spec["mlx-numba"].priority is None
     assert spec["triton"].priority > spec["torch"].priority > spec["mlx"].priority_without
     assert spec["triton"].priority_without is None and spec["metal"].priority_without is None
     assert spec["mlx"].priority > spec["torch"].priority_without

@@ -8,7 +8,7 @@ import pytest
 
 from pntm.backends.numpy_backend import NumpyBackend
 from pntm.backends.scans import chunked, sequential
-from pntm.backends.scans.reference import linear_scan_vjp, memory_scan_read_vjp
+from pntm.backends.scans.reference import head_scan_vjp, linear_scan_vjp, memory_scan_read_vjp
 from tests.tolerances import (
     CONDITION_MARGIN,
     FD_EPS,
@@ -230,6 +230,151 @@ def test_linear_scan_chunking(chunk):
         strict=True,
     ):
         assert rel_err(got, ref_grad) <= 1e-12
+
+
+# ---------------------------------------------------------------------- heads and whole blocks
+
+# (B, T, K, N, S, lag, start): T=1, N=1 (every shift lands on the one slot), N < 2S+1 (shifts
+# wrap around more than once), a lag per head, a carried start
+HEAD_SHAPES = [
+    (1, 1, 1, 1, 1, 0, False),
+    (2, 7, 2, 5, 1, 0, False),
+    (2, 30, 3, 9, 2, (0, 1, 3), True),
+    (1, 50, 1, 3, 2, 1, True),
+    (3, 40, 2, 13, 1, 4, True),
+]
+
+
+def head_inputs(rng, B, T, K, N, S, hard, start):
+    if hard:  # one-hot shifts, 0/1 gates, one-hot start: exactly one-hot heads
+        shift = np.eye(2 * S + 1)[rng.integers(0, 2 * S + 1, (B, T, K))]
+        gate = (rng.uniform(size=(B, T, K)) < 0.2).astype(float)
+        first = np.eye(N)[rng.integers(0, N, (B, K))]
+    else:
+        shift = rng.dirichlet(np.ones(2 * S + 1), (B, T, K))
+        gate = rng.uniform(0, 1, (B, T, K))
+        gate[:, T // 2] = 1.0  # an exact reset and an exact keep
+        gate[:, T // 3] = 0.0
+        first = rng.dirichlet(np.ones(N), (B, K))
+    return dict(shift=shift, gate=gate) | ({"start": first} if start else {})
+
+
+@pytest.mark.parametrize("start", [False, True], ids=["home", "start"])
+def test_reference_head_scan_gradient_matches_finite_differences(start):
+    rng = np.random.default_rng(3)
+    inputs = head_inputs(rng, 2, 6, 2, 5, 2, False, start)
+    lag = (0, 2)
+    d_w = rng.normal(size=(2, 6, 2, 5))
+    got = head_scan_vjp(inputs["shift"], inputs["gate"], 5, inputs.get("start"), lag, d_w)
+
+    def loss():
+        w = sequential.head_scan(NP, inputs["shift"], inputs["gate"], 5, inputs.get("start"), lag)
+        return float(np.sum(w * d_w))
+
+    for name, grad in zip(("shift", "gate", "start"), got, strict=True):
+        if name not in inputs:
+            continue
+        for index in [tuple(rng.integers(0, n) for n in inputs[name].shape) for _ in range(8)]:
+            want = central_difference(loss, inputs[name], index)
+            assert abs(grad[index] - want) <= FD_RTOL_REFERENCE * max(1.0, abs(want)), name
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+@pytest.mark.parametrize("B,T,K,N,S,lag,start", HEAD_SHAPES, ids=lambda s: str(s))
+def test_head_scan_matches_reference(ops, B, T, K, N, S, lag, start, hard):
+    """``Backend.head_scan`` (Fourier route or a kernel in slot space) against the float64
+    loop in slot space; exactly one-hot with hard heads; gradients against its reverse."""
+    rng = np.random.default_rng(T * N + S)
+    inputs = head_inputs(rng, B, T, K, N, S, hard, start)
+    want = sequential.head_scan(NP, inputs["shift"], inputs["gate"], N, inputs.get("start"), lag)
+    native = {n: ops.asarray(x) for n, x in inputs.items()}
+
+    def scan(shift, gate, start=None):
+        return ops.head_scan(shift, gate, N, start, lag, hard=hard)
+
+    got = ops.to_numpy(scan(**native))
+    if hard:
+        assert np.array_equal(got, want)
+    assert rel_err(got, want) <= FWD_RTOL
+    if not ops.trainable:
+        return
+    d_w = rng.normal(size=want.shape)
+    grads = head_scan_vjp(inputs["shift"], inputs["gate"], N, inputs.get("start"), lag, d_w)
+    want_grads = {n: g for n, g in zip(("shift", "gate", "start"), grads, strict=True)}
+    errors = grad_errors(
+        backend_grads(ops, scan, inputs, [d_w]), {n: want_grads[n] for n in inputs}
+    )
+    assert max(errors.values()) <= GRAD_RTOL, errors
+
+
+def block_reference(inputs, n_slots, lag, d_read, d_final, d_last_w, d_last_r):
+    """The float64 block (two heads, then the memory and its reads) and the gradients of
+    ``<reads, d_read> + <M_T, d_final> + <w_T, d_last_w> + <rho_T, d_last_r>``, composed from
+    the reference loops and their reverse modes."""
+    x = inputs
+    w = sequential.head_scan(NP, x["write_shift"], x["write_gate"], n_slots, x.get("write_start"))
+    rho = sequential.head_scan(
+        NP, x["read_shift"], x["read_gate"], n_slots, x.get("read_start"), lag
+    )
+    reads, states = sequential.memory_scan_states(NP, w, x["erase"], x["add"], rho, x["m0"])
+    mem = memory_scan_read_vjp(w, x["erase"], x["add"], rho, x["m0"], d_read, d_final)
+    mem["w"][:, -1] += d_last_w
+    mem["rho"][:, -1] += d_last_r
+    ws, wg, wst = head_scan_vjp(
+        x["write_shift"], x["write_gate"], n_slots, x.get("write_start"), 0, mem["w"]
+    )
+    rs, rg, rst = head_scan_vjp(
+        x["read_shift"], x["read_gate"], n_slots, x.get("read_start"), lag, mem["rho"]
+    )
+    grads = dict(
+        write_shift=ws, write_gate=wg, read_shift=rs, read_gate=rg, erase=mem["erase"],
+        add=mem["add"], m0=mem["m0"], write_start=wst, read_start=rst,
+    )  # fmt: skip
+    return (reads, states[-1], w[:, -1], rho[:, -1]), {n: grads[n] for n in inputs}
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+@pytest.mark.parametrize(
+    "B,T,K,N,D,S,lag,start",
+    [
+        (1, 1, 1, 1, 1, 1, 0, False),
+        (2, 9, 2, 5, 3, 1, 0, False),
+        (2, 37, 3, 7, 2, 2, (0, 1, 3), True),
+        (1, 70, 1, 11, 4, 1, 2, True),
+    ],
+    ids=lambda s: str(s),
+)
+def test_block_scan_matches_reference(ops, B, T, K, N, D, S, lag, start, hard):
+    """``Backend.block_scan`` (the heads then the memory, or one fused kernel) against the
+    float64 reference: reads, final memory, last head distributions and every gradient."""
+    rng = np.random.default_rng(T + N)
+    heads = {
+        f"{name}_{part}": x
+        for name in ("write", "read")
+        for part, x in head_inputs(rng, B, T, K, N, S, hard, start).items()
+    }
+    erase = rng.uniform(0, 1, (B, T, K, D))
+    erase[:, T // 2] = 1.0  # a full erase (at a one-hot weight: an exact overwrite)
+    inputs = heads | dict(erase=erase, add=rng.normal(size=(B, T, K, D)))
+    inputs["m0"] = rng.normal(size=(B, K, N, D))
+    cot = [rng.normal(size=s) for s in ((B, T, K, D), (B, K, N, D), (B, K, N), (B, K, N))]
+    want, want_grads = block_reference(inputs, N, lag, *cot)
+
+    def scan(write_shift, write_gate, read_shift, read_gate, erase, add, m0, **starts):
+        return ops.block_scan(
+            write_shift, write_gate, read_shift, read_gate, erase, add, N,
+            starts.get("write_start"), starts.get("read_start"), m0, lag, hard,
+        )  # fmt: skip
+
+    got = scan(**{n: ops.asarray(x) for n, x in inputs.items()})
+    for out, ref in zip(got, want, strict=True):
+        assert rel_err(ops.to_numpy(out), ref) <= FWD_RTOL
+    if not ops.trainable:
+        return
+    names = list(inputs)
+    by_name = backend_grads(ops, lambda *x: scan(**dict(zip(names, x, strict=True))), inputs, cot)
+    errors = grad_errors(by_name, want_grads)
+    assert max(errors.values()) <= GRAD_RTOL, errors
 
 
 # ---------------------------------------------------------------------- long sequences

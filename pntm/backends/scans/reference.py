@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pntm.backends.base import read_step_vjp
+from pntm.backends.base import home_delta, read_step_vjp
 from pntm.backends.numpy_backend import NumpyBackend
 from pntm.backends.scans import sequential
 
@@ -39,6 +39,46 @@ def linear_scan_vjp(
         carry = np.conj(a_full[:, t]) * carry
     d_a = d_b * np.conj(prev)
     return d_a, d_b, carry
+
+
+# ---------------------------------------------------------------------- head recurrence
+
+
+def head_scan_vjp(
+    shift: np.ndarray,
+    gate: np.ndarray,
+    n_slots: int,
+    start: np.ndarray | None,
+    lag,
+    d_w: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reverse mode of :func:`pntm.backends.scans.sequential.head_scan`: ``(d_shift, d_gate,
+    d_start)`` (``d_start`` of ``w_0``, the home where ``start`` is None).
+
+    With ``c_t = d_w_t + (1 - g_{t+1}) (s_{t+1} ⋆ c_{t+1})``: ``d_s_t(j) = (1 - g_t) sum_i
+    c_t(i) w_{t-1}(i - j)``, ``d_g_t = sum_i c_t(i) (h(i) - (s_t ⊛ w_{t-1})(i))``."""
+    ops = NumpyBackend()
+    w = sequential.head_scan(ops, shift, gate, n_slots, start, lag)
+    B, T, K, J = shift.shape
+    S = J // 2
+    home = np.broadcast_to(home_delta(n_slots, lag), (K, n_slots))
+    first = np.broadcast_to(home, (B, K, n_slots)) if start is None else start
+    d_shift, d_gate = np.zeros_like(shift), np.zeros_like(gate)
+    carry = np.zeros((B, K, n_slots))
+    for t in reversed(range(T)):
+        c = d_w[:, t] + carry
+        prev = first if t == 0 else w[:, t - 1]
+        keep = 1 - gate[:, t]
+        moved = np.zeros_like(prev)
+        carry = np.zeros_like(prev)
+        for j in range(-S, S + 1):
+            rolled = np.roll(prev, j, axis=-1)  # prev(i - j)
+            d_shift[:, t, :, j + S] = keep * np.sum(c * rolled, axis=-1)
+            moved += shift[:, t, :, j + S, None] * rolled
+            carry += shift[:, t, :, j + S, None] * np.roll(c, -j, axis=-1)  # c(p + j)
+        d_gate[:, t] = np.sum(c * (home - moved), axis=-1)
+        carry = keep[..., None] * carry
+    return d_shift, d_gate, carry
 
 
 # ---------------------------------------------------------------------- memory scan and reads

@@ -8,7 +8,9 @@ against (``scripts/bench_scan.py``, ``scripts/bench_kernels.py``).
 
 from __future__ import annotations
 
-from pntm.backends.base import Array, Backend, read_step
+import numpy as np
+
+from pntm.backends.base import Array, Backend, home_delta, read_step
 
 FRAMEWORKS = ("numpy", "torch", "mlx")
 DESCRIPTION = "plain loops over time"
@@ -20,6 +22,31 @@ def linear_scan(ops: Backend, a: Array, b: Array, h0: Array | None = None) -> Ar
     for a_t, b_t in zip(ops.unstack(a, 1), ops.unstack(b, 1), strict=True):
         h = a_t * h + b_t
         out.append(h)
+    return ops.stack(out, 1)
+
+
+def head_scan(
+    ops: Backend,
+    shift: Array,
+    gate: Array,
+    n_slots: int,
+    start: Array | None = None,
+    lag: int | tuple[int, ...] = 0,
+) -> Array:
+    """Every head distribution ``w_t = (1 - g_t) (s_t ⊛ w_{t-1}) + g_t delta_{-lag}`` (B, T, K,
+    N), one step at a time in slot space: the circular convolution as ``2S + 1`` rolls."""
+    S = shift.shape[-1] // 2
+    home = ops.asarray(np.broadcast_to(home_delta(n_slots, lag), (shift.shape[2], n_slots)))
+    position = ops.zeros_like(gate[:, 0, :, None] * home) + home if start is None else start
+    out = []
+    for s_t, g_t in zip(ops.unstack(shift, 1), ops.unstack(gate, 1), strict=True):
+        moved = None
+        for j in range(-S, S + 1):
+            term = s_t[..., j + S : j + S + 1] * ops.roll(position, j, axis=-1)
+            moved = term if moved is None else moved + term
+        g = g_t[..., None]
+        position = (1 - g) * moved + g * home
+        out.append(position)
     return ops.stack(out, 1)
 
 

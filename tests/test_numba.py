@@ -1,0 +1,213 @@
+"""The fused CPU kernels (``pntm.backends.scans.numba_cpu``) beyond the shared suite: the
+one-slot (hard head) paths, every checkpoint spacing, float64 to roundoff, half-precision
+inputs, the thread policy and the refusals. The shared suite (``pytest --backend=numba``,
+``--backend=mlx-numba``) runs the same kernels against the float64 reference on its shapes."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from pntm import backends
+from pntm.backends.numpy_backend import NumpyBackend
+from pntm.backends.scans import sequential
+from pntm.backends.scans.reference import memory_scan_read_vjp
+from tests.test_scans import backend_grads, block_reference, head_inputs
+from tests.tolerances import FWD_RTOL, GRAD_RTOL, grad_errors, low_precision_rtol, rel_err
+
+numba_cpu = pytest.importorskip("pntm.backends.scans.numba_cpu")
+NP = NumpyBackend()
+KERNEL_BACKENDS = [name for name in backends.NAMES if name.endswith("numba")]
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_ops(request):
+    info = {i.name: i for i in backends.available()}[request.param]
+    if not info.runs:
+        pytest.skip(f"backend {request.param!r} cannot run here: {info.reason}")
+    return backends.get(request.param)
+
+
+def one_slot_inputs(rng, B, T, K, N, D, dense_steps: bool):
+    """Hard heads' weights: one nonzero slot per step (not always 1), steps that write or read
+    nothing, and optionally a few soft steps, so that chunks of each kind meet."""
+    w = np.eye(N)[rng.integers(0, N, (B, T, K))] * rng.uniform(0.5, 1, (B, T, K, 1))
+    rho = np.eye(N)[rng.integers(0, N, (B, T, K))]
+    w[:, ::5] = 0.0
+    rho[:, 3::7] = 0.0
+    if dense_steps:
+        w[:, T // 2] = rng.dirichlet(np.ones(N), (B, K))
+        rho[:, T // 3] = rng.dirichlet(np.ones(N), (B, K))
+    erase = rng.uniform(0, 1, (B, T, K, D))
+    erase[:, min(2, T - 1)] = 1.0  # an exact overwrite
+    return dict(w=w, erase=erase, add=rng.normal(size=(B, T, K, D)), rho=rho,
+                m0=rng.normal(size=(B, K, N, D)))  # fmt: skip
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16, 200])
+@pytest.mark.parametrize("dense_steps", [False, True], ids=["one-slot", "mixed"])
+@pytest.mark.parametrize("B,T,K,N,D", [(2, 40, 2, 7, 3), (1, 1, 1, 1, 1), (2, 70, 1, 9, 2)])
+def test_one_slot_paths_and_checkpoint_spacing(kernel_ops, B, T, K, N, D, dense_steps, chunk):
+    """Writes and reads of a single slot (every hard head) run O(D) paths, and a chunk of them
+    is walked back by undoing each write: equal to the float64 reference, forward and every
+    gradient, at every checkpoint spacing (one step, uneven last chunk, one chunk)."""
+    ops = kernel_ops
+    rng = np.random.default_rng(T + chunk)
+    inputs = one_slot_inputs(rng, B, T, K, N, D, dense_steps)
+    want_reads, states = sequential.memory_scan_states(NP, **inputs)
+
+    def scan(*x):
+        return numba_cpu.memory_scan_read(ops, *x, chunk=chunk)
+
+    reads, final = scan(*(ops.asarray(x) for x in inputs.values()))
+    assert rel_err(ops.to_numpy(reads), want_reads) <= FWD_RTOL
+    assert rel_err(ops.to_numpy(final), states[-1]) <= FWD_RTOL
+    d_read, d_final = rng.normal(size=want_reads.shape), rng.normal(size=states[-1].shape)
+    want = memory_scan_read_vjp(**inputs, d_read=d_read, d_final=d_final)
+    errors = grad_errors(
+        backend_grads(ops, scan, inputs, [d_read, d_final]), {n: want[n] for n in inputs}
+    )
+    assert max(errors.values()) <= GRAD_RTOL, errors
+
+
+def test_forward_keeps_one_state_per_chunk():
+    """The residual a backward keeps is the state every ``chunk`` steps,
+    O(B K (T / chunk) N D), never a state per step."""
+    ops = backends.get("numba")
+    B, T, K, N, D = 2, 50, 3, 6, 4
+    rng = np.random.default_rng(0)
+    x = one_slot_inputs(rng, B, T, K, N, D, dense_steps=True)
+    out = numba_cpu._memory_forward_op(
+        ops, *(ops.asarray(v) for v in x.values()), None, None, None, chunk=16
+    )
+    assert tuple(out[2].shape) == (B, K, 4, D, N)
+    assert np.array_equal(ops.to_numpy(out[2])[:, :, 0], np.swapaxes(x["m0"], -1, -2).astype("f4"))
+
+
+def test_float64_is_exact_to_roundoff():
+    """In float64 the kernels compute the reference's function to roundoff (1e-12): the
+    block (heads in slot space, memory, reads) and its gradients, and the linear scan."""
+    import torch
+
+    ops = backends.get("numba", dtype=torch.float64)
+    rng = np.random.default_rng(1)
+    B, T, K, N, D, S, lag = 2, 33, 2, 6, 3, 1, (0, 2)
+    inputs = {
+        f"{name}_{part}": x
+        for name in ("write", "read")
+        for part, x in head_inputs(rng, B, T, K, N, S, False, True).items()
+    }
+    inputs |= dict(erase=rng.uniform(0, 1, (B, T, K, D)), add=rng.normal(size=(B, T, K, D)),
+                   m0=rng.normal(size=(B, K, N, D)))  # fmt: skip
+    cot = [rng.normal(size=s) for s in ((B, T, K, D), (B, K, N, D), (B, K, N), (B, K, N))]
+    want, want_grads = block_reference(inputs, N, lag, *cot)
+    names = list(inputs)
+
+    def scan(*x):
+        a = dict(zip(names, x, strict=True))
+        return ops.block_scan(
+            a["write_shift"], a["write_gate"], a["read_shift"], a["read_gate"], a["erase"],
+            a["add"], N, a["write_start"], a["read_start"], a["m0"], lag,
+        )  # fmt: skip
+
+    got = scan(*(ops.asarray(v) for v in inputs.values()))
+    for out, ref in zip(got, want, strict=True):
+        assert rel_err(ops.to_numpy(out), ref) <= 1e-12
+    errors = grad_errors(backend_grads(ops, scan, inputs, cot), want_grads)
+    assert max(errors.values()) <= 1e-12, errors
+    a = rng.uniform(0, 1, (2, 40, 3)) * np.exp(1j * rng.uniform(-np.pi, np.pi, (2, 40, 3)))
+    b, h0 = rng.normal(size=(2, 40, 3)) + 0j, rng.normal(size=(2, 3)) + 0j
+    h = ops.to_numpy(ops.linear_scan(*(ops.asarray(v) for v in (a, b, h0))))
+    assert rel_err(h, sequential.linear_scan(NP, a, b, h0)) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_inputs_compute_in_float32(kernel_ops, dtype):
+    """bfloat16 and float16 inputs: computed in float32, outputs and gradients returned in
+    the input dtype, within the half-precision tolerances of the rounded inputs' reference."""
+    ops = kernel_ops
+    rng = np.random.default_rng(2)
+    x = one_slot_inputs(rng, 2, 24, 2, 5, 3, dense_steps=True)
+    if ops.framework == "torch":
+        import torch
+
+        half = getattr(torch, dtype)
+        native = {n: torch.tensor(v, dtype=half) for n, v in x.items()}
+        rounded = {n: t.double().numpy() for n, t in native.items()}
+    else:
+        import mlx.core as mx
+
+        half = getattr(mx, dtype)
+        native = {n: mx.array(v.astype(np.float32)).astype(half) for n, v in x.items()}
+        rounded = {n: np.array(t.astype(mx.float32)).astype(np.float64) for n, t in native.items()}
+    reads, final = ops.memory_scan_read(**native)
+    assert str(reads.dtype).endswith(dtype) and str(final.dtype).endswith(dtype)
+    want_reads, states = sequential.memory_scan_states(NP, **rounded)
+    fwd_rtol, _ = low_precision_rtol(dtype)
+    to64 = (
+        (lambda t: t.double().numpy())
+        if ops.framework == "torch"
+        else (lambda t: np.array(t.astype(mx.float32)).astype(np.float64))
+    )
+    assert rel_err(to64(reads), want_reads) <= fwd_rtol
+    assert rel_err(to64(final), states[-1]) <= fwd_rtol
+
+
+def test_thread_settings_are_honoured():
+    import torch
+
+    saved = torch.get_num_threads()
+    try:
+        numba_cpu.set_threads(None)
+        torch.set_num_threads(1)
+        assert numba_cpu.threads() == 1  # a library user's torch.set_num_threads holds
+        numba_cpu.set_threads(numba_cpu.max_threads())
+        assert numba_cpu.threads() == numba_cpu.max_threads()
+        with pytest.raises(ValueError, match="kernel threads must be 1.."):
+            numba_cpu.set_threads(numba_cpu.max_threads() + 1)
+        ops = backends.get("numba")
+        words = backends.set_threads(ops, 1)
+        assert torch.get_num_threads() == 1 and numba_cpu.threads() == 1
+        assert "1 framework thread(s), 1 kernel thread(s)" in words
+        if "OMP_NUM_THREADS" not in os.environ:  # the default policy
+            backends.set_threads(ops)
+            assert torch.get_num_threads() == 1
+            cores = min(os.cpu_count() or 1, numba_cpu.max_threads())
+            assert numba_cpu.threads() == cores
+        with pytest.raises(ValueError, match="threads must be at least 1, got 0"):
+            backends.set_threads(ops, 0)
+    finally:
+        numba_cpu.set_threads(None)
+        torch.set_num_threads(saved)
+
+
+def test_pool_without_spinning_workers():
+    """numba's workqueue pool: its workers sleep while they wait (OpenMP's would spin beside
+    PyTorch's own OpenMP runtime, and ignored set_num_threads there, measured)."""
+    import numba
+
+    ops = backends.get("numba")
+    ops.linear_scan(ops.asarray(np.ones((1, 2, 1))), ops.asarray(np.ones((1, 2, 1))))
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        assert numba.threading_layer() == "workqueue"
+
+
+def test_refusals_name_the_value():
+    import torch
+
+    ops = backends.get("numba")
+    w = torch.ones((1, 3, 1, 2))
+    e = torch.ones((1, 3, 1, 4))
+    with pytest.raises(ValueError, match="float32, float64, float16, bfloat16 for w, got int64"):
+        ops.memory_scan_read(w.long(), e, e, w)
+    with pytest.raises(ValueError, match="must share one dtype"):
+        ops.memory_scan_read(w, e.double(), e, w)
+    with pytest.raises(ValueError, match="must be at least 1, got 0"):
+        numba_cpu.memory_scan_read(ops, w, e, e, w, torch.zeros((1, 1, 2, 4)), chunk=0)
+    shift, gate = torch.ones((1, 3, 2, 2)), torch.ones((1, 3, 2))
+    with pytest.raises(ValueError, match="an odd size"):
+        ops.head_scan(shift, gate, 4)
+    with pytest.raises(ValueError, match=r"one per head \(2\), got \(1, 2, 3\)"):
+        ops.head_scan(torch.ones((1, 3, 2, 3)), gate, 4, lag=(1, 2, 3))
