@@ -118,6 +118,7 @@ def _ops(name: str, train: bool, threads: int | None = None) -> tuple[str, backe
         name = backends.best_available() if name == "auto" else name
         ops = backends.get(name)
         backends.set_threads(ops, threads)
+        backends.keep_freed_memory()
     except (ValueError, RuntimeError) as exc:
         runnable = [i.name for i in backends.available() if i.runs and (i.trainable or not train)]
         raise click.ClickException(f"{exc}; backends that run here: {', '.join(runnable)}") from exc

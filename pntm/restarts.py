@@ -436,6 +436,7 @@ def _worker(
         return None
     ops = backends.get(backend_name)
     backends.set_threads(ops, threads)
+    backends.keep_freed_memory()
 
     def on_step(step: int) -> int | None:
         with _steps_done.get_lock():

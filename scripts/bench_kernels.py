@@ -380,6 +380,7 @@ def main(
         import torch
 
         options["device"] = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backends.keep_freed_memory()  # as pntm train does
     infos = {i.name: i for i in backends.available()}
     ops_of = {}
     for impl in impls_:

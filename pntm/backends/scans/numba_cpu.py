@@ -240,12 +240,13 @@ def _location_forward(w, erase, add, rho, m0, chunk, zero, reads, final, ckpt):
     """:func:`_content_forward`'s outputs for location reads (:func:`_write_read_step`)."""
     B, T, K, N = w.shape
     D = add.shape[3]
+    save = ckpt.shape[2] > 0
     for task in prange(B * K):
         b, k = task // K, task % K
         M = np.empty((D, N), w.dtype)
         _load_state(m0[b, k], M)
         for t in range(T):
-            if t % chunk == 0:
+            if save and t % chunk == 0:
                 _copy(M, ckpt[b, k, t // chunk])
             _write_read_step(
                 M, w[b, t, k], rho[b, t, k], erase[b, t, k], add[b, t, k], reads[b, t, k], zero
@@ -723,6 +724,7 @@ def _block_forward(
     ``chunk`` steps."""
     B, T, K, J = shift_w.shape
     N, D = m0.shape[2], m0.shape[3]
+    save = ckpt.shape[2] > 0
     for task in prange(B * K):
         b, k = task // K, task % K
         M = np.empty((D, N), m0.dtype)
@@ -734,7 +736,7 @@ def _block_forward(
         _head_start(start_w, b, k, homes_w[k], zero, one, w_t)
         _head_start(start_r, b, k, homes_r[k], zero, one, rho_t)
         for t in range(T):
-            if t % chunk == 0:
+            if save and t % chunk == 0:
                 c = t // chunk
                 _copy(M, ckpt[b, k, c])
                 _copy(w_t, ckpt_w[b, k, c])
@@ -889,6 +891,16 @@ def _from_numpy(ops: Backend, x: np.ndarray, like: Array | None = None) -> Array
     return mx.array(x) if like is None else mx.array(x).astype(like.dtype)
 
 
+def _needs_backward(ops: Backend, inputs) -> bool:
+    """Whether a backward may follow, so that the forward keeps its checkpoints: PyTorch says
+    (grad mode and an input that requires a gradient); MLX cannot tell, so always."""
+    if ops.framework != "torch":
+        return True
+    import torch
+
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+
+
 def _scalars(dtype) -> tuple[Any, Any, Any]:
     """``zero``, ``one`` and the cosine's epsilon in the kernel's dtype: a Python float literal
     in a kernel would promote float32 arithmetic to float64."""
@@ -898,14 +910,14 @@ def _scalars(dtype) -> tuple[Any, Any, Any]:
 # ====================================================================== memory scan: operation
 
 
-def _memory_forward_op(ops, w, erase, add, rho, m0, key, beta, gamma, *, chunk):
+def _memory_forward_op(ops, w, erase, add, rho, m0, key, beta, gamma, *, chunk, save):
     dtype = _COMPUTE[_dtype_name(w)]
     x = [_to_numpy(ops, v, dtype) for v in (w, erase, add, rho, m0)]
     B, T, K, N = w.shape
     D = add.shape[-1]
     reads = _output((B, T, K, D), dtype)
     final = _output((B, K, N, D), dtype)
-    ckpt = _output((B, K, -(-T // chunk), D, N), dtype)
+    ckpt = _output((B, K, -(-T // chunk) if save else 0, D, N), dtype)
     zero, one, eps = _scalars(dtype)
     numba.set_num_threads(threads())
     if key is None:
@@ -923,7 +935,7 @@ def _memory_forward_op(ops, w, erase, add, rho, m0, key, beta, gamma, *, chunk):
     )
 
 
-def _memory_backward_op(ops, inputs, residuals, cotangents, *, chunk):
+def _memory_backward_op(ops, inputs, residuals, cotangents, *, chunk, save):
     w, erase, add, rho, m0, key, beta, gamma = inputs
     d_read, d_final = cotangents
     dtype = _COMPUTE[_dtype_name(w)]
@@ -984,8 +996,10 @@ def memory_scan_read(
         raise ValueError(f"chunk (steps between checkpoints) must be at least 1, got {chunk}")
     if w.shape[1] == 0:  # nothing to scan: no reads, the memory as it was
         return ops.zeros_like(add), m0
-    op = ops.custom_vjp(_memory_forward_op, _memory_backward_op, 2, chunk=chunk)
-    return op(w, erase, add, rho, m0, key, beta, gamma)
+    inputs = (w, erase, add, rho, m0, key, beta, gamma)
+    save = _needs_backward(ops, inputs)
+    op = ops.custom_vjp(_memory_forward_op, _memory_backward_op, 2, chunk=chunk, save=save)
+    return op(*inputs)
 
 
 # ====================================================================== head scan: operation
@@ -1058,11 +1072,11 @@ def head_scan(
 # ====================================================================== one block: operation
 
 
-def _block_forward_op(ops, sw, gw, sr, gr, erase, add, start_w, start_r, m0, *, n_slots, lag):
+def _block_forward_op(ops, sw, gw, sr, gr, erase, add, start_w, start_r, m0, *, n_slots, lag, save):
     dtype = _COMPUTE[_dtype_name(add)]
     B, T, K, _ = sw.shape
     D = add.shape[-1]
-    n_chunks = -(-T // DEFAULT_CHUNK)
+    n_chunks = -(-T // DEFAULT_CHUNK) if save else 0
     out = {
         "reads": _output((B, T, K, D), dtype),
         "final": _output((B, K, n_slots, D), dtype),
@@ -1090,7 +1104,7 @@ def _block_forward_op(ops, sw, gw, sr, gr, erase, add, start_w, start_r, m0, *, 
     )
 
 
-def _block_backward_op(ops, inputs, residuals, cotangents, *, n_slots, lag):
+def _block_backward_op(ops, inputs, residuals, cotangents, *, n_slots, lag, save):
     sw, gw, sr, gr, erase, add, start_w, start_r, m0 = inputs
     dtype = _COMPUTE[_dtype_name(add)]
     B, T, K, J = sw.shape
@@ -1162,9 +1176,13 @@ def block_scan(
     if m0 is None:
         m0 = ops.zeros_like(add[:, 0, :, None, :] * ops.zeros((n_slots, 1)))
     static_lag = tuple(int(x) for x in lags.ravel()) if lags.ndim else int(lags)
-    op = ops.custom_vjp(_block_forward_op, _block_backward_op, 4, n_slots=n_slots, lag=static_lag)
-    return op(write_shift, write_gate, read_shift, read_gate, erase, add, write_start,
+    inputs = (write_shift, write_gate, read_shift, read_gate, erase, add, write_start,
               read_start, m0)  # fmt: skip
+    save = _needs_backward(ops, inputs)
+    op = ops.custom_vjp(
+        _block_forward_op, _block_backward_op, 4, n_slots=n_slots, lag=static_lag, save=save
+    )
+    return op(*inputs)
 
 
 # ====================================================================== linear scan: operation
