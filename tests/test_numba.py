@@ -211,3 +211,32 @@ def test_refusals_name_the_value():
         ops.head_scan(shift, gate, 4)
     with pytest.raises(ValueError, match=r"one per head \(2\), got \(1, 2, 3\)"):
         ops.head_scan(torch.ones((1, 3, 2, 3)), gate, 4, lag=(1, 2, 3))
+
+
+def test_a_missing_numba_is_named_with_its_install():
+    """Without numba the two backends say why they cannot run and how to install it, and
+    ``auto`` falls back to the framework path."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['numba'] = None\n"
+        "from pntm import backends\n"
+        "infos = {i.name: i for i in backends.available()}\n"
+        "print(infos['numba'].runs, infos['numba'].reason, sep='|')\n"
+        "print(infos['mlx-numba'].reason)\n"
+        "print(backends.best_available())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out[0] == "False|numba is not installed (pip install 'pntm[torch]')"
+    assert out[1] == "numba is not installed (pip install 'pntm[mlx]')"
+    assert out[2] in ("torch", "mlx")
+
+
+def test_freed_memory_is_kept_on_glibc():
+    import platform
+
+    kept = backends.keep_freed_memory()
+    assert kept == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

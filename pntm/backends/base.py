@@ -422,6 +422,37 @@ class Backend(abc.ABC):
         reads, memory = self.memory_scan_read(write, erase, add, read, m0, key, beta, gamma)
         return reads, memory, write[:, -1], read[:, -1]
 
+    def block_step(
+        self,
+        write: Array,
+        read: Array,
+        memory: Array,
+        write_shift: Array,
+        write_gate: Array,
+        read_shift: Array,
+        read_gate: Array,
+        erase: Array,
+        add: Array,
+        read_lag: int | tuple[int, ...] = 0,
+        key: Array | None = None,
+        beta: Array | None = None,
+        gamma: Array | None = None,
+    ) -> tuple[Array, Array, Array, Array]:
+        """One token of :meth:`block_scan` (the step form): from the head distributions
+        ``write``, ``read`` (B, K, N) and the ``memory`` (B, K, N, D), the controls of one token
+        ((B, K, 2S+1), (B, K), (B, K, D)) give the reads (B, K, D), the new memory and the new
+        head distributions. A scan module may fuse it (``block_step``); the default is
+        :func:`step_block`."""
+        if key is None and hasattr(self.scan_module, "block_step"):
+            return self.scan_module.block_step(
+                self, write, read, memory, write_shift, write_gate, read_shift, read_gate,
+                erase, add, read_lag,
+            )  # fmt: skip
+        return step_block(
+            self, write, read, memory, write_shift, write_gate, read_shift, read_gate, erase,
+            add, read_lag, key, beta, gamma,
+        )  # fmt: skip
+
     # ------------------------------------------------------------------ the peers' primitives
     # The LSTM and the Transformer (pntm.models.lstm, pntm.models.transformer) are compared with
     # the P-NTM for speed too, so each reaches its framework's fastest native kernel through
@@ -681,3 +712,44 @@ def fourier_head_scan(
         return positions
     snapped = ops.one_hot(ops.argmax(positions, -1), n_slots)
     return snapped + (positions - ops.stop_gradient(positions))
+
+
+def move_head(
+    ops: Backend, position: Array, shift: Array, gate: Array, lag: int | tuple[int, ...] = 0
+) -> Array:
+    """One step of the head recurrence in slot space, ``(1 - g) (s ⊛ w) + g delta_{-lag}``:
+    the circular convolution as ``2S + 1`` rolls."""
+    S = shift.shape[-1] // 2
+    cache = ops.__dict__.setdefault("_homes", {})
+    if (position.shape[-1], lag) not in cache:
+        cache[position.shape[-1], lag] = ops.asarray(home_delta(position.shape[-1], lag))
+    moved = None
+    for j in range(-S, S + 1):
+        term = shift[..., j + S : j + S + 1] * ops.roll(position, j, axis=-1)
+        moved = term if moved is None else moved + term
+    g = gate[..., None]
+    return (1 - g) * moved + g * cache[position.shape[-1], lag]
+
+
+def step_block(
+    ops: Backend,
+    write: Array,
+    read: Array,
+    memory: Array,
+    write_shift: Array,
+    write_gate: Array,
+    read_shift: Array,
+    read_gate: Array,
+    erase: Array,
+    add: Array,
+    read_lag: int | tuple[int, ...] = 0,
+    key: Array | None = None,
+    beta: Array | None = None,
+    gamma: Array | None = None,
+) -> tuple[Array, Array, Array, Array]:
+    """:meth:`Backend.block_step` in framework operations: both heads moved, the memory
+    written, then read."""
+    write = move_head(ops, write, write_shift, write_gate)
+    memory = ops.decay_write(memory, write, erase, add)
+    read = move_head(ops, read, read_shift, read_gate, read_lag)
+    return read_step(ops, memory, read, key, beta, gamma), memory, write, read

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pntm.backends.base import Array, Backend, home_delta, read_step
+from pntm.backends.base import Array, Backend, home_delta, move_head
 from pntm.config import check_finite, check_ints, option
 from pntm.models.base import Model, ModelConfig, cross_entropy
 from pntm.models.layers import (
@@ -394,7 +394,6 @@ class PNTM(Model):
 
     def __init__(self, config: PNTMConfig, ops: Backend) -> None:
         super().__init__(config, ops)
-        self._homes: dict[tuple[int, Lags], Array] = {}
         # 1 for the heads that move, 0 for the registers' (the last ``registers`` memories)
         self._tapes = ops.asarray((np.arange(config.n_heads) < config.tapes).astype(float))
         # the one move of fixed_velocity heads: the one-hot of shift +1 among -S..S
@@ -659,21 +658,10 @@ class PNTM(Model):
         return out
 
     # ------------------------------------------------------------------ recurrent (step) form
-    def _home(self, n_slots: int, lag: Lags) -> Array:
-        if (n_slots, lag) not in self._homes:
-            self._homes[n_slots, lag] = self.ops.asarray(home_delta(n_slots, lag))
-        return self._homes[n_slots, lag]
-
     def move_head(self, position: Array, shift: Array, gate: Array, lag: Lags = 0) -> Array:
-        """``w_t = (1 - g) (s ⊛ w_{t-1}) + g delta_{-lag}`` in slot space (SPEC §2); ``lag``: one
-        for every head or one per head."""
-        ops, S = self.ops, self.config.max_shift
-        moved = None
-        for j in range(-S, S + 1):
-            term = shift[..., j + S : j + S + 1] * ops.roll(position, j, axis=-1)
-            moved = term if moved is None else moved + term
-        g = gate[..., None]
-        return (1 - g) * moved + g * self._home(position.shape[-1], lag)
+        """``w_t = (1 - g) (s ⊛ w_{t-1}) + g delta_{-lag}`` in slot space; ``lag``: one for
+        every head or one per head (``pntm.backends.base.move_head``)."""
+        return move_head(self.ops, position, shift, gate, lag)
 
     def step(
         self,
@@ -690,12 +678,19 @@ class PNTM(Model):
         new_state = []
         for i, (block, prev) in enumerate(zip(params["blocks"], state, strict=True)):
             ctl = self._controls(block, i, x, heads, temperature)
-            write = self.move_head(prev["write"], ctl["write_shift"], ctl["write_gate"])
-            memory = ops.decay_write(prev["memory"], write, ctl["erase"], ctl["add"])
-            read = self.move_head(
-                prev["read"], ctl["read_shift"], ctl["read_gate"], self.config.read_lags
+            reads, memory, write, read = ops.block_step(
+                prev["write"],
+                prev["read"],
+                prev["memory"],
+                ctl["write_shift"],
+                ctl["write_gate"],
+                ctl["read_shift"],
+                ctl["read_gate"],
+                ctl["erase"],
+                ctl["add"],
+                self.config.read_lags,
+                *self._content(ctl, prev["memory"].shape[-2]),
             )
-            reads = read_step(ops, memory, read, *self._content(ctl, memory.shape[-2]))
             x = self._residual(block, x, reads)
             new_state.append({"write": write, "read": read, "memory": memory})
         return output_logits(ops, params, x), new_state

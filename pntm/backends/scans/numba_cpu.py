@@ -40,7 +40,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from pntm.backends.base import COSINE_EPS, Array, Backend
+from pntm.backends.base import COSINE_EPS, Array, Backend, step_block
 
 FRAMEWORKS = ("torch", "mlx")
 DEFAULT_CHUNK = 16  # steps between checkpoints (and the backward's recompute span)
@@ -1183,6 +1183,113 @@ def block_scan(
         _block_forward_op, _block_backward_op, 4, n_slots=n_slots, lag=static_lag, save=save
     )
     return op(*inputs)
+
+
+# ====================================================================== the step form
+
+
+@njit(**_JIT)
+def _rows(single, n):
+    """The slots a head touches, from :func:`_single`: all, its one, or none."""
+    if single == -2:
+        return 0, n
+    if single >= 0:
+        return single, single + 1
+    return 0, 0
+
+
+@njit(**_JIT)
+def _step_task(write, read, memory, sw, gw, sr, gr, e, a, home_w, home_r, zero, one,
+               ext, r, new_memory, new_write, new_read):  # fmt: skip
+    """One token of one memory: both heads moved (:func:`_head_step`), then the write and the
+    read on the ``N x D`` memory (one row each for one-slot heads)."""
+    N, D = memory.shape
+    _head_step(write, sw, gw, home_w, ext, new_write, zero, one)
+    _head_step(read, sr, gr, home_r, ext, new_read, zero, one)
+    _copy(memory, new_memory)
+    lo, hi = _rows(_single(new_write, zero), N)
+    for i in range(lo, hi):
+        wi = new_write[i]
+        for d in range(D):
+            m = new_memory[i, d]
+            new_memory[i, d] = m + wi * (a[d] - e[d] * m)
+    _fill(r, zero)
+    lo, hi = _rows(_single(new_read, zero), N)
+    for i in range(lo, hi):
+        ri = new_read[i]
+        for d in range(D):
+            r[d] += ri * new_memory[i, d]
+
+
+@njit(parallel=True, **_JIT)
+def _block_step(write, read, memory, sw, gw, sr, gr, erase, add, homes_w, homes_r, zero, one,
+                reads, new_memory, new_write, new_read):  # fmt: skip
+    """:func:`_step_task` for every (batch, memory), on the cores."""
+    B, K, N, _ = memory.shape
+    J = sw.shape[2]
+    for task in prange(B * K):
+        b, k = task // K, task % K
+        _step_task(
+            write[b, k], read[b, k], memory[b, k], sw[b, k], gw[b, k], sr[b, k], gr[b, k],
+            erase[b, k], add[b, k], homes_w[k], homes_r[k], zero, one,
+            np.empty(N + J - 1, memory.dtype), reads[b, k], new_memory[b, k], new_write[b, k],
+            new_read[b, k],
+        )  # fmt: skip
+
+
+def _step_op(ops, write, read, memory, sw, gw, sr, gr, erase, add, *, lag):
+    dtype = _COMPUTE[_dtype_name(memory)]
+    B, K, N, D = memory.shape
+    out = {
+        "reads": _output((B, K, D), dtype),
+        "memory": _output((B, K, N, D), dtype),
+        "write": _output((B, K, N), dtype),
+        "read": _output((B, K, N), dtype),
+    }
+    zero, one, _ = _scalars(dtype)
+    numba.set_num_threads(threads())
+    _block_step(
+        *(_to_numpy(ops, x, dtype, x.ndim) for x in (write, read, memory, sw, gw, sr, gr)),
+        _to_numpy(ops, erase, dtype), _to_numpy(ops, add, dtype), _homes(N, 0, K),
+        _homes(N, lag, K), zero, one, *out.values(),
+    )  # fmt: skip
+    return tuple(_from_numpy(ops, x, memory) for x in out.values())
+
+
+def _step_backward(ops, inputs, residuals, cotangents, *, lag):
+    raise NotImplementedError(
+        "the fused step form (numba_cpu.block_step) has no backward: differentiate the "
+        "parallel form (PNTM.forward), or step with a framework backend"
+    )
+
+
+def block_step(
+    ops: Backend,
+    write: Array,
+    read: Array,
+    memory: Array,
+    write_shift: Array,
+    write_gate: Array,
+    read_shift: Array,
+    read_gate: Array,
+    erase: Array,
+    add: Array,
+    read_lag: int | tuple[int, ...] = 0,
+) -> tuple[Array, Array, Array, Array]:
+    """``Backend.block_step`` with location reads in one kernel call (decoding). A step that
+    PyTorch would differentiate runs the framework operations (``step_block``); MLX cannot
+    tell, and differentiating the fused step there raises."""
+    inputs = (write, read, memory, write_shift, write_gate, read_shift, read_gate, erase, add)
+    _check_dtypes(
+        dict(zip(("write", "read", "memory"), inputs[:3], strict=True)), ("float32", "float64")
+    )
+    lags = np.asarray(read_lag)
+    static_lag = tuple(int(x) for x in lags.ravel()) if lags.ndim else int(lags)
+    if ops.framework == "torch":
+        if _needs_backward(ops, inputs):
+            return step_block(ops, *inputs, read_lag)
+        return _step_op(ops, *inputs, lag=static_lag)
+    return ops.custom_vjp(_step_op, _step_backward, 4, lag=static_lag)(*inputs)
 
 
 # ====================================================================== linear scan: operation

@@ -36,7 +36,7 @@ def head_scan(
     """Every head distribution ``w_t = (1 - g_t) (s_t ⊛ w_{t-1}) + g_t delta_{-lag}`` (B, T, K,
     N), one step at a time in slot space: the circular convolution as ``2S + 1`` rolls."""
     S = shift.shape[-1] // 2
-    home = ops.asarray(np.broadcast_to(home_delta(n_slots, lag), (shift.shape[2], n_slots)))
+    home = ops.asarray(np.broadcast_to(home_delta(n_slots, lag), (shift.shape[2], n_slots)).copy())
     position = ops.zeros_like(gate[:, 0, :, None] * home) + home if start is None else start
     out = []
     for s_t, g_t in zip(ops.unstack(shift, 1), ops.unstack(gate, 1), strict=True):
