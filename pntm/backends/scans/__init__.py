@@ -12,7 +12,12 @@ is all a new implementation needs (a kernel is one file here and one row in that
 * ``memory_scan_read(ops, w, erase, add, rho, m0, key, beta, gamma) -> (reads, final)``: the
   memory recurrence with its location (and, with ``key``, content) reads
   (``Backend.memory_scan_read``);
-* optionally ``unavailable_reason() -> str | None``: why it cannot run on this machine.
+* optionally ``unavailable_reason() -> str | None``: why it cannot run on this machine;
+* optionally fused forms of larger pieces, each tested against the composition it replaces:
+  ``head_scan(ops, shift, gate, n_slots, start, lag) -> w`` (``Backend.head_scan``; default:
+  the Fourier route through ``linear_scan``), ``block_scan(...)`` (a block's two heads and its
+  memory with location reads, ``Backend.block_scan``) and ``block_step(...)`` (one token of
+  it, ``Backend.block_step``).
 
 Both functions must be differentiable in the framework's autodiff (their own backward, as a
 ``torch.autograd.Function``, an ``mx.custom_function`` or ``Backend.custom_vjp``), and are tested
