@@ -50,6 +50,8 @@ LINEAR_BLOCK = 64
 #: only reassociation (vectorized sums) and fused multiply-adds: no "no NaN/Inf" assumption, so
 #: a diverging model still shows its NaN to the training loop's divergence check
 _MATH = {"reassoc", "contract"}
+# No inline="always": numba's own inliner mishandled a helper with an early return inside a loop
+# (wrong results, seen here); LLVM inlines the small helpers anyway.
 _JIT = dict(fastmath=_MATH, cache=True, nogil=True)
 
 # numba's OpenMP pool shares the process with PyTorch's own OpenMP runtime: with both loaded,
@@ -131,6 +133,18 @@ def _load_state(m, out):
     for i in range(N):
         for d in range(D):
             out[d, i] = m[i, d]
+
+
+@njit(**_JIT)
+def _final_cotangent(d_final, b, k, D, N, zero):
+    """``dL/dM_T`` of memory (b, k) as a ``D x N`` state: ``d_final[b, k]``, or zeros where
+    ``d_final`` is empty."""
+    G = np.empty((D, N), d_final.dtype)
+    if d_final.shape[0] > 0:
+        _load_state(d_final[b, k], G)
+    else:
+        _fill(G, zero)
+    return G
 
 
 @njit(**_JIT)
@@ -349,14 +363,9 @@ def _location_backward(
     B, T, K, N = w.shape
     D = add.shape[3]
     n_chunks = ckpt.shape[2]
-    has_final = d_final.shape[0] > 0
     for task in prange(B * K):
         b, k = task // K, task % K
-        G = np.empty((D, N), w.dtype)  # dL/dM at the current step
-        if has_final:
-            _load_state(d_final[b, k], G)
-        else:
-            _fill(G, zero)
+        G = _final_cotangent(d_final, b, k, D, N, zero)  # dL/dM at the current step
         states = np.empty((chunk + 1, D, N), w.dtype)
         log = np.empty((chunk, D), w.dtype)
         for c in range(n_chunks - 1, -1, -1):
@@ -474,14 +483,9 @@ def _content_backward(
     B, T, K, N = w.shape
     D = add.shape[3]
     n_chunks = ckpt.shape[2]
-    has_final = d_final.shape[0] > 0
     for task in prange(B * K):
         b, k = task // K, task % K
-        G = np.empty((D, N), w.dtype)  # dL/dM at the current step
-        if has_final:
-            _load_state(d_final[b, k], G)
-        else:
-            _fill(G, zero)
+        G = _final_cotangent(d_final, b, k, D, N, zero)  # dL/dM at the current step
         states = np.empty((chunk + 1, D, N), w.dtype)
         mixed = np.empty(N, w.dtype)
         cosine = np.empty(N, w.dtype)
@@ -768,11 +772,7 @@ def _block_backward(
     for task in prange(B * K):
         b, k = task // K, task % K
         dtype = ckpt.dtype
-        G = np.empty((D, N), dtype)
-        if d_final.shape[0] > 0:
-            _load_state(d_final[b, k], G)
-        else:
-            _fill(G, zero)
+        G = _final_cotangent(d_final, b, k, D, N, zero)
         carry_w = np.empty(N, dtype)
         carry_r = np.empty(N, dtype)
         if d_last_w.shape[0] > 0:
@@ -1222,26 +1222,36 @@ def _step_task(write, read, memory, sw, gw, sr, gr, e, a, home_w, home_r, zero, 
             r[d] += ri * new_memory[i, d]
 
 
-def _block_step(write, read, memory, sw, gw, sr, gr, erase, add, homes_w, homes_r, zero, one,
-                reads, new_memory, new_write, new_read):  # fmt: skip
-    """:func:`_step_task` for every (batch, memory)."""
-    B, K, N, _ = memory.shape
-    J = sw.shape[2]
+@njit(**_JIT)
+def _step_one(b, k, write, read, memory, sw, gw, sr, gr, erase, add, homes_w, homes_r, zero,
+              one, reads, new_memory, new_write, new_read):  # fmt: skip
+    _step_task(
+        write[b, k], read[b, k], memory[b, k], sw[b, k], gw[b, k], sr[b, k], gr[b, k],
+        erase[b, k], add[b, k], homes_w[k], homes_r[k], zero, one,
+        np.empty(memory.shape[2] + sw.shape[2] - 1, memory.dtype), reads[b, k],
+        new_memory[b, k], new_write[b, k], new_read[b, k],
+    )  # fmt: skip
+
+
+@njit(**_JIT)
+def _block_step_serial(write, read, memory, *rest):
+    """:func:`_step_task` for every (batch, memory), one after another."""
+    B, K = memory.shape[:2]
+    for task in range(B * K):
+        _step_one(task // K, task % K, write, read, memory, *rest)
+
+
+@njit(parallel=True, **_JIT)
+def _block_step_parallel(write, read, memory, *rest):
+    """:func:`_step_task` for every (batch, memory), on the cores."""
+    B, K = memory.shape[:2]
     for task in prange(B * K):
-        b, k = task // K, task % K
-        _step_task(
-            write[b, k], read[b, k], memory[b, k], sw[b, k], gw[b, k], sr[b, k], gr[b, k],
-            erase[b, k], add[b, k], homes_w[k], homes_r[k], zero, one,
-            np.empty(N + J - 1, memory.dtype), reads[b, k], new_memory[b, k], new_write[b, k],
-            new_read[b, k],
-        )  # fmt: skip
+        _step_one(task // K, task % K, write, read, memory, *rest)
 
 
 # one token is little work: waking the pool costs more than it saves below this many elements
 # (measured: 0.21 ms a call on 2 threads at B=8, K=2, N=65, D=16, against ~0.02 ms serially)
 PARALLEL_STEP_ELEMENTS = 1 << 18
-_block_step_serial = njit(**_JIT)(_block_step)
-_block_step_parallel = njit(parallel=True, **_JIT)(_block_step)
 
 
 @functools.lru_cache(maxsize=64)
