@@ -1,4 +1,4 @@
-"""The P-NTM model (SPEC §2), written once against the backend interface.
+"""The P-NTM model (``docs/design.md``, "A block"), written once against the backend interface.
 
 token embedding (no positional encoding) -> ``n_layers`` P-NTM blocks -> RMSNorm -> logits.
 
@@ -9,10 +9,13 @@ and add vectors, and (option ``content``) a key, strength and mix for content-ad
 
 Two entry points compute the same function:
 
-* :meth:`PNTM.forward` — the whole sequence at once: head positions by a linear scan in Fourier
-  space over the slot axis (SPEC §3), memory and reads by ``memory_scan_read``;
+* :meth:`PNTM.forward` — the whole sequence at once: each block's recurrences by
+  ``Backend.block_scan`` (the heads by a parallel scan in Fourier space over the slot axis, or
+  in slot space by a fused kernel; the memory and reads by ``memory_scan_read``, or fused with
+  the heads) (``docs/design.md``, "Heads", "Memory and reads");
 * :meth:`PNTM.step` — one token, carrying per layer the two head positions and the memory:
-  the plain recurrence of SPEC §2 (circular convolution in slot space), O(K N D) per token.
+  ``Backend.block_step``, the plain recurrence in slot space, O(K N D) per token
+  (``docs/design.md``, "The step form").
 
 The number of slots N is the run-time ``capacity`` of the model contract
 (:mod:`pntm.models.base`): no parameter depends on it.
