@@ -127,12 +127,13 @@ def _copy(src, dst):
 
 
 @njit(**_JIT)
-def _load_state(m, out):
-    """``m`` (N, D) -> ``out`` (D, N)."""
-    N, D = m.shape
-    for i in range(N):
-        for d in range(D):
-            out[d, i] = m[i, d]
+def _transpose(src, dst):
+    """``dst = src^T`` for 2-D arrays: a memory between the model's ``N x D`` layout and the
+    kernels' ``D x N`` one."""
+    rows, cols = src.shape
+    for i in range(rows):
+        for j in range(cols):
+            dst[j, i] = src[i, j]
 
 
 @njit(**_JIT)
@@ -141,19 +142,10 @@ def _final_cotangent(d_final, b, k, D, N, zero):
     ``d_final`` is empty."""
     G = np.empty((D, N), d_final.dtype)
     if d_final.shape[0] > 0:
-        _load_state(d_final[b, k], G)
+        _transpose(d_final[b, k], G)
     else:
         _fill(G, zero)
     return G
-
-
-@njit(**_JIT)
-def _store_state(state, out):
-    """``state`` (D, N) -> ``out`` (N, D)."""
-    D, N = state.shape
-    for i in range(N):
-        for d in range(D):
-            out[i, d] = state[d, i]
 
 
 @njit(**_JIT)
@@ -259,27 +251,29 @@ def _location_forward(w, erase, add, rho, m0, chunk, zero, reads, final, ckpt):
     for task in prange(B * K):
         b, k = task // K, task % K
         M = np.empty((D, N), w.dtype)
-        _load_state(m0[b, k], M)
+        _transpose(m0[b, k], M)
         for t in range(T):
             if save and t % chunk == 0:
                 _copy(M, ckpt[b, k, t // chunk])
             _write_read_step(
                 M, w[b, t, k], rho[b, t, k], erase[b, t, k], add[b, t, k], reads[b, t, k], zero
             )
-        _store_state(M, final[b, k])
+        _transpose(M, final[b, k])
 
 
 @njit(**_JIT)
-def _chunk_states(M0, w_chunk, e_chunk, a_chunk, steps, states, log, zero):
-    """A chunk's states recomputed from its first, ``M0``, for :func:`_step_back_location`.
-    Where every write of the chunk touches at most one slot, only the state at the chunk's
-    end is kept, in ``states[0]``, with each step's old column in ``log``: the backward walks
-    the states back by undoing the writes (returns True). Otherwise ``states[l]`` is the state
-    before step l (returns False)."""
+def _chunk_states(M0, w_chunk, e_chunk, a_chunk, steps, states, log, slots, zero):
+    """A chunk's states recomputed from its first, ``M0``, for :func:`_step_back_location`,
+    with each step's written slot in ``slots`` (:func:`_single`). Where every write of the
+    chunk touches at most one slot, only the state at the chunk's end is kept, in
+    ``states[0]``, with each step's old column in ``log``: the backward walks the states back
+    by undoing the writes (returns True). Otherwise ``states[l]`` is the state before step l
+    (returns False)."""
     D = M0.shape[0]
     sparse = True
     for l in range(steps):
-        if _single(w_chunk[l], zero) == -2:
+        slots[l] = _single(w_chunk[l], zero)
+        if slots[l] == -2:
             sparse = False
     if not sparse:
         _copy(M0, states[0])
@@ -289,7 +283,7 @@ def _chunk_states(M0, w_chunk, e_chunk, a_chunk, steps, states, log, zero):
     M = states[0]
     _copy(M0, M)
     for l in range(steps):
-        i_w = _single(w_chunk[l], zero)
+        i_w = slots[l]
         if i_w >= 0:
             for d in range(D):
                 log[l, d] = M[d, i_w]
@@ -299,7 +293,7 @@ def _chunk_states(M0, w_chunk, e_chunk, a_chunk, steps, states, log, zero):
 
 @njit(**_JIT)
 def _step_back_location(
-    G, states, log, l, sparse, w_t, rho_t, e_t, a_t, dr, d_w_t, d_rho_t, d_e, d_a, zero
+    G, states, log, slots, l, sparse, w_t, rho_t, e_t, a_t, dr, d_w_t, d_rho_t, d_e, d_a, zero
 ):
     """The reverse of step ``l`` of a chunk (:func:`_chunk_states`) with a location read:
     ``G_t = rho_t dr_t^T + F_{t+1} ⊙ G_{t+1}``, the step's gradients, then ``G <- F_t ⊙ G_t``.
@@ -320,7 +314,7 @@ def _step_back_location(
         _step_back(G, states[l], w_t, e_t, a_t, rho_t, dr, d_w_t, d_e, d_a, zero)
         return
     M = states[0]  # M_t, walked back to M_{t-1} below
-    i_w, i_r = _single(w_t, zero), _single(rho_t, zero)
+    i_w, i_r = slots[l], _single(rho_t, zero)
     if i_r >= 0:
         for d in range(D):
             G[d, i_r] += rho_t[i_r] * dr[d]
@@ -368,21 +362,22 @@ def _location_backward(
         G = _final_cotangent(d_final, b, k, D, N, zero)  # dL/dM at the current step
         states = np.empty((chunk + 1, D, N), w.dtype)
         log = np.empty((chunk, D), w.dtype)
+        slots = np.empty(chunk, np.int64)  # each step's written slot (_single)
         for c in range(n_chunks - 1, -1, -1):
             t0 = c * chunk
             steps = min(chunk, T - t0)
             sparse = _chunk_states(
                 ckpt[b, k, c], w[b, t0 : t0 + steps, k], erase[b, t0 : t0 + steps, k],
-                add[b, t0 : t0 + steps, k], steps, states, log, zero,
+                add[b, t0 : t0 + steps, k], steps, states, log, slots, zero,
             )  # fmt: skip
             for l in range(steps - 1, -1, -1):
                 t = t0 + l
                 _step_back_location(
-                    G, states, log, l, sparse, w[b, t, k], rho[b, t, k], erase[b, t, k],
+                    G, states, log, slots, l, sparse, w[b, t, k], rho[b, t, k], erase[b, t, k],
                     add[b, t, k], d_read[b, t, k], d_w[b, t, k], d_rho[b, t, k],
                     d_erase[b, t, k], d_add[b, t, k], zero,
                 )  # fmt: skip
-        _store_state(G, d_m0[b, k])
+        _transpose(G, d_m0[b, k])
 
 
 @njit(**_JIT)
@@ -436,7 +431,7 @@ def _content_forward(
         cosine = np.empty(N, w.dtype)
         soft = np.empty(N, w.dtype)
         norm_m = np.empty(N, w.dtype)
-        _load_state(m0[b, k], M)
+        _transpose(m0[b, k], M)
         for t in range(T):
             if save and t % chunk == 0:
                 _copy(M, ckpt[b, k, t // chunk])
@@ -446,7 +441,7 @@ def _content_forward(
                 mixed, cosine, soft, norm_m, zero, one, eps,
             )  # fmt: skip
             _read(M, mixed, reads[b, t, k], zero)
-        _store_state(M, final[b, k])
+        _transpose(M, final[b, k])
 
 
 @njit(**_JIT)
@@ -552,7 +547,7 @@ def _content_backward(
                     G, states[l], w[b, t, k], erase[b, t, k], add[b, t, k], mixed, dr,
                     d_w_t, d_erase[b, t, k], d_add[b, t, k], zero,
                 )  # fmt: skip
-        _store_state(G, d_m0[b, k])
+        _transpose(G, d_m0[b, k])
 
 
 # ====================================================================== linear scan: kernels
@@ -629,7 +624,8 @@ def _head_start(start, b, k, home, zero, one, out):
 
 @njit(**_JIT)
 def _head_step(prev, s_t, g, home, ext, out, zero, one):
-    """``out = (1 - g) (s_t ⊛ prev) + g delta_home``: O(N (2S+1)), in vectorized passes."""
+    """``out = (1 - g) (s_t ⊛ prev) + g delta_home``: O(N (2S+1)), in vectorized passes.
+    ``out`` may be ``prev`` (a step in place): ``prev`` is read into ``ext`` first."""
     N, J = prev.shape[0], s_t.shape[0]
     S = J // 2
     _extend(prev, S, ext)
@@ -683,11 +679,11 @@ def _head_forward(shift, gate, start, homes, zero, one, w):
     for task in prange(B * K):
         b, k = task // K, task % K
         ext = np.empty(N + J - 1, w.dtype)
-        prev = np.empty(N, w.dtype)
-        _head_start(start, b, k, homes[k], zero, one, prev)
+        first = np.empty(N, w.dtype)
+        _head_start(start, b, k, homes[k], zero, one, first)
         for t in range(T):
+            prev = first if t == 0 else w[b, t - 1, k]
             _head_step(prev, shift[b, t, k], gate[b, t, k], homes[k], ext, w[b, t, k], zero, one)
-            _copy(w[b, t, k], prev)
 
 
 @njit(parallel=True, **_JIT)
@@ -733,11 +729,10 @@ def _block_forward(
     for task in prange(B * K):
         b, k = task // K, task % K
         M = np.empty((D, N), m0.dtype)
-        _load_state(m0[b, k], M)
+        _transpose(m0[b, k], M)
         ext = np.empty(N + J - 1, m0.dtype)
         w_t = np.empty(N, m0.dtype)
         rho_t = np.empty(N, m0.dtype)
-        prev = np.empty(N, m0.dtype)
         _head_start(start_w, b, k, homes_w[k], zero, one, w_t)
         _head_start(start_r, b, k, homes_r[k], zero, one, rho_t)
         for t in range(T):
@@ -746,12 +741,10 @@ def _block_forward(
                 _copy(M, ckpt[b, k, c])
                 _copy(w_t, ckpt_w[b, k, c])
                 _copy(rho_t, ckpt_r[b, k, c])
-            _copy(w_t, prev)
-            _head_step(prev, shift_w[b, t, k], gate_w[b, t, k], homes_w[k], ext, w_t, zero, one)
-            _copy(rho_t, prev)
-            _head_step(prev, shift_r[b, t, k], gate_r[b, t, k], homes_r[k], ext, rho_t, zero, one)
+            _head_step(w_t, shift_w[b, t, k], gate_w[b, t, k], homes_w[k], ext, w_t, zero, one)
+            _head_step(rho_t, shift_r[b, t, k], gate_r[b, t, k], homes_r[k], ext, rho_t, zero, one)
             _write_read_step(M, w_t, rho_t, erase[b, t, k], add[b, t, k], reads[b, t, k], zero)
-        _store_state(M, final[b, k])
+        _transpose(M, final[b, k])
         _copy(w_t, last_w[b, k])
         _copy(rho_t, last_r[b, k])
 
@@ -783,6 +776,7 @@ def _block_backward(
             _fill(carry_r, zero)
         states = np.empty((chunk + 1, D, N), dtype)
         log = np.empty((chunk, D), dtype)
+        slots = np.empty(chunk, np.int64)
         ws = np.empty((chunk + 1, N), dtype)  # the heads in the chunk: ws[l] before step l
         rhos = np.empty((chunk + 1, N), dtype)
         ext = np.empty(N + J - 1, dtype)
@@ -803,12 +797,12 @@ def _block_backward(
                            rhos[l + 1], zero, one)  # fmt: skip
             sparse = _chunk_states(
                 ckpt[b, k, ch], ws[1 : steps + 1], erase[b, t0 : t0 + steps, k],
-                add[b, t0 : t0 + steps, k], steps, states, log, zero,
+                add[b, t0 : t0 + steps, k], steps, states, log, slots, zero,
             )  # fmt: skip
             for l in range(steps - 1, -1, -1):
                 t = t0 + l
                 _step_back_location(
-                    G, states, log, l, sparse, ws[l + 1], rhos[l + 1], erase[b, t, k],
+                    G, states, log, slots, l, sparse, ws[l + 1], rhos[l + 1], erase[b, t, k],
                     add[b, t, k], d_read[b, t, k], d_w_t, d_rho_t, d_erase[b, t, k],
                     d_add[b, t, k], zero,
                 )  # fmt: skip
@@ -820,7 +814,7 @@ def _block_backward(
                     d_rho_t, carry_r, rhos[l], shift_r[b, t, k], gate_r[b, t, k], homes_r[k],
                     ext, c, c_ext, d_shift_r[b, t, k], zero, one,
                 )  # fmt: skip
-        _store_state(G, d_m0[b, k])
+        _transpose(G, d_m0[b, k])
         if d_start_w.shape[0] > 0:
             _copy(carry_w, d_start_w[b, k])
         if d_start_r.shape[0] > 0:

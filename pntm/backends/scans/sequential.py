@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pntm.backends.base import Array, Backend, home_delta, read_step
+from pntm.backends.base import Array, Backend, home_delta, move_head, read_step
 
 FRAMEWORKS = ("numpy", "torch", "mlx")
 DESCRIPTION = "plain loops over time"
@@ -34,18 +34,14 @@ def head_scan(
     lag: int | tuple[int, ...] = 0,
 ) -> Array:
     """Every head distribution ``w_t = (1 - g_t) (s_t ⊛ w_{t-1}) + g_t delta_{-lag}`` (B, T, K,
-    N), one step at a time in slot space: the circular convolution as ``2S + 1`` rolls."""
-    S = shift.shape[-1] // 2
-    home = ops.asarray(np.broadcast_to(home_delta(n_slots, lag), (shift.shape[2], n_slots)).copy())
-    position = ops.zeros_like(gate[:, 0, :, None] * home) + home if start is None else start
-    out = []
+    N), one step at a time in slot space (:func:`pntm.backends.base.move_head`, the step
+    form's)."""
+    if start is None:
+        home = np.broadcast_to(home_delta(n_slots, lag), (*gate.shape[::2], n_slots))
+        start = ops.asarray(home.copy())
+    position, out = start, []
     for s_t, g_t in zip(ops.unstack(shift, 1), ops.unstack(gate, 1), strict=True):
-        moved = None
-        for j in range(-S, S + 1):
-            term = s_t[..., j + S : j + S + 1] * ops.roll(position, j, axis=-1)
-            moved = term if moved is None else moved + term
-        g = g_t[..., None]
-        position = (1 - g) * moved + g * home
+        position = move_head(ops, position, s_t, g_t, lag)
         out.append(position)
     return ops.stack(out, 1)
 
