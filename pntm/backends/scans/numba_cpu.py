@@ -1000,8 +1000,12 @@ def memory_scan_read(
 # ====================================================================== head scan: operation
 
 
-def _homes(n_slots: int, lag, heads: int) -> np.ndarray:
-    return (-np.broadcast_to(np.asarray(lag, dtype=np.int64), (heads,)) % n_slots).copy()
+@functools.lru_cache(maxsize=64)
+def _homes(n_slots: int, lag: int | tuple[int, ...], heads: int) -> np.ndarray:
+    """Each head's home slot ``-lag mod N`` (read-only: one array per shape and lag, kept)."""
+    homes = (-np.broadcast_to(np.asarray(lag, dtype=np.int64), (heads,)) % n_slots).copy()
+    homes.flags.writeable = False
+    return homes
 
 
 def _head_forward_op(ops, shift, gate, start, *, n_slots, lag):
@@ -1248,13 +1252,6 @@ def _block_step_parallel(write, read, memory, *rest):
 PARALLEL_STEP_ELEMENTS = 1 << 18
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_homes(n_slots: int, lag, heads: int) -> np.ndarray:
-    homes = _homes(n_slots, lag, heads)
-    homes.flags.writeable = False
-    return homes
-
-
 def _step_op(ops, write, read, memory, sw, gw, sr, gr, erase, add, *, lag):
     dtype = _COMPUTE[_dtype_name(memory)]
     B, K, N, D = memory.shape
@@ -1271,8 +1268,8 @@ def _step_op(ops, write, read, memory, sw, gw, sr, gr, erase, add, *, lag):
         kernel = _block_step_parallel
     kernel(
         *(_to_numpy(ops, x, dtype, x.ndim) for x in (write, read, memory, sw, gw, sr, gr)),
-        _to_numpy(ops, erase, dtype), _to_numpy(ops, add, dtype), _cached_homes(N, 0, K),
-        _cached_homes(N, lag, K), zero, one, *out.values(),
+        _to_numpy(ops, erase, dtype), _to_numpy(ops, add, dtype), _homes(N, 0, K),
+        _homes(N, lag, K), zero, one, *out.values(),
     )  # fmt: skip
     return tuple(_from_numpy(ops, x, memory) for x in out.values())
 
