@@ -86,12 +86,19 @@ def test_forward_keeps_one_state_per_chunk():
     assert np.array_equal(ops.to_numpy(out[2])[:, :, 0], np.swapaxes(x["m0"], -1, -2).astype("f4"))
 
 
-def test_float64_is_exact_to_roundoff():
+def test_float64_is_exact_to_roundoff(kernel_ops):
     """In float64 the kernels compute the reference's function to roundoff (1e-12): the
-    block (heads in slot space, memory, reads) and its gradients, and the linear scan."""
-    import torch
+    block (heads in slot space, memory, reads) and its gradients, and (PyTorch: MLX has no
+    complex128) the linear scan. For MLX this also checks the way back: ``mx.array`` of a
+    float64 NumPy array is float32 unless told, which once rounded every output."""
+    if kernel_ops.framework == "torch":
+        import torch
 
-    ops = backends.get("numba", dtype=torch.float64)
+        ops = backends.get("numba", dtype=torch.float64)
+    else:
+        import mlx.core as mx
+
+        ops = backends.get("mlx-numba", dtype=mx.float64)
     rng = np.random.default_rng(1)
     B, T, K, N, D, S, lag = 2, 33, 2, 6, 3, 1, (0, 2)
     inputs = {
@@ -117,6 +124,8 @@ def test_float64_is_exact_to_roundoff():
         assert rel_err(ops.to_numpy(out), ref) <= 1e-12
     errors = grad_errors(backend_grads(ops, scan, inputs, cot), want_grads)
     assert max(errors.values()) <= 1e-12, errors
+    if ops.framework == "mlx":
+        return
     a = rng.uniform(0, 1, (2, 40, 3)) * np.exp(1j * rng.uniform(-np.pi, np.pi, (2, 40, 3)))
     b, h0 = rng.normal(size=(2, 40, 3)) + 0j, rng.normal(size=(2, 3)) + 0j
     h = ops.to_numpy(ops.linear_scan(*(ops.asarray(v) for v in (a, b, h0))))
@@ -183,6 +192,87 @@ def test_thread_settings_are_honoured():
         torch.set_num_threads(saved)
 
 
+def _mlx_numba():
+    info = {i.name: i for i in backends.available()}["mlx-numba"]
+    if not info.runs:
+        pytest.skip(f"backend 'mlx-numba' cannot run here: {info.reason}")
+    return backends.get("mlx-numba")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(4096, 64, 200), (3, 257, 33, 65), (1, 1, 600, 1000)])
+def test_projection_through_numpy_blas_matches_mlx(dtype, shape):
+    """``project`` on mlx-numba (MLX on a CPU whose MLX multiplies with the reference BLAS)
+    runs large multiplies by a weight matrix through NumPy's BLAS with its own backward: the
+    product and both gradients equal the float64 product's, to the dtype's roundoff (float32:
+    sums of up to 4096 products, 1e-5 relative), on odd and one-row shapes."""
+    import mlx.core as mx
+
+    ops = _mlx_numba()
+    if not numba_cpu.BLAS_FOR_MLX:
+        pytest.skip("MLX multiplies with its own BLAS on this platform")
+    *rows, inner, cols = shape
+    rng = np.random.default_rng(inner)
+    x, w, cot = (rng.normal(size=s) for s in ((*rows, inner), (inner, cols), (*rows, cols)))
+    assert np.prod(rows) * inner * cols >= numba_cpu.BLAS_MIN_WORK  # the route, not MLX's
+    dt = getattr(mx, dtype)
+    routed = numba_cpu.blas_matmul(ops, mx.array(x, dt), mx.array(w, dt))
+    assert routed is not None
+    out, (dx, dw) = mx.vjp(
+        lambda a, b: [ops.project(a, b)], [mx.array(x, dt), mx.array(w, dt)], [mx.array(cot, dt)]
+    )
+    x2 = x.reshape(-1, inner)
+    want = {"out": x @ w, "dx": cot @ w.T, "dw": x2.T @ cot.reshape(-1, cols)}
+    rtol = 1e-5 if dtype == "float32" else 1e-12
+    for name, got in {"out": out[0], "dx": dx, "dw": dw}.items():
+        assert got.dtype == dt
+        assert rel_err(np.array(got, dtype=np.float64), want[name]) <= rtol, name
+
+
+def test_small_or_other_multiplies_stay_mlx():
+    """Below ``BLAS_MIN_WORK`` (where MLX's own multiply is as fast, measured), with a batched
+    right operand, or in half precision, ``project`` is MLX's multiply; plain ``matmul`` always
+    is (evaluating a cotangent early can keep a long backward's intermediates alive)."""
+    import mlx.core as mx
+
+    ops = _mlx_numba()
+    small = (mx.ones((8, 64)), mx.ones((64, 256)))
+    assert 8 * 64 * 256 < numba_cpu.BLAS_MIN_WORK
+    assert numba_cpu.blas_matmul(ops, *small) is None
+    assert numba_cpu.blas_matmul(ops, mx.ones((4, 512, 64)), mx.ones((4, 64, 256))) is None
+    half = (mx.ones((512, 64), dtype=mx.float16), mx.ones((64, 256), dtype=mx.float16))
+    assert numba_cpu.blas_matmul(ops, *half) is None
+    big = (mx.ones((4096, 64)), mx.ones((64, 256)))
+    calls = []
+    real = numba_cpu.blas_matmul
+    try:
+        numba_cpu.blas_matmul = lambda *a: calls.append(1) or real(*a)
+        np.testing.assert_allclose(np.array(ops.matmul(*big)), 64.0)
+        assert calls == []
+        np.testing.assert_allclose(np.array(ops.project(*big)), 64.0)
+        assert calls == ([1] if numba_cpu.BLAS_FOR_MLX else [])
+    finally:
+        numba_cpu.blas_matmul = real
+
+
+def test_mlx_numba_framework_threads_are_numpy_blas_threads():
+    """MLX has no thread setting; on mlx-numba the framework's threads are NumPy's BLAS's
+    (OpenBLAS's idle workers spin beside the kernels' pool: 2 threads made a step 18% slower
+    than 1 on 2 cores, measured)."""
+    ops = _mlx_numba()
+    if not numba_cpu.BLAS_FOR_MLX:
+        pytest.skip("MLX multiplies with its own BLAS on this platform")
+    saved = numba_cpu.blas_threads()
+    try:
+        words = backends.set_threads(ops, 1)
+        assert numba_cpu.blas_threads() == 1 and ops.framework_threads() == 1
+        assert words.startswith("1 framework thread(s)")
+    finally:
+        if saved:
+            numba_cpu.set_blas_threads(saved)
+        numba_cpu.set_threads(None)
+
+
 def test_pool_without_spinning_workers():
     """numba's workqueue pool: its workers sleep while they wait (OpenMP's would spin beside
     PyTorch's own OpenMP runtime, and ignored set_num_threads there, measured)."""
@@ -236,7 +326,26 @@ def test_a_missing_numba_is_named_with_its_install():
 
 
 def test_freed_memory_is_kept_on_glibc():
+    """After ``keep_freed_memory`` a freed 64 MB block stays with the process: it came from
+    the heap (no mmap) and the heap's end does not move back when it is freed (a trim
+    threshold cut to 0 once made glibc hand memory back at every free: 42,000 page faults
+    a step, an MLX step at T = 512 35% slower, measured)."""
+    import ctypes
+    import ctypes.util
     import platform
 
     kept = backends.keep_freed_memory()
     assert kept == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+    if not kept:
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p
+    libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]
+    libc.sbrk.argtypes = [ctypes.c_ssize_t]
+    size = 64 << 20
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    end = libc.sbrk(0)
+    assert block < end  # from the heap, below its end: not a mapping of its own
+    libc.free(block)
+    assert libc.sbrk(0) == end  # the heap was not trimmed

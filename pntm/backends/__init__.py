@@ -178,5 +178,9 @@ def keep_freed_memory() -> bool:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters, <malloc.h>
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 62))
+    # mallopt takes a C int: the largest threshold is 2^31 - 1 (a larger Python int passed
+    # without argtypes was cut to its low 32 bits, 0 for 2^62: trimming at every free)
+    never = 2**31 - 1
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, never))

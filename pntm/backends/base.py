@@ -189,6 +189,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def matmul(self, a: Array, b: Array) -> Array: ...
 
+    def project(self, x: Array, w: Array) -> Array:
+        """``x @ w`` for activations ``x`` (..., H) and a weight matrix ``w`` (H, O): the
+        multiplies of the dense layers around the scans (controller, MLP, output). A backend
+        may run them its own way (``mlx-numba``: through NumPy's BLAS, evaluating the
+        operands and, in the backward, the cotangent at once, as its kernels do)."""
+        return self.matmul(x, w)
+
     @abc.abstractmethod
     def reshape(self, x: Array, shape: Sequence[int]) -> Array: ...
 

@@ -36,6 +36,9 @@ class MLXBackend(Backend):
         self.on_cpu = mx.default_device() == mx.cpu
         self._custom: dict[tuple, Callable[..., Any]] = {}
         super().__init__(scan)
+        # MLX's Linux CPU build multiplies with the reference BLAS; the CPU kernels' module
+        # runs large multiplies through NumPy's instead (numba_cpu.blas_matmul)
+        self._numpy_blas = self.on_cpu and getattr(self.scan_module, "BLAS_FOR_MLX", False)
 
     @classmethod
     def describe(cls) -> str:
@@ -44,6 +47,13 @@ class MLXBackend(Backend):
     @classmethod
     def accelerator(cls) -> str | None:
         return "metal" if mx.metal.is_available() else None
+
+    def set_framework_threads(self, threads: int) -> None:
+        if self._numpy_blas:  # MLX itself has no thread setting; NumPy's BLAS has
+            self.scan_module.set_blas_threads(threads)
+
+    def framework_threads(self) -> int | None:
+        return self.scan_module.blas_threads() if self._numpy_blas else None
 
     def memory_limit(self) -> int | None:
         if mx.metal.is_available():  # unified memory: what Metal recommends for one process
@@ -67,7 +77,8 @@ class MLXBackend(Backend):
                     dtype = self.float_dtype
                 elif np.issubdtype(x.dtype, np.integer):
                     dtype = self.int_dtype
-            x = mx.array(x)
+            # converted in one go: mx.array of float64 data is float32 unless told
+            return mx.array(x, dtype=dtype) if dtype is not None else mx.array(x)
         return x.astype(dtype) if dtype is not None else x
 
     def to_numpy(self, x: Array) -> np.ndarray:
@@ -126,6 +137,10 @@ class MLXBackend(Backend):
     # linear algebra and shape
     def matmul(self, a, b):
         return mx.matmul(a, b)
+
+    def project(self, x, w):
+        out = self.scan_module.blas_matmul(self, x, w) if self._numpy_blas else None
+        return mx.matmul(x, w) if out is None else out
 
     def reshape(self, x, shape):
         return mx.reshape(x, tuple(shape))

@@ -43,10 +43,10 @@ def rms_norm(ops: Backend, x: Array, gain: Array) -> Array:
 def mlp(ops: Backend, block: dict[str, Any], x: Array) -> Array:
     """The MLP branch of a residual block: ``W2 gelu(W1 norm(x) + b1) + b2``."""
     h = rms_norm(ops, x, block["norm_mlp"])
-    h = ops.gelu(ops.matmul(h, block["mlp_w1"]) + block["mlp_b1"])
-    return ops.matmul(h, block["mlp_w2"]) + block["mlp_b2"]
+    h = ops.gelu(ops.project(h, block["mlp_w1"]) + block["mlp_b1"])
+    return ops.project(h, block["mlp_w2"]) + block["mlp_b2"]
 
 
 def output_logits(ops: Backend, params: dict[str, Any], x: Array) -> Array:
     """Vocabulary logits of the final hidden states: ``norm(x) @ unembed``."""
-    return ops.matmul(rms_norm(ops, x, params["norm_out"]), params["unembed"])
+    return ops.project(rms_norm(ops, x, params["norm_out"]), params["unembed"])

@@ -500,7 +500,7 @@ class PNTM(Model):
         noise makes the shifts Gumbel-softmax samples and logistic noise the gates binary
         concrete samples (with hard heads: exact samples of the discrete moves)."""
         ops, c = self.ops, self.config
-        raw = ops.matmul(rms_norm(ops, x, block["norm_ctrl"]), block["ctrl_w"]) + block["ctrl_b"]
+        raw = ops.project(rms_norm(ops, x, block["norm_ctrl"]), block["ctrl_w"]) + block["ctrl_b"]
         raw = ops.reshape(raw, (*x.shape[:-1], c.n_heads, -1))
         out = {name: raw[..., where] for name, where in c.controller_slices(index).items()}
         for head in ("write", "read"):
@@ -554,7 +554,7 @@ class PNTM(Model):
     def _residual(self, block: dict, x: Array, reads: Array) -> Array:
         ops, c = self.ops, self.config
         reads = ops.reshape(reads, (*reads.shape[:-2], c.n_heads * c.head_dim))
-        x = x + ops.matmul(reads, block["read_out"])
+        x = x + ops.project(reads, block["read_out"])
         return x + mlp(ops, block, x)
 
     # ------------------------------------------------------------------ parallel form

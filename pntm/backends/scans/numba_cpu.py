@@ -883,7 +883,9 @@ def _from_numpy(ops: Backend, x: np.ndarray, like: Array | None = None) -> Array
         return out if like is None else out.to(device=like.device, dtype=like.dtype)
     import mlx.core as mx
 
-    return mx.array(x) if like is None else mx.array(x).astype(like.dtype)
+    # mx.array of a float64 NumPy array is float32 unless told: name the dtype
+    out = mx.array(x, dtype=getattr(mx, x.dtype.name))
+    return out if like is None or like.dtype == out.dtype else out.astype(like.dtype)
 
 
 def _needs_backward(ops: Backend, inputs) -> bool:
@@ -1350,3 +1352,69 @@ def linear_scan(ops: Backend, a: Array, b: Array, h0: Array) -> Array:
     if b.shape[1] == 0 or 0 in b.shape:
         return ops.zeros_like(b)
     return ops.custom_vjp(_linear_forward_op, _linear_backward_op, 1)(a, b, h0)
+
+
+# ====================================================================== MLX on the CPU: BLAS
+# MLX's Linux CPU wheels (``mlx[cpu]``) link the reference BLAS: measured here, 5-6 GFLOP/s for
+# a float32 matrix multiply, against 240-340 GFLOP/s for NumPy's (OpenBLAS) on the same core.
+# At the P-NTM's sizes that made the dense layers' multiplies (controller, MLP, output) most of
+# an MLX training step, so this backend runs them (``Backend.project``) through NumPy. Like
+# the kernels, such an operation evaluates its operands, and in the backward its cotangent, at
+# once. That is harmless between the P-NTM's kernels, whose graphs they already cut, but not
+# for any multiply: evaluating one cotangent of the NTM's 512-step backward alone kept all of
+# that backward's intermediates alive (peak 10.4 GB against 0.47 GB, 4.3 s against 2.9 s,
+# measured), which is why plain ``matmul`` stays MLX's. On macOS MLX multiplies with Accelerate
+# and keeps its own. (``docs/design.md``, "Fused CPU kernels".)
+
+#: whether MLX's multiplies go through NumPy's BLAS on this platform (MLX on the CPU only)
+BLAS_FOR_MLX = sys.platform != "darwin"
+#: the smallest multiply (rows x inner x columns) that NumPy's BLAS runs for MLX: below it the
+#: call and the copies cost more than MLX's own multiply saves (measured: ``docs/performance.md``)
+BLAS_MIN_WORK = 1 << 19
+
+
+def _blas_forward_op(ops, a, b):
+    dtype = _COMPUTE[_dtype_name(a)]
+    a_, b_ = _to_numpy(ops, a, dtype), _to_numpy(ops, b, dtype)
+    out = a_.reshape(-1, a_.shape[-1]) @ b_
+    return (_from_numpy(ops, out.reshape(*a.shape[:-1], b.shape[-1]), a),)
+
+
+def _blas_backward_op(ops, inputs, residuals, cotangents):
+    a, b = inputs
+    dtype = _COMPUTE[_dtype_name(a)]
+    a_, b_ = _to_numpy(ops, a, dtype), _to_numpy(ops, b, dtype)
+    g = _to_numpy(ops, cotangents[0], dtype).reshape(-1, b.shape[-1])
+    d_a = (g @ b_.T).reshape(a.shape)
+    d_b = a_.reshape(-1, a.shape[-1]).T @ g
+    return _from_numpy(ops, d_a, a), _from_numpy(ops, d_b, b)
+
+
+def set_blas_threads(n: int) -> None:
+    """NumPy's BLAS threads in this process. OpenBLAS's idle workers spin, and beside the
+    kernels' pool on 2 cores its 2 threads made an MLX step at T = 512 18% slower than 1
+    (measured: 172 ms against 145 ms)."""
+    import threadpoolctl
+
+    threadpoolctl.threadpool_limits(limits=n, user_api="blas")
+
+
+def blas_threads() -> int | None:
+    """The threads of NumPy's BLAS (the first BLAS library threadpoolctl finds)."""
+    import threadpoolctl
+
+    pools = threadpoolctl.threadpool_info()
+    return next((pool["num_threads"] for pool in pools if pool["user_api"] == "blas"), None)
+
+
+def blas_matmul(ops: Backend, a: Array, b: Array) -> Array | None:
+    """``a @ b`` through NumPy's BLAS, with its own backward, for MLX arrays on the CPU (where
+    :data:`BLAS_FOR_MLX`; ``MLXBackend.project``), where ``b`` is a matrix and the multiply is
+    large enough to gain (:data:`BLAS_MIN_WORK`); None where MLX's own multiply should run."""
+    if b.ndim != 2 or a.ndim < 2:
+        return None
+    if _dtype_name(a) not in ("float32", "float64") or _dtype_name(b) != _dtype_name(a):
+        return None
+    if a.size * b.shape[1] < BLAS_MIN_WORK:
+        return None
+    return ops.custom_vjp(_blas_forward_op, _blas_backward_op, 1)(a, b)
