@@ -531,7 +531,13 @@ def _run_errors(run_dir: Path, group: Any) -> Any:
     """What can end a run in ``run_dir``, as the command's error (one line, the exit code of a
     signal); leaves the process group at the end."""
     from pntm import restarts, run
-    from pntm.train import CHECKPOINT_NAME, TrainingDiverged, TrainingStopped
+    from pntm.train import (
+        CHECKPOINT_NAME,
+        RunDirectoryLost,
+        TrainingDead,
+        TrainingDiverged,
+        TrainingStopped,
+    )
 
     try:
         yield
@@ -544,6 +550,13 @@ def _run_errors(run_dir: Path, group: Any) -> Any:
         raise click.ClickException(str(exc)) from exc
     except TrainingDiverged as exc:
         raise click.ClickException(f"{exc}; checkpoint: {run_dir / CHECKPOINT_NAME}") from exc
+    except RunDirectoryLost as exc:
+        raise click.ClickException(str(exc)) from exc
+    except TrainingDead as exc:
+        saved = any(run_dir.glob(f"**/{CHECKPOINT_NAME}"))
+        raise click.ClickException(
+            f"{exc}" + (f" ({run_dir} keeps it)" if saved else " (none was written)")
+        ) from exc
     except backends.ProcessGroupError as exc:
         raise click.ClickException(f"{exc}; the last checkpoint in {run_dir} is kept") from exc
     except TrainingStopped as exc:

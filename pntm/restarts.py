@@ -46,6 +46,7 @@ from pntm.train import (
     CHECKPOINT_NAME,
     StopSignals,
     TrainConfig,
+    TrainingDead,
     Trainer,
     TrainingDiverged,
     TrainingStopped,
@@ -152,7 +153,7 @@ class Plan:
 class RestartResult:
     restart: int
     seed: int
-    status: str  # "finished" or "diverged"
+    status: str  # "finished", "diverged" or "dead" (no gradient any more)
     step: int
     validation_loss: float  # infinite unless finished
     final_loss: float | None  # the last logged training loss
@@ -336,6 +337,8 @@ def train_restart(
             fit(trainer, directory, progress=progress, on_step=on_step)
         except TrainingDiverged:
             status = "diverged"  # its last finite state is saved; the others may still win
+        except TrainingDead:
+            status = "dead"  # no gradient any more; the others may still win
     score, misses = math.inf, None
     if status == "finished":
         task = tasks.get(config.task)
@@ -392,7 +395,7 @@ def train_restarts(
         results = _in_processes(plan, run_dir, backend_name, workers, progress, say, resuming)
     finished = [r for r in results if r.status == "finished"]
     if not finished:
-        raise RestartsError(f"no restart of {run_dir} finished: every one diverged")
+        raise RestartsError(f"no restart of {run_dir} finished: every one diverged or died")
     best = min(finished, key=lambda r: r.rank)
     if main:
         src = restart_dir(run_dir, best.restart) / CHECKPOINT_NAME

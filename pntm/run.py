@@ -10,13 +10,15 @@ ends, however it ends.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pntm.backends.base import exit_with_parent
 from pntm.train import CHECKPOINT_NAME, METRICS_NAME
+
+__all__ = ["exit_with_parent"]  # kept here too: restarts and the grid script import it
 
 EVAL_NAMES = ("eval.json", "eval.png")
 PLAN_NAME = "restarts.json"  # a run of several restarts (pntm.restarts)
@@ -129,16 +131,3 @@ def unique_eval_path(run_dir: Path) -> Path:
         if not json_path.exists() and not json_path.with_suffix(".png").exists():
             return json_path
     raise RunDirectoryError(f"no free evaluation file name in {str(run_dir)!r}")
-
-
-def exit_with_parent(parent: int, poll_s: float = 2.0) -> None:
-    """Worker-process initializer: end this process once ``parent`` (the process that started
-    it) is gone, killed rather than interrupted, so that no orphan goes on training into a run
-    directory. Checkpoints are written by rename, so the run resumes cleanly next time."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()

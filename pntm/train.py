@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -104,6 +105,35 @@ class TrainingDiverged(RuntimeError):
             "finite state (try a lower learning rate or a tighter gradient clip)"
         )
         self.step = step
+
+
+#: a run whose gradient is exactly zero for this many updates in a row, at a loss above
+#: :data:`DEAD_LOSS`, has stopped learning for good (saturated units pass no gradient)
+DEAD_STEPS = 20
+DEAD_LOSS = 1e-3  # below it a zero gradient may be a (float32-)perfect fit
+
+
+class TrainingDead(RuntimeError):
+    """The gradient has been exactly zero for :data:`DEAD_STEPS` updates at a loss that is not
+    near zero: nothing will change any more. Nothing is saved over the last checkpoint."""
+
+    def __init__(self, step: int, loss: float, vocab_size: int) -> None:
+        uniform = math.log(vocab_size)
+        said = (
+            f" (ln {vocab_size}: uniform guesses over the {vocab_size}-token vocabulary)"
+            if abs(loss - uniform) < 1e-3 * uniform
+            else ""
+        )
+        super().__init__(
+            f"training stopped at step {step}: the gradient was exactly zero for the last "
+            f"{DEAD_STEPS} updates at loss {loss:.4f}{said}, so the model is dead (saturated "
+            "units pass no gradient; usually a learning rate far too high, or damaged "
+            "parameters); nothing was saved over the last checkpoint"
+        )
+        self.step, self.loss, self.vocab_size = step, loss, vocab_size
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable: it crosses process boundaries
+        return type(self), (self.step, self.loss, self.vocab_size)
 
 
 class TrainingStopped(Exception):
@@ -404,13 +434,23 @@ def fit(
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_path, trainer.step)  # drop lines logged after the checkpoint
+        home = _identity(run_dir)
+
+    def still_home() -> None:
+        """Stop before writing if the run directory is no longer the one the run started in:
+        writing would recreate it (or write into its replacement) beside a run resumed
+        there, while this run's lock and metrics stay on the deleted files."""
+        if main and _identity(run_dir) != home:
+            raise RunDirectoryLost(run_dir, trainer.step)
 
     def save() -> None:
         if main:
+            still_home()
             checkpoint.save(ckpt_path, trainer.to_checkpoint())
 
     window: list[dict[str, Any]] = []
     last: dict[str, Any] = {}
+    dead = 0  # updates in a row without a gradient
     bar = tqdm(
         total=cfg.steps,
         initial=trainer.step,
@@ -431,12 +471,17 @@ def fit(
                 except TrainingDiverged:
                     save()  # the trainer still holds the last finite state
                     raise
+                dead = dead + 1 if _no_gradient(window[-1]) else 0
+                if dead >= DEAD_STEPS:
+                    vocab = trainer.model.config.vocab_size
+                    raise TrainingDead(trainer.step, window[-1]["loss"], vocab)
                 bar.update(1)
                 if on_step is not None and signals.signum is None:
                     signals.signum = on_step(trainer.step)
                 if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
                     last = _summarize(window)
                     window = []
+                    still_home()
                     log(last)
                     bar.set_postfix(
                         loss=f"{last['loss']:.4f}",
@@ -450,6 +495,34 @@ def fit(
         bar.close()
     save()
     return last
+
+
+def _no_gradient(metrics: dict[str, Any]) -> bool:
+    return metrics["grad_norm"] == 0.0 and metrics["loss"] > DEAD_LOSS
+
+
+class RunDirectoryLost(RuntimeError):
+    """The run directory was deleted, moved or replaced while the run was writing to it."""
+
+    def __init__(self, run_dir: Path, step: int) -> None:
+        super().__init__(
+            f"the run directory {str(run_dir)!r} was deleted or replaced during training "
+            f"(noticed at step {step}): stopped without writing there again"
+        )
+        self.run_dir, self.step = run_dir, step
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable: it crosses process boundaries
+        return type(self), (self.run_dir, self.step)
+
+
+def _identity(directory: Path) -> tuple[int, int] | None:
+    """The directory's device and inode (None if it is gone): a deleted directory made anew
+    at the same path is another one."""
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 @contextmanager

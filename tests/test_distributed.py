@@ -11,6 +11,7 @@ weighting or schedule (a different batch changes the losses at the first step by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -225,3 +226,30 @@ def test_restarts_under_a_launcher_run_one_after_another(engine, single, tmp_pat
     kept = tmp_path / f"restart-{record['selected']}" / CHECKPOINT_NAME
     assert (tmp_path / CHECKPOINT_NAME).read_bytes() == kept.read_bytes()
     assert done.stdout.count("kept restart") == 1
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="reads the ranks' process ids in /proc")
+@pytest.mark.parametrize("engine", ENGINES)
+def test_killing_the_launcher_ends_its_processes(engine, tmp_path):
+    """SIGKILL to the launcher itself (torchrun, mlx.launch), which cannot pass it on: its
+    processes notice that their parent is gone and end within seconds, saying so, instead of
+    training on as orphans holding the run's lock; the run then resumes."""
+    from pntm import run as rundir
+
+    proc = start(command(engine, 2, tmp_path, "--steps", "2000", "--save-every", "2"))
+    wait_for_step(tmp_path, 3, proc)
+    pids = _rank_pids(tmp_path)
+    assert set(pids) == {0, 1}, pids
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in pids.values()):
+        if time.monotonic() > deadline:
+            for pid in pids.values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            pytest.fail("the ranks still trained 30 s after their launcher was killed")
+        time.sleep(0.1)
+    with rundir.locked(tmp_path):  # the lock is free
+        pass
+    assert checkpoint.load(tmp_path / CHECKPOINT_NAME).step >= 2

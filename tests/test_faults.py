@@ -261,3 +261,51 @@ def test_resume_from_a_copy_beside_another_run_is_refused(fresh_run):
 
 def test_out_cannot_be_empty():
     assert "empty path" in cli("train", *TINY, "--out", "").output
+
+
+# ---------------------------------------------------------------------- issue 33
+
+
+@pytest.mark.parametrize("then", ["deleted", "made anew"])
+def test_a_deleted_run_directory_stops_the_run(tmp_path, then):
+    """The run directory deleted during training (and perhaps made again, as a resumed run
+    would): the run stops at its next write with an error naming the directory and step,
+    instead of recreating the directory (or writing into the new one) beside its lock and
+    metrics left on the deleted files."""
+    from pntm.train import RunDirectoryLost, fit
+    from tests.test_train import make_trainer
+
+    trainer = make_trainer(TRAINABLE[0], steps=30, log_every=5, save_every=10)
+    out = tmp_path / "run"
+
+    def on_step(step: int) -> None:
+        if step == 12:
+            shutil.rmtree(out)
+            if then == "made anew":
+                out.mkdir()
+
+    with pytest.raises(RunDirectoryLost, match=r"'.*run' was deleted or replaced .*step 15"):
+        fit(trainer, out, progress=False, on_step=on_step)
+    assert (not out.exists()) if then == "deleted" else list(out.iterdir()) == []
+
+
+def test_a_dead_model_is_an_error_not_a_success(tmp_path):
+    """`--lr 1e6` saturates the model: from some step on the gradient is exactly zero and
+    the loss sits at ln V (uniform guesses). Training stops with an error naming the step
+    and the likely cause, exit 1, instead of finishing with exit 0."""
+    result = cli(
+        "train", *TINY, "--backend", TRAINABLE[0], "--lr", "1e6", "--warmup-steps", "0",
+        "--steps", "200", "--no-eval", "--out", tmp_path,
+    )  # fmt: skip
+    assert_refused(result, "the gradient was exactly zero for the last 20 updates", "dead")
+    steps = [json.loads(line) for line in (tmp_path / METRICS_NAME).open()]
+    assert steps[-1]["step"] < 200 and steps[-1]["grad_norm"] == 0.0
+
+
+def test_a_zero_gradient_at_a_perfect_fit_is_not_death():
+    """Exactly zero gradients at a loss of (float32) zero are a perfect fit, not a dead model."""
+    from pntm.train import _no_gradient
+
+    assert not _no_gradient({"grad_norm": 0.0, "loss": 0.0})
+    assert _no_gradient({"grad_norm": 0.0, "loss": 1.79})
+    assert not _no_gradient({"grad_norm": 1e-30, "loss": 1.79})

@@ -278,10 +278,18 @@ class Backend(abc.ABC):
     def process_group(self) -> ProcessGroup:
         """The processes of this data-parallel run, joined on first use (later calls return
         the same group): the framework's own collectives under its launcher (``torchrun``,
-        ``mlx.launch``), else one process."""
+        ``mlx.launch``), else one process. A rank of a launched group ends when its launcher
+        is gone (:func:`exit_with_parent`): a launcher killed with SIGKILL cannot stop its
+        ranks, which would go on training as orphans, holding the run directory's lock."""
         group = getattr(self, "_process_group", None)  # backends have their own __init__
         if group is None:
             group = self._process_group = self._join_process_group()
+            if group.size > 1:
+                exit_with_parent(
+                    os.getppid(),
+                    f"pntm: process {group.rank} of {group.size}: its launcher is gone; "
+                    "stopped (the run's last checkpoint is kept)",
+                )
         return group
 
     def set_framework_threads(self, threads: int) -> None:  # noqa: B027 - only PyTorch has one
@@ -572,6 +580,29 @@ def check_attention_shapes(q, k, v, causal: bool) -> None:
             f"causal attention needs Tq <= Tk (the queries are the last Tq positions), got "
             f"Tq {q.shape[-2]} > Tk {k.shape[-2]}"
         )
+
+
+def exit_with_parent(parent: int, message: str | None = None, poll_s: float = 2.0) -> None:
+    """End this process once ``parent`` (the process that started it) is gone, killed rather
+    than interrupted (``message``, if any, to stderr first), so that no orphan goes on
+    training into a run directory: a watching thread, for worker processes and data-parallel
+    ranks. Checkpoints are written by rename, so the run resumes cleanly next time."""
+    import sys
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        try:
+            if message:
+                print(message, file=sys.stderr, flush=True)
+        except OSError:  # stderr was a pipe to the parent, now closed
+            pass
+        finally:
+            os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def load_scans(scan: str, framework: str) -> ModuleType:
