@@ -253,3 +253,33 @@ def test_killing_the_launcher_ends_its_processes(engine, tmp_path):
     with rundir.locked(tmp_path):  # the lock is free
         pass
     assert checkpoint.load(tmp_path / CHECKPOINT_NAME).step >= 2
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="finds the ranks in /proc")
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_stopped_process_ends_the_job(engine, tmp_path):
+    """SIGSTOP to rank 1 (hung, not dead: nothing tells the launcher): rank 0 gives up on
+    its collective after the timeout (``PNTM_COLLECTIVE_TIMEOUT``, 15 s here; 300 s by
+    default) and the job ends saying it lost contact, with the last checkpoint kept. MLX's
+    collectives have no timeout of their own; before the watchdog such a job hung for good."""
+    env = {**ENV, "PNTM_COLLECTIVE_TIMEOUT": "15"}
+    cmd = command(engine, 2, tmp_path, "--steps", "2000", "--save-every", "2")
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    wait_for_step(tmp_path, 3, proc)
+    pids = _rank_pids(tmp_path)
+    assert set(pids) == {0, 1}, pids
+    os.kill(pids[1], signal.SIGSTOP)
+    try:
+        output = proc.communicate(timeout=90)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the job still ran 90 s after one of its processes was stopped")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pids[1], signal.SIGKILL)
+    assert "lost contact with the others" in output, output
+    assert 'File "' + str(ROOT / "pntm") not in output, output  # no traceback of ours
+    assert checkpoint.load(tmp_path / CHECKPOINT_NAME).step >= 2

@@ -43,6 +43,23 @@ class ProcessGroupError(RuntimeError):
         )
 
 
+def collective_timeout_s() -> float:
+    """Seconds a collective waits for its peers before the run gives up on them (a rank that
+    died, or stopped, without its launcher noticing): ``PNTM_COLLECTIVE_TIMEOUT`` where set,
+    else 300. Both engines use it (PyTorch's own timeout; a watchdog for MLX's, which has
+    none)."""
+    raw = os.environ.get("PNTM_COLLECTIVE_TIMEOUT", "300")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise ValueError(
+            f"PNTM_COLLECTIVE_TIMEOUT must be a positive number of seconds, got {raw!r}"
+        )
+    return seconds
+
+
 class ProcessGroup:
     """The processes of one data-parallel run. This base class is the run of one process:
     rank 0 of 1, and sums that return their input."""

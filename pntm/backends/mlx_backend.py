@@ -5,7 +5,14 @@ With the ``chunked`` scans (MLX operations) this is the ``mlx`` backend.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
+import sys
+import threading
+import time
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +26,7 @@ from pntm.backends.base import (
     ProcessGroupError,
     check_attention_shapes,
     check_lstm_shapes,
+    collective_timeout_s,
 )
 
 # set by mlx.launch (ring) and by MPI launchers: this process is one rank of several
@@ -268,6 +276,54 @@ class MLXProcessGroup(ProcessGroup):
         self.group = group
         self.rank, self.size = group.rank(), group.size()
         self.engine = "mlx.distributed"
+        # MLX's collectives wait for ever (a stopped peer hung a job for good); a watchdog
+        # ends this process when one outlasts the timeout, as PyTorch's own timeout does
+        self.timeout_s = collective_timeout_s()
+        self._deadline: float | None = None
+        self._local_peers = self._find_local_peers()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _find_local_peers(self) -> list[int]:
+        """Process ids of the other ranks on this machine (one collective at the start).
+        mlx.launch neither ends a job when a rank exits nor stops the rest, so a rank that
+        gives up on a hung (stopped) peer ends its local peers itself; ranks on other
+        machines are their launcher's to end."""
+        host = zlib.crc32(socket.gethostname().encode()) & 0x7FFFFFFF
+        mine = np.zeros((self.size, 2), np.int32)
+        mine[self.rank] = host, os.getpid()
+        table = np.array(mx.distributed.all_sum(mx.array(mine), group=self.group))
+        return [int(pid) for r, (h, pid) in enumerate(table) if r != self.rank and h == host]
+
+    def _watch(self) -> None:
+        """Watchdog: ends this process, saying why, once a collective passes its deadline.
+        The main thread is blocked inside MLX, so it cannot be told to raise; the run
+        directory's checkpoints are written by rename, so the last one is whole."""
+        while True:
+            time.sleep(min(1.0, self.timeout_s / 10))
+            deadline = self._deadline
+            if deadline is None or time.monotonic() < deadline:
+                continue
+            try:
+                ended = (
+                    f"; its {len(self._local_peers)} other process(es) on this machine ended"
+                    if self._local_peers
+                    else ""
+                )
+                print(
+                    f"Error: process {self.rank} of {self.size} lost contact with the others "
+                    f"({self.engine}: no answer within {self.timeout_s:g} s); another process "
+                    f"of the run has probably died or stopped{ended}; the run's last "
+                    "checkpoint is kept",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            except OSError:  # stderr was a pipe to a launcher that is gone
+                pass
+            finally:
+                for pid in self._local_peers:  # a stopped process ends by SIGKILL alone
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+                os._exit(1)
 
     def _sum_flat(self, pieces: list[Array]) -> Array:
         return self._all_sum(mx.concatenate(pieces))
@@ -278,9 +334,13 @@ class MLXProcessGroup(ProcessGroup):
 
     def _all_sum(self, x: mx.array) -> mx.array:
         """The sum, evaluated here so that a lost peer is reported here (MLX is lazy)."""
+        mx.eval(x)  # this process's own work (MLX is lazy) is not waiting for the others
+        self._deadline = time.monotonic() + self.timeout_s
         try:
             total = mx.distributed.all_sum(x, group=self.group)
             mx.eval(total)
         except RuntimeError as exc:  # the ring backend's "connection to a peer was lost"
             raise ProcessGroupError(self, exc) from exc
+        finally:
+            self._deadline = None
         return total

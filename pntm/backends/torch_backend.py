@@ -24,6 +24,7 @@ from pntm.backends.base import (
     ProcessGroupError,
     check_attention_shapes,
     check_lstm_shapes,
+    collective_timeout_s,
 )
 from pntm.tree import tree_flatten, tree_map, tree_unflatten
 
@@ -302,11 +303,6 @@ class _CustomVJP(torch.autograd.Function):
         return (None, None, None, None, None, *grads)
 
 
-# A collective waits this long for its peers before failing (a rank that died without its
-# launcher noticing); torchrun itself stops the other ranks as soon as one exits.
-COLLECTIVE_TIMEOUT = timedelta(minutes=5)
-
-
 class TorchProcessGroup(ProcessGroup):
     """The ranks of a ``torchrun`` launch: NCCL between GPUs, gloo between CPU processes."""
 
@@ -317,7 +313,10 @@ class TorchProcessGroup(ProcessGroup):
         if not dist.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+            # torchrun itself stops the other ranks as soon as one exits; the timeout is for
+            # a rank that died or stopped without it noticing
+            timeout = timedelta(seconds=collective_timeout_s())
+            dist.init_process_group(backend, timeout=timeout)
         self.dist, self.device = dist, device
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.engine = f"torch.distributed ({backend})"
