@@ -32,7 +32,6 @@ from pntm.backends.base import Backend
 from pntm.checkpoint import atomic_write
 from pntm.config import check_finite, check_ints, option
 from pntm.evaluate import greedy_decode
-from pntm.tree import tree_leaves
 
 TRAIN_LENGTHS = (64, 128, 256, 512, 1024, 2048)
 DECODE_LENGTHS = (64, 256, 1024)
@@ -108,8 +107,7 @@ class Measurement:
 
 
 def count_parameters(model_name: str, config: Any) -> int:
-    params = models.get(model_name).init_params(config, 0)
-    return sum(int(np.prod(p.shape)) for p in tree_leaves(params))
+    return models.get(model_name).parameter_count(config)
 
 
 def model_configs(cfg: BenchConfig) -> dict[str, Any]:

@@ -107,6 +107,11 @@ class TrainingDiverged(RuntimeError):
         self.step = step
 
 
+#: bytes a parameter takes while training: its float64 draw (8), the float32 parameter (4), its
+#: gradient (4), AdamW's two moments (8), an update's temporaries (8) and a checkpoint's
+#: float32 copies of the parameter and its moments (12)
+TRAINING_BYTES_PER_PARAMETER = 44
+
 #: a run whose gradient is exactly zero for this many updates in a row, at a loss above
 #: :data:`DEAD_LOSS`, has stopped learning for good (saturated units pass no gradient)
 DEAD_STEPS = 20
@@ -185,6 +190,7 @@ class Trainer:
         # this process's rows of every global batch (contiguous, sizes differ by at most 1)
         bounds = np.linspace(0, config.batch_size, self.group.size + 1).round().astype(int)
         self.rows = slice(int(bounds[self.group.rank]), int(bounds[self.group.rank + 1]))
+        self._check_options()
         self.model = self.model_class(model_config, ops)
         self._check_memory()
         self.optimizer = AdamW(lr=config.lr, weight_decay=config.weight_decay)
@@ -205,6 +211,31 @@ class Trainer:
                 "v": self.model.params_from_numpy(resume_from.optimizer["v"]),
             }
         self._value_and_grad: dict[tuple, Callable[..., Any]] = {}
+
+    def _check_options(self) -> None:
+        """Before anything is built: a shift range no memory of the run can hold, and a model
+        whose parameters and optimizer state do not fit in memory (such a run was once killed
+        by the system at 22 GB without a word, leaving a directory that blocked the command)."""
+        name, config = self.model_class.name, self.model_config
+        slots = self.task.sequence_length(self.config.train_length) - 1  # the widest batch's N
+        shift = getattr(config, "max_shift", None)
+        if shift is not None and 2 * shift + 1 > slots:
+            raise ValueError(
+                f"max_shift {shift}: heads would move by up to {shift} slots a step, but the "
+                f"longest training sequence (train_length {self.config.train_length}) gives "
+                f"the memory {slots} slots; max_shift must be at most {max(0, (slots - 1) // 2)}"
+                " (2 max_shift + 1 <= slots)"
+            )
+        count = self.model_class.parameter_count(config)
+        need, limit = count * TRAINING_BYTES_PER_PARAMETER, self.ops.memory_limit()
+        if limit is not None and need > limit * 3 // 4:
+            raise MemoryError(
+                f"the {name} model of these options has {count:,} parameters: training it "
+                f"takes about {need / 2**30:.1f} GiB ({TRAINING_BYTES_PER_PARAMETER} bytes a "
+                "parameter: its draw, the parameter, its gradient, AdamW's two moments, an "
+                f"update's temporaries and a checkpoint's copies), more than 3/4 of the "
+                f"{limit / 2**30:.1f} GiB of {self.ops.describe()}; choose a smaller model"
+            )
 
     def _check_memory(self) -> None:
         """Fail now, naming the longest training length that fits, when one sequence of the

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
@@ -309,3 +310,44 @@ def test_a_zero_gradient_at_a_perfect_fit_is_not_death():
     assert not _no_gradient({"grad_norm": 0.0, "loss": 0.0})
     assert _no_gradient({"grad_norm": 0.0, "loss": 1.79})
     assert not _no_gradient({"grad_norm": 1e-30, "loss": 1.79})
+
+
+@pytest.mark.parametrize(
+    "options, said",
+    [
+        (["--max-shift", "1000000"], "max_shift 1000000: heads would move by up to"),
+        (["--memory-heads", "100000"], "parameters: training it takes about"),
+        (["--layers", "100000"], "parameters: training it takes about"),
+    ],
+    ids=["shift-wider-than-slots", "memory-heads", "layers"],
+)
+def test_a_model_too_big_or_senseless_is_refused_before_it_is_built(tmp_path, options, said):
+    """Options that would build a model of billions of parameters (once killed by the system
+    at 22 GB without a word) or a shift range wider than any memory of the run: refused at
+    once with the estimate and the machine's memory, and no run directory left behind."""
+    out = tmp_path / "run"
+    result = cli("train", "--task", "copy", *options, "--backend", TRAINABLE[0], "--out", out)
+    assert_refused(result, said)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("model", ["pntm", "ntm", "lstm", "transformer"])
+def test_parameter_counts_match_the_parameters_drawn(model):
+    """``parameter_count`` (what the size check uses, without drawing) equals the numbers
+    ``init_params`` draws, over widths, depths and each model's own options."""
+    from pntm import models, tasks
+    from pntm.tree import tree_leaves
+
+    cls = models.get(model)
+    variants = [{}, {"d_model": 24, "n_layers": 3}]
+    variants += {
+        "pntm": [{"n_heads": 3, "head_dim": 5, "max_shift": 2, "content": True},
+                 {"registers": 1, "n_heads": 2, "fixed_velocity": True, "gated_write": True}],
+        "ntm": [{"read_heads": 2, "write_heads": 3, "head_dim": 7, "max_shift": 2}],
+        "lstm": [{"d_model": 40}],
+        "transformer": [{"mlp_ratio": 3, "n_heads": 4}],
+    }[model]  # fmt: skip
+    for options in variants:
+        config = cls.config_class(vocab_size=tasks.get("copy").vocab_size, **options)
+        drawn = sum(int(np.prod(p.shape)) for p in tree_leaves(cls.init_params(config, 0)))
+        assert cls.parameter_count(config) == drawn, options

@@ -73,6 +73,12 @@ class Model(abc.ABC):
     def init_params(config: Any, seed: int = 0) -> dict[str, Any]:
         """Parameters as a nested dict of float64 NumPy arrays: identical for every backend."""
 
+    @staticmethod
+    @abc.abstractmethod
+    def parameter_count(config: Any) -> int:
+        """How many numbers :meth:`init_params` draws, without drawing them: training checks
+        that a model fits in memory before it builds one (tests hold the two equal)."""
+
     def params_from_numpy(self, params: Any) -> Any:
         return tree_map(lambda p: self.ops.asarray(p), params)
 

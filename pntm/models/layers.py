@@ -27,6 +27,16 @@ def mlp_params(rng: np.random.Generator, width: int, hidden: int) -> dict[str, n
     }
 
 
+def mlp_param_count(width: int, hidden: int) -> int:
+    """The numbers of :func:`mlp_params`."""
+    return 2 * width + 2 * width * hidden + hidden
+
+
+def embedding_and_output_count(vocab: int, width: int) -> int:
+    """The numbers of :func:`embedding_and_output`."""
+    return 2 * vocab * width + width
+
+
 def embedding_and_output(
     rng: np.random.Generator, vocab: int, width: int
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -22,7 +22,7 @@ import numpy as np
 from pntm.backends.base import Array
 from pntm.config import check_ints, option
 from pntm.models.base import Model, ModelConfig
-from pntm.models.layers import dense, output_logits
+from pntm.models.layers import dense, embedding_and_output_count, output_logits
 
 # Forget-gate bias at initialization: cells start by keeping their content (Gers et al. 2000;
 # Jozefowicz et al. 2015), the usual LSTM setting.
@@ -58,6 +58,12 @@ def init_params(config: LSTMConfig, seed: int = 0) -> dict[str, Any]:
     return {"embed": embed, "layers": layers, "norm_out": np.ones(H), "unembed": dense(rng, H, V)}
 
 
+def parameter_count(config: LSTMConfig) -> int:
+    """The numbers of :func:`init_params`, without drawing them."""
+    H = config.d_model
+    return embedding_and_output_count(config.vocab_size, H) + config.n_layers * (8 * H * H + 4 * H)
+
+
 class LSTM(Model):
     """A stacked LSTM bound to a backend. Parameters are passed in (functional style)."""
 
@@ -68,6 +74,10 @@ class LSTM(Model):
     @staticmethod
     def init_params(config: LSTMConfig, seed: int = 0) -> dict[str, Any]:
         return init_params(config, seed)
+
+    @staticmethod
+    def parameter_count(config: LSTMConfig) -> int:
+        return parameter_count(config)
 
     def init_state(self, batch: int, capacity: int) -> list[dict[str, Array]]:
         """Zero ``h`` and ``c`` (B, H) per layer."""

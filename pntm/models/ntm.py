@@ -162,6 +162,17 @@ def init_params(config: NTMConfig, seed: int = 0) -> dict[str, Any]:
     }
 
 
+def parameter_count(config: NTMConfig) -> int:
+    """The numbers of :func:`init_params`, without drawing them."""
+    H, V, D, R = config.d_model, config.vocab_size, config.head_dim, config.read_heads
+    total = V * H + R * D + config.n_heads
+    for layer in range(config.n_layers):
+        recurrent = H + (R * D if layer == 0 else 0)
+        total += (H + recurrent) * 4 * H + 4 * H
+    width = sum(n for _, n in config.interface_fields())
+    return total + H * width + width + (H + R * D) * V + V
+
+
 class NTM(Model):
     """An NTM bound to a backend. Parameters are passed in (functional style); ``capacity`` is
     the number of memory slots N.
@@ -185,6 +196,10 @@ class NTM(Model):
     @staticmethod
     def init_params(config: NTMConfig, seed: int = 0) -> dict[str, Any]:
         return init_params(config, seed)
+
+    @staticmethod
+    def parameter_count(config: NTMConfig) -> int:
+        return parameter_count(config)
 
     # ------------------------------------------------------------------ state
     def memory_per_sequence(self, length: int, capacity: int, training: bool) -> int | None:

@@ -35,7 +35,9 @@ from pntm.models.base import Model, ModelConfig, cross_entropy
 from pntm.models.layers import (
     dense,
     embedding_and_output,
+    embedding_and_output_count,
     mlp,
+    mlp_param_count,
     mlp_params,
     output_logits,
     rms_norm,
@@ -358,6 +360,17 @@ def init_params(config: PNTMConfig, seed: int = 0) -> dict[str, Any]:
     return {"embed": embed, "blocks": blocks, **output}
 
 
+def parameter_count(config: PNTMConfig) -> int:
+    """The numbers of :func:`init_params`, without drawing them."""
+    H, K = config.d_model, config.n_heads
+    total = embedding_and_output_count(config.vocab_size, H)
+    for index in range(config.n_layers):
+        width = K * config.controller_width(index)  # the controller's outputs
+        total += H + H * width + width + K * config.head_dim * H
+        total += mlp_param_count(H, config.mlp_ratio * H)
+    return total
+
+
 def _controller_bias(config: PNTMConfig, block: int) -> np.ndarray:
     """The initial controller bias of one block (K x its fields, flat): the velocity and reset
     priors on the heads, the content mix mostly off, the rest 0."""
@@ -401,7 +414,7 @@ class PNTM(Model):
         self._tapes = ops.asarray((np.arange(config.n_heads) < config.tapes).astype(float))
         # the one move of fixed_velocity heads: the one-hot of shift +1 among -S..S
         self._plus_one = (
-            ops.asarray(np.eye(config.n_shifts)[config.max_shift + 1])
+            ops.asarray(np.arange(config.n_shifts) == config.max_shift + 1, ops.float_dtype)
             if config.fixed_velocity
             else None
         )
@@ -409,6 +422,10 @@ class PNTM(Model):
     @staticmethod
     def init_params(config: PNTMConfig, seed: int = 0) -> dict[str, Any]:
         return init_params(config, seed)
+
+    @staticmethod
+    def parameter_count(config: PNTMConfig) -> int:
+        return parameter_count(config)
 
     # ------------------------------------------------------------------ schedule and modes
     def train_mode(self, step: int, steps: int) -> dict[str, Any]:

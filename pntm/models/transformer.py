@@ -39,7 +39,16 @@ import numpy as np
 from pntm.backends.base import Array, Backend
 from pntm.config import check_ints, option
 from pntm.models.base import Model, ModelConfig
-from pntm.models.layers import dense, embedding_and_output, mlp, mlp_params, output_logits, rms_norm
+from pntm.models.layers import (
+    dense,
+    embedding_and_output,
+    embedding_and_output_count,
+    mlp,
+    mlp_param_count,
+    mlp_params,
+    output_logits,
+    rms_norm,
+)
 
 POSITIONS = ("nope", "rope")
 ROPE_BASE = 10_000.0
@@ -103,6 +112,13 @@ def init_params(config: TransformerConfig, seed: int = 0) -> dict[str, Any]:
     return {"embed": embed, "blocks": blocks, **output}
 
 
+def parameter_count(config: TransformerConfig) -> int:
+    """The numbers of :func:`init_params`, without drawing them."""
+    H = config.d_model
+    block = H + 3 * H * H + H * H + mlp_param_count(H, config.mlp_ratio * H)
+    return embedding_and_output_count(config.vocab_size, H) + config.n_layers * block
+
+
 class Transformer(Model):
     """A causal Transformer decoder bound to a backend. Parameters are passed in (functional
     style); the decoding state is a KV cache per block."""
@@ -120,6 +136,10 @@ class Transformer(Model):
     @staticmethod
     def init_params(config: TransformerConfig, seed: int = 0) -> dict[str, Any]:
         return init_params(config, seed)
+
+    @staticmethod
+    def parameter_count(config: TransformerConfig) -> int:
+        return parameter_count(config)
 
     def init_state(self, batch: int, capacity: int) -> list[dict[str, Array]]:
         """Empty KV caches: keys and values (B, heads, 0, H / heads) per block."""
