@@ -345,27 +345,34 @@ def write_report(path: Path, results: list[dict[str, Any]], command: str) -> Non
         lines += [
             f"## {task}",
             "",
-            "| model | seed | steps | train time | final loss | "
+            "| model | seed | steps | train time | final loss | samples (eval seed) | "
             + " | ".join(f"L={n} ({n / L:g}x)" for n in lengths)
             + " |",
-            "|---" * (5 + len(lengths)) + "|",
+            "|---" * (6 + len(lengths)) + "|",
         ]
         for model, rows in by_model.items():
             for r in rows:
                 cells = [f"{x['exact_match']:.3f}" for x in r["results"]]
+                samples = r["results"][0]["samples"]
                 lines.append(
                     f"| {model} | {r['seed']} | {r['steps']} | {_train_time(r)} "
-                    f"| {r['final_loss']:.2g} | " + " | ".join(cells) + " |"
+                    f"| {r['final_loss']:.2g} | {samples} ({r['eval_seed']}) | "
+                    + " | ".join(cells)
+                    + " |"
                 )
         lines.append("")
         for model, rows in by_model.items():
-            overrides = rows[0]["overrides"]
-            lines.append(
-                f"- {model} recipe: `{rows[0]['recipe']}`"
-                + (f"; grid overrides `{overrides}`" if _any(overrides) else "")
-            )
-        samples = first["results"][0]["samples"]
-        lines += ["", f"{samples} samples per length, evaluation seed {first['eval_seed']}.", ""]
+            # every row's own settings: rows of one model may come from different runs
+            settings: dict[str, list[int]] = {}
+            for r in rows:
+                said = f"`{r['recipe']}`" + (
+                    f"; grid overrides `{r['overrides']}`" if _any(r["overrides"]) else ""
+                )
+                settings.setdefault(said, []).append(r["seed"])
+            for said, seeds in settings.items():
+                which = "" if len(settings) == 1 else f" (seeds {', '.join(map(str, seeds))})"
+                lines.append(f"- {model} recipe{which}: {said}")
+        lines.append("")
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
     records = sorted(results, key=cell_key)
     atomic_write(
@@ -440,9 +447,7 @@ def _plot(
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from pntm import models, tasks
-
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid", type=Path, required=True, help="grid directory (resumable)")
     parser.add_argument("--models", default="pntm", help="comma-separated model names, or all")
@@ -467,7 +472,24 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="train nothing: write the report from the cells of the grid that are finished",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def recipe_settings(args: argparse.Namespace) -> list[str]:
+    """How ``args`` depart from the recipes' settings (overrides, a sample count or an
+    evaluation seed other than the defaults), in words; empty for the recipes' own."""
+    defaults = make_parser().parse_args(["--grid", "."])
+    departures = [f"--set {item}" for item in args.set]
+    for name in ("samples", "eval_seed"):
+        if getattr(args, name) != getattr(defaults, name):
+            departures.append(f"--{name.replace('_', '-')} {getattr(args, name)}")
+    return departures
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pntm import models, tasks
+
+    args = make_parser().parse_args(argv)
 
     names = list(tasks.NAMES) if args.tasks == "all" else args.tasks.split(",")
     for name in names:

@@ -27,14 +27,26 @@ DEFAULTS = {
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
-    for flag, value in DEFAULTS.items():
-        if flag not in given:
-            argv += [flag, value]
     # imported by name from its folder, so that the grid's worker processes (spawned) find the
     # functions they run under the same module name
     sys.path.insert(0, str(Path(__file__).parent))
     import length_generalization
 
+    for flag, value in DEFAULTS.items():
+        if flag not in given:
+            argv += [flag, value]
+    args = length_generalization.make_parser().parse_args(argv)
+    departures = length_generalization.recipe_settings(args)
+    if departures and "--results" not in given:
+        # the committed report holds the recipes' results: a run of other settings does not
+        # replace its rows unless --results names the report explicitly
+        elsewhere = str(Path(args.grid) / "results.md")
+        argv[argv.index("--results") + 1] = elsewhere
+        print(
+            f"settings other than the recipes' ({', '.join(departures)}): the report goes to "
+            f"{elsewhere}, not {DEFAULTS['--results']} (pass --results to choose)",
+            flush=True,
+        )
     length_generalization.main(argv)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 
 from pntm import backends
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "length_generalization.py"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "length_generalization.py"
 spec = importlib.util.spec_from_file_location("length_generalization", SCRIPT)
 grid_script = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(grid_script)
@@ -203,3 +205,48 @@ def test_reproduce_runs_several_models_in_worker_processes(tmp_path):
         result = json.loads((grid / model / "parity" / "seed-0" / "result.json").read_text())
         assert result["model"] == model and result["steps"] == 3
         assert f"| parity | {model} | 0 |" in report.read_text()
+
+
+TINY_SETTINGS = [
+    "--set", "train.steps=3", "--set", "train.train_length=2", "--set", "train.batch_size=2",
+    "--set", "model.d_model=8", "--workers", "1",
+]  # fmt: skip
+
+
+def test_reproduce_with_other_settings_keeps_the_committed_report(tmp_path):
+    """`scripts/reproduce.py` with settings other than the recipes' (here --set and
+    --samples) and no --results: the report goes to the grid's directory, and the default
+    report (docs/results.md, relative to where it runs) is not written."""
+    grid = tmp_path / "grid"
+    args = ["--grid", str(grid), "--models", "lstm", "--tasks", "parity", "--seeds", "1"]
+    args += ["--samples", "4", *TINY_SETTINGS]
+    script = SCRIPT.with_name("reproduce.py")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, cwd=tmp_path,
+        env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "settings other than the recipes'" in done.stdout and "--samples 4" in done.stdout
+    assert not (tmp_path / "docs").exists()
+    assert "| parity | lstm | 1 |" in (grid / "results.md").read_text()
+
+
+def test_every_row_carries_its_own_settings(tmp_path):
+    """Rows of one report from runs of different settings: each row shows its sample count
+    and evaluation seed, and each seed's overrides are listed (not the first row's alone)."""
+    report = tmp_path / "results.md"
+    for seed, samples, steps in ((0, 2, 3), (1, 3, 4)):
+        args = ["--grid", str(tmp_path / "grid"), "--models", "lstm", "--tasks", "parity"]
+        args += ["--seeds", str(seed), "--samples", str(samples), *TINY_SETTINGS]
+        args += ["--set", f"train.steps={steps}", "--results", str(report)]
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+    text = report.read_text()
+    assert "| lstm | 0 | 3 |" in text and "| 2 (2026) |" in text
+    assert "| lstm | 1 | 4 |" in text and "| 3 (2026) |" in text
+    assert "lstm recipe (seeds 0): " in text and "lstm recipe (seeds 1): " in text
+    assert "'steps': 3" in text and "'steps': 4" in text
