@@ -44,6 +44,7 @@ from pntm.models.base import cross_entropy, sequences_that_fit
 from pntm.run import PLAN_NAME
 from pntm.train import (
     CHECKPOINT_NAME,
+    STOP_SIGNALS,
     StopSignals,
     TrainConfig,
     Trainer,
@@ -334,7 +335,7 @@ def train_restart(
         if resume is None and main and not resuming:
             run.check_new(directory)
         try:
-            fit(trainer, directory, progress=progress, on_step=on_step)
+            fit(trainer, directory, progress=progress, on_step=on_step, announce=progress)
         except TrainingDiverged:
             status = "diverged"  # its last finite state is saved; the others may still win
         except TrainingDead:
@@ -425,9 +426,11 @@ def _init_worker(steps_done: Any, stop: Any, threads: int, parent: int) -> None:
     _steps_done, _stop = steps_done, stop
     run.exit_with_parent(parent)  # no orphan training on if the parent is killed
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    # a worker between restarts ignores Ctrl-C (no traceback from an idle process); while it
-    # trains, fit's own handler stops it at a step boundary, as the parent's ``stop`` does
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # a worker between restarts ignores Ctrl-C and the other stop signals (no traceback from
+    # an idle process, no broken pool); while it trains, fit's own handler stops it at a step
+    # boundary, as the parent's ``stop`` does
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _worker(
@@ -473,7 +476,7 @@ def _in_processes(
     results: dict[int, RestartResult] = {}
     bar = tqdm(total=plan.restarts * steps, initial=done_before, disable=not progress, unit="step")
     with (
-        StopSignals() as signals,
+        StopSignals(announce=True) as signals,
         ProcessPoolExecutor(
             workers,
             mp_context=ctx,

@@ -16,10 +16,12 @@ rank 0 alone prints and writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -415,22 +417,46 @@ class Trainer:
         )
 
 
-class StopSignals:
-    """While active, SIGINT and SIGTERM only ask the training loop to stop at the next step
-    boundary (where the state is whole and can be saved); a second SIGINT stops at once."""
+#: signals that stop training at the next step boundary, with a checkpoint: Ctrl-C, kill's
+#: default, a closed terminal or ssh session (SIGHUP), Ctrl-\ (SIGQUIT) and SIGUSR1 (which
+#: batch schedulers such as Slurm send ahead of a time limit)
+STOP_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1")
+    if hasattr(signal, name)  # Windows has SIGINT and SIGTERM alone
+)
 
-    def __init__(self) -> None:
+
+class StopSignals:
+    """While active, :data:`STOP_SIGNALS` only ask the training loop to stop at the next step
+    boundary (where the state is whole and can be saved); a second SIGINT stops at once.
+    ``announce``: say so on stderr when the first one arrives (a long step may take a while)."""
+
+    def __init__(self, announce: bool = False) -> None:
         self.signum: int | None = None
+        self.announce = announce
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait
+        first = self.signum is None
         self.signum = signum
+        if first and self.announce:
+            again = (
+                " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""
+            )
+            with contextlib.suppress(OSError):  # no terminal any more (SIGHUP)
+                print(
+                    f"\n{signal.Signals(signum).name}: stopping after this step, with a "
+                    f"checkpoint{again}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def __enter__(self) -> StopSignals:
         try:
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
         except ValueError:  # not the main thread: signals stay as they are
             self._previous.clear()
@@ -446,13 +472,15 @@ def fit(
     run_dir: str | Path,
     progress: bool = True,
     on_step: Callable[[int], int | None] | None = None,
+    announce: bool | None = None,
 ) -> dict[str, Any]:
     """Train until ``trainer.config.steps``; metrics every ``log_every`` steps to
     ``run_dir/metrics.jsonl``, a checkpoint every ``save_every`` steps and at the end (rank 0
     alone writes). Returns the last logged metrics.
 
-    On SIGINT or SIGTERM every process stops after the step under way, a checkpoint is saved
-    and :class:`TrainingStopped` is raised; resuming from it continues the same run. On a
+    On SIGINT, SIGTERM or another of :data:`STOP_SIGNALS` every process stops after the step
+    under way (saying so at once where ``announce``, by default on rank 0), a checkpoint is
+    saved and :class:`TrainingStopped` is raised; resuming from it continues the same run. On a
     non-finite loss, gradient or update the last finite state is saved and
     :class:`TrainingDiverged` is raised. ``on_step(step)``, called after each update, may
     return a signal number: the run then stops as if this process had received it."""
@@ -490,7 +518,8 @@ def fit(
         dynamic_ncols=True,
     )
     try:
-        with StopSignals() as signals, _metrics_log(metrics_path, main) as log:
+        announce = main if announce is None else announce
+        with StopSignals(announce) as signals, _metrics_log(metrics_path, main) as log:
             while trainer.step < cfg.steps:
                 # every process stops at the same step boundary if any of them was signalled
                 (stops,) = trainer.group.sum_floats([signals.signum is not None])

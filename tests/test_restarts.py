@@ -198,12 +198,12 @@ def test_a_stopped_run_resumes_to_the_same_end(tmp_path, monkeypatch):
 
     real_fit = restarts.fit
 
-    def stopping_fit(trainer, run_dir, progress=True, on_step=None):
+    def stopping_fit(trainer, run_dir, progress=True, on_step=None, announce=None):
         # restart 1 is stopped after its 7th update, as by SIGTERM
         stop = (
             (lambda s: signal.SIGTERM if s == 7 else None) if "restart-1" in str(run_dir) else None
         )
-        return real_fit(trainer, run_dir, progress, on_step=stop)
+        return real_fit(trainer, run_dir, progress, on_step=stop, announce=announce)
 
     monkeypatch.setattr(restarts, "fit", stopping_fit)
     with pytest.raises(TrainingStopped) as stopped:
@@ -229,10 +229,10 @@ def test_diverged_restarts_are_passed_over(tmp_path, monkeypatch):
     real_fit = restarts.fit
     diverging = {"restart-0", "restart-2"}
 
-    def fit_or_diverge(trainer, run_dir, progress=True, on_step=None):
+    def fit_or_diverge(trainer, run_dir, progress=True, on_step=None, announce=None):
         if run_dir.name in diverging:
             raise TrainingDiverged(3, "the loss is nan")
-        return real_fit(trainer, run_dir, progress, on_step)
+        return real_fit(trainer, run_dir, progress, on_step, announce)
 
     monkeypatch.setattr(restarts, "fit", fit_or_diverge)
     results, kept = restarts.train_restarts(plan, tmp_path / "a", "torch", ops, workers=1)

@@ -16,6 +16,7 @@ from pntm.models.pntm import PNTM, PNTMConfig
 from pntm.train import (
     CHECKPOINT_NAME,
     METRICS_NAME,
+    STOP_SIGNALS,
     TrainConfig,
     Trainer,
     TrainingDiverged,
@@ -295,11 +296,12 @@ def test_checkpoint_is_portable_across_backends(trained_on, tmp_path):
         np.testing.assert_array_equal(decodes[name], decodes["numpy"], err_msg=name)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_stops_at_the_step_boundary_and_resumes_exactly(tmp_path, signum):
-    """A signal during step 4 lets the step finish, saves step 4 and raises TrainingStopped
-    (exit code 128 + the signal); resuming gives exactly the uninterrupted run, and the
-    metrics of the resumed run hold every step once."""
+@pytest.mark.parametrize("signum", STOP_SIGNALS, ids=lambda s: signal.Signals(s).name)
+def test_a_signal_stops_at_the_step_boundary_and_resumes_exactly(tmp_path, capsys, signum):
+    """A signal during step 4 (Ctrl-C, kill, a closed terminal's SIGHUP, SIGQUIT, a
+    scheduler's SIGUSR1) is announced at once, lets the step finish, saves step 4 and raises
+    TrainingStopped (exit code 128 + the signal); resuming gives exactly the uninterrupted
+    run, and the metrics of the resumed run hold every step once."""
     every = {"steps": 8, "log_every": 1, "save_every": 100, "head_noise": 1.0}
     straight = make_trainer(TRAINABLE[0], **every)
     fit(straight, tmp_path / "straight", progress=False)
@@ -316,6 +318,8 @@ def test_a_signal_stops_at_the_step_boundary_and_resumes_exactly(tmp_path, signu
     with pytest.raises(TrainingStopped) as stopped:
         fit(trainer, tmp_path / "run", progress=False)
     assert stopped.value.step == 4 and stopped.value.exit_code == 128 + signum
+    said = capsys.readouterr().err
+    assert f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint" in said
     assert signal.getsignal(signum) is not None  # handlers restored, not left in place
     ckpt = checkpoint.load(tmp_path / "run" / CHECKPOINT_NAME)
     assert ckpt.step == 4
