@@ -578,9 +578,14 @@ def _run_errors(run_dir: Path, group: Any) -> Any:
             130,
         ) from None
     except OSError as exc:  # the disk is full, a file turned into a directory, ...
+        kept = (
+            "no checkpoint had been written, so the run's files were removed: the same "
+            "command can run again"
+            if group.is_main and run.discard_unsaved(run_dir)
+            else "the last checkpoint there is kept"
+        )
         raise click.ClickException(
-            f"cannot write the run in {run_dir}: {exc.strerror or exc}; the last checkpoint "
-            "there is kept"
+            f"cannot write the run in {run_dir}: {exc.strerror or exc}; {kept}"
         ) from exc
     finally:
         group.close()

@@ -9,6 +9,7 @@ ends, however it ends.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -117,6 +118,26 @@ def locked(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def discard_unsaved(run_dir: Path) -> bool:
+    """After a failed run that wrote no checkpoint anywhere in ``run_dir`` (a new run: a
+    resumed one has one): remove the files it did write (metrics, restarts plan, restart
+    directories, lock) and the directory if that leaves it empty, so that the same command
+    can run again; True if it did. Nothing is removed where a checkpoint exists."""
+    if not run_dir.is_dir() or any(run_dir.glob(f"**/{CHECKPOINT_NAME}")):
+        return False
+    for restart in run_dir.glob("restart-*"):
+        if restart.is_dir():
+            for name in (*RUN_FILES, LOCK_NAME):
+                (restart / name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                restart.rmdir()
+    for name in (*RUN_FILES, LOCK_NAME):
+        (run_dir / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: the user's own files stay
+        run_dir.rmdir()
+    return True
 
 
 def unique_eval_path(run_dir: Path) -> Path:

@@ -351,3 +351,40 @@ def test_parameter_counts_match_the_parameters_drawn(model):
         config = cls.config_class(vocab_size=tasks.get("copy").vocab_size, **options)
         drawn = sum(int(np.prod(p.shape)) for p in tree_leaves(cls.init_params(config, 0)))
         assert cls.parameter_count(config) == drawn, options
+
+
+def test_a_damaged_optimizer_state_is_refused_on_resume(fresh_run):
+    """AdamW's second moment set to -1 (finite, so the finiteness check passes): resuming is
+    refused naming the tensor, instead of diverging later with advice about the learning
+    rate; the checkpoint is left as it was."""
+    path = fresh_run / CHECKPOINT_NAME
+    with safe_open(str(path), framework="np") as f:
+        metadata = dict(f.metadata())
+    tensors = load_file(str(path))
+    name = next(k for k in tensors if k.startswith("optimizer.v."))
+    tensors[name] = np.full_like(tensors[name], -1.0)
+    save_file(tensors, str(path), metadata=metadata)
+    before = snapshot(fresh_run)
+    result = cli("train", "--resume", fresh_run, "--quiet")
+    assert_refused(result, "damaged optimizer state", name, "negative")
+    assert snapshot(fresh_run) == before
+
+
+def test_a_full_disk_at_the_first_save_leaves_nothing_behind(tmp_path, monkeypatch):
+    """The disk full at a new run's first checkpoint: the error does not claim a checkpoint
+    was kept, and the run's files (metrics, lock, the directory it made) are removed, so the
+    same command runs again once there is room."""
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device")
+
+    out = tmp_path / "run"
+    command = ["train", *TINY, "--backend", TRAINABLE[0], "--no-eval", "--out", out]
+    monkeypatch.setattr("safetensors.numpy.save_file", full)
+    result = cli(*command)
+    assert_refused(result, "No space left", "no checkpoint had been written")
+    assert "checkpoint there is kept" not in result.output
+    assert not out.exists()
+    monkeypatch.undo()
+    assert cli(*command).exit_code == 0
