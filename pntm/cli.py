@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +131,28 @@ def _ops(name: str, train: bool, threads: int | None = None) -> tuple[str, backe
     return name, ops
 
 
-@click.group()
+class _Commands(click.Group):
+    """pntm's commands, and one rule for all of them: output that cannot be written (standard
+    output full or closed: ``pntm tasks > /dev/full``) is one Error line, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:
+            try:  # a failed write may have emptied the buffer: probe the descriptor itself
+                os.write(sys.stdout.fileno(), b"\n")
+            except OSError:
+                # standard output is the culprit: silence it, so that Python's own flush at
+                # exit does not fail a second time, and say why on standard error
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                raise click.ClickException(
+                    f"cannot write the output: {exc.strerror or exc}"
+                ) from exc
+            raise
+
+
+@click.group(cls=_Commands)
 @click.version_option(__version__, message="%(prog)s %(version)s")
 def main() -> None:
     """Parallelizable Neural Turing Machines: train and evaluate P-NTMs on MLX or PyTorch."""
@@ -508,7 +531,11 @@ def train_command(**opts: Any) -> None:
         capacity=None,
         json_path=run_dir / "eval.json",
         plot_path=run_dir / "eval.png",
-        info={"checkpoint": str(run_dir / CHECKPOINT_NAME), "backend": backend_name},
+        info={
+            "checkpoint": str(run_dir / CHECKPOINT_NAME),
+            "step": trainer.step,
+            "backend": backend_name,
+        },
     )
 
 
@@ -643,7 +670,11 @@ def _train_restarts(
         capacity=None,
         json_path=run_dir / "eval.json",
         plot_path=run_dir / "eval.png",
-        info={"checkpoint": str(run_dir / CHECKPOINT_NAME), "backend": backend_name},
+        info={
+            "checkpoint": str(run_dir / CHECKPOINT_NAME),
+            "step": ckpt.step,
+            "backend": backend_name,
+        },
     )
 
 
@@ -822,6 +853,11 @@ def eval_command(checkpoint_path: Path, **opts: Any) -> None:
     task = tasks.get(train_config.task)
     lengths = opts["lengths"] or _default_eval_lengths(task, train_config.train_length)
     slots = opts["slots"]
+    if slots is not None and not models.get(ckpt.model).has_memory:
+        raise click.ClickException(
+            f"--slots {slots}: the {ckpt.model} model has no memory slots (those of "
+            f"{', '.join(n for n in models.NAMES if models.get(n).has_memory)} do)"
+        )
     try:
         check_capacity(task, lengths, slots)
     except ValueError as exc:
@@ -857,8 +893,13 @@ def eval_command(checkpoint_path: Path, **opts: Any) -> None:
         slots,
         json_path,
         plot_path,
-        {"checkpoint": str(checkpoint_path), "backend": backend_name},
+        {"checkpoint": str(checkpoint_path), "step": ckpt.step, "backend": backend_name},
     )
+    if opts["seed"] == 0:
+        click.echo(
+            "(samples of seed 0, the samples of the table printed at the end of training: "
+            "--seed N draws others)"
+        )
 
 
 def _evaluate_and_report(
@@ -887,7 +928,7 @@ def _evaluate_and_report(
         f"\nlength generalization of {model.name}, task {task.name}, trained on lengths "
         f"1..{train_config.train_length} ({task.length_unit}), greedy decoding{described}:"
     )
-    click.echo(format_table(results, train_config.train_length))
+    click.echo(format_table(results, train_config.train_length, model.has_memory))
     meta = {
         **info,
         "model": model.name,

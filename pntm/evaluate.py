@@ -130,12 +130,15 @@ def evaluate(
     return results
 
 
-def format_table(results: list[LengthResult], train_length: int) -> str:
+def format_table(results: list[LengthResult], train_length: int, memory: bool = True) -> str:
+    """The results as a text table; ``memory``: the model has memory slots (else its
+    capacity column shows -)."""
     header = ("length", "x train", "capacity", "samples", "exact", "token acc")
     lines = [" ".join(f"{h:>{w}}" for h, w in zip(header, (8, 8, 8, 8, 7, 9), strict=True))]
     for r in results:
+        capacity = f"{r.capacity:>8d}" if memory else f"{'-':>8}"
         lines.append(
-            f"{r.length:>8d} {r.length / train_length:>7.3g}x {r.capacity:>8d} {r.samples:>8d} "
+            f"{r.length:>8d} {r.length / train_length:>7.3g}x {capacity} {r.samples:>8d} "
             f"{r.exact_match:>7.3f} {r.token_accuracy:>9.3f}"
         )
     return "\n".join(lines)

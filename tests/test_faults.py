@@ -388,3 +388,56 @@ def test_a_full_disk_at_the_first_save_leaves_nothing_behind(tmp_path, monkeypat
     assert not out.exists()
     monkeypatch.undo()
     assert cli(*command).exit_code == 0
+
+
+def test_eval_records_the_step_says_its_seed_and_refuses_slots_without_memory(fresh_run, tmp_path):
+    """`pntm eval`: the JSON records the checkpoint's step; the output says that seed 0
+    repeats the samples of training's own table; --slots for a model without memory slots
+    (an LSTM) is refused, and its table shows no capacity."""
+    result = cli("eval", fresh_run, "--samples", "2", "--lengths", "2", "--json",
+                 tmp_path / "e.json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    step = checkpoint.load(fresh_run / CHECKPOINT_NAME).step
+    assert json.loads((tmp_path / "e.json").read_text())["step"] == step
+    assert "samples of seed 0, the samples of the table printed at the end of training" in (
+        result.output
+    )
+    lstm = tmp_path / "lstm"
+    options = [
+        "--task",
+        "copy",
+        "--steps",
+        "4",
+        "--train-length",
+        "3",
+        "--batch-size",
+        "4",
+        "--d-model",
+        "8",
+        "--layers",
+        "1",
+        "--eval-lengths",
+        "2",
+        "--eval-samples",
+        "2",
+    ]
+    trained = cli("train", *options, "--model", "lstm", "--backend", TRAINABLE[0], "--quiet",
+                  "--out", lstm)  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    assert_refused(cli("eval", lstm, "--slots", "10"), "--slots 10: the lstm model has no memory")
+    table = cli("eval", lstm, "--samples", "2", "--lengths", "2", "--seed", "3")
+    assert table.exit_code == 0, table.output
+    row = next(line for line in table.output.splitlines() if line.split()[:1] == ["2"])
+    assert row.split()[2] == "-" and "samples of seed 0" not in table.output
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_output_that_cannot_be_written_is_an_error_line():
+    """`pntm tasks > /dev/full`: one Error line on standard error, exit 1, no traceback."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "pntm", "tasks"], stdout=full, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip() == "Error: cannot write the output: No space left on device"

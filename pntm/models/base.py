@@ -62,6 +62,8 @@ class Model(abc.ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     config_class: ClassVar[type[ModelConfig]]
+    #: whether the model has memory slots (its ``capacity`` N); models without ignore it
+    has_memory: ClassVar[bool] = False
 
     def __init__(self, config: Any, ops: Backend) -> None:
         self.config = config

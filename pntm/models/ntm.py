@@ -188,6 +188,7 @@ class NTM(Model):
         "controller, content and location addressing, sequential in time"
     )
     config_class = NTMConfig
+    has_memory = True
 
     def __init__(self, config: NTMConfig, ops: Backend) -> None:
         super().__init__(config, ops)

@@ -406,6 +406,7 @@ class PNTM(Model):
     name = "pntm"
     description = "Parallelizable Neural Turing Machine (parallel scans, constant-time decoding)"
     config_class = PNTMConfig
+    has_memory = True
     decode_options = PNTMDecoding
 
     def __init__(self, config: PNTMConfig, ops: Backend) -> None:
