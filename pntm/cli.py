@@ -536,6 +536,7 @@ def train_command(**opts: Any) -> None:
             "step": trainer.step,
             "backend": backend_name,
         },
+        progress=not opts["quiet"],
     )
 
 
@@ -675,6 +676,7 @@ def _train_restarts(
             "step": ckpt.step,
             "backend": backend_name,
         },
+        progress=not opts["quiet"],
     )
 
 
@@ -915,12 +917,15 @@ def _evaluate_and_report(
     json_path: Path,
     plot_path: Path,
     info: dict[str, Any],
+    progress: bool = True,
 ) -> None:
     from pntm.evaluate import evaluate, format_table, plot, write_json
 
     start = time.perf_counter()
     try:
-        results = evaluate(model, params, task, lengths, samples, seed, mode, capacity)
+        results = evaluate(
+            model, params, task, lengths, samples, seed, mode, capacity, progress=progress
+        )
     except MemoryError as exc:
         raise click.ClickException(str(exc)) from exc
     described = "".join(f", {k} {v}" for k, v in mode.items())

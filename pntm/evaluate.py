@@ -10,7 +10,9 @@ sequence length at each L (as in training, where it is T of the padded batch), u
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -58,17 +60,23 @@ def greedy_decode(
     n_new: int,
     capacity: int,
     mode: dict[str, Any],
+    on_token: Callable[[], None] | None = None,
 ) -> np.ndarray:
     """``n_new`` greedily decoded tokens (B, n_new) after ``prompts`` (B, P): the prompt by the
-    parallel form, then one step per token; ``mode`` is the model's :meth:`decode_mode`."""
+    parallel form, then one step per token; ``mode`` is the model's :meth:`decode_mode`;
+    ``on_token()`` after each token (a progress display)."""
     ops = model.ops
     logits, state = model.forward(params, ops.asarray(prompts), capacity, return_state=True, **mode)
     token = ops.argmax(logits[:, -1], -1)
     out = [ops.to_numpy(token)]
     for _ in range(n_new - 1):
+        if on_token is not None:
+            on_token()
         logits, state = model.step(params, state, token, **mode)
         token = ops.argmax(logits, -1)
         out.append(ops.to_numpy(token))
+    if on_token is not None:
+        on_token()
     return np.stack(out, axis=1).astype(np.int64)
 
 
@@ -82,10 +90,15 @@ def evaluate(
     mode: dict[str, Any] | None = None,
     capacity: int | None = None,
     batch_size: int = 64,
+    progress: bool = False,
 ) -> list[LengthResult]:
     """Greedy exact match and token accuracy at each length (module docstring); ``mode`` is
     the model's :meth:`decode_mode`, ``capacity`` None = the sequence length. Samples go
-    through the model ``batch_size`` at a time, or fewer where that would not fit in memory."""
+    through the model ``batch_size`` at a time, or fewer where that would not fit in memory.
+    ``progress``: a progress bar of decoded tokens on a terminal (a long length can take
+    minutes)."""
+    from tqdm.auto import tqdm
+
     check_capacity(task, lengths, capacity)
     per_pass = {  # a length that cannot fit fails here, before any is evaluated
         length: sequences_that_fit(
@@ -99,24 +112,27 @@ def evaluate(
     }
     mode = mode or {}
     results = []
+    answers = {n: task.sequence_length(n) - task.prompt_length(n) for n in lengths}
+    bar = tqdm(
+        total=samples * sum(answers.values()),
+        unit="token",
+        unit_scale=True,
+        disable=None if progress else True,  # None: shown on a terminal only
+        dynamic_ncols=True,
+    )
     for length in lengths:
+        bar.set_postfix(length=length)
         rng = np.random.default_rng([seed, length])
         seqs = np.array([task.sequence(rng, length) for _ in range(samples)])
         prompt_len = task.prompt_length(length)
         size = capacity or task.sequence_length(length)
-        predicted = np.concatenate(
-            [
-                greedy_decode(
-                    model,
-                    params,
-                    seqs[i : i + per_pass[length], :prompt_len],
-                    seqs.shape[1] - prompt_len,
-                    size,
-                    mode,
-                )
-                for i in range(0, samples, per_pass[length])
-            ]
-        )
+        batches = []
+        for i in range(0, samples, per_pass[length]):
+            prompts = seqs[i : i + per_pass[length], :prompt_len]
+            step = functools.partial(bar.update, len(prompts))
+            n_new = seqs.shape[1] - prompt_len
+            batches.append(greedy_decode(model, params, prompts, n_new, size, mode, step))
+        predicted = np.concatenate(batches)
         correct = predicted == seqs[:, prompt_len:]
         results.append(
             LengthResult(
@@ -127,6 +143,7 @@ def evaluate(
                 token_accuracy=float(correct.mean()),
             )
         )
+    bar.close()
     return results
 
 

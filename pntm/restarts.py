@@ -312,6 +312,7 @@ def train_restart(
     progress: bool = False,
     on_step: Callable[[int], int | None] | None = None,
     resuming: bool = False,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
 ) -> RestartResult:
     """Train (or resume, from its checkpoint) restart ``restart`` in its directory and score
     it; a diverged restart is reported, not raised (a stopped one raises
@@ -335,7 +336,10 @@ def train_restart(
         if resume is None and main and not resuming:
             run.check_new(directory)
         try:
-            fit(trainer, directory, progress=progress, on_step=on_step, announce=progress)
+            fit(
+                trainer, directory, progress=progress, on_step=on_step, announce=progress,
+                on_metrics=on_metrics,
+            )  # fmt: skip
         except TrainingDiverged:
             status = "diverged"  # its last finite state is saved; the others may still win
         except TrainingDead:
@@ -419,11 +423,12 @@ def _describe(result: RestartResult) -> str:
 
 _steps_done: Any = None  # per-worker: a shared counter of optimizer steps, for the progress bar
 _stop: Any = None  # per-worker: set by the parent when it is asked to stop
+_status: Any = None  # per-worker: shared (step, last logged loss) of every restart
 
 
-def _init_worker(steps_done: Any, stop: Any, threads: int, parent: int) -> None:
-    global _steps_done, _stop
-    _steps_done, _stop = steps_done, stop
+def _init_worker(steps_done: Any, stop: Any, status: Any, threads: int, parent: int) -> None:
+    global _steps_done, _stop, _status
+    _steps_done, _stop, _status = steps_done, stop, status
     run.exit_with_parent(parent)  # no orphan training on if the parent is killed
     os.environ["OMP_NUM_THREADS"] = str(threads)
     # a worker between restarts ignores Ctrl-C and the other stop signals (no traceback from
@@ -444,12 +449,20 @@ def _worker(
     backends.set_threads(ops, threads)
     backends.keep_freed_memory()
 
+    steps, losses = _status
+
     def on_step(step: int) -> int | None:
         with _steps_done.get_lock():
             _steps_done.value += 1
+        steps[restart] = step
         return signal.SIGTERM if _stop.is_set() else None
 
-    return train_restart(plan, run_dir, restart, ops, backend_name, False, on_step, resuming)
+    def on_metrics(metrics: dict[str, Any]) -> None:
+        losses[restart] = metrics["loss"]
+
+    return train_restart(
+        plan, run_dir, restart, ops, backend_name, False, on_step, resuming, on_metrics
+    )
 
 
 def _in_processes(
@@ -467,7 +480,10 @@ def _in_processes(
     steps_done, stop = ctx.Value("q", 0), ctx.Event()
     threads = max(1, (os.cpu_count() or 1) // workers)
     steps = plan.config(0).steps
-    done_before = sum(_checkpoint_step(restart_dir(run_dir, r)) for r in range(plan.restarts))
+    saved = [_checkpoint_step(restart_dir(run_dir, r)) for r in range(plan.restarts)]
+    done_before = sum(saved)
+    # each restart's step and last logged loss, for the progress bar
+    status = (ctx.Array("q", saved), ctx.Array("d", [math.nan] * plan.restarts))
     say(
         f"{plan.restarts} restarts, {workers} at a time ({threads} thread"
         f"{'s' if threads > 1 else ''} each): seeds "
@@ -481,7 +497,7 @@ def _in_processes(
             workers,
             mp_context=ctx,
             initializer=_init_worker,
-            initargs=(steps_done, stop, threads, os.getpid()),
+            initargs=(steps_done, stop, status, threads, os.getpid()),
         ) as pool,
     ):
         futures = {
@@ -514,6 +530,7 @@ def _in_processes(
                 for future in pending:
                     future.cancel()  # those not started: nothing to save
             if done_before + steps_done.value > bar.n:
+                bar.set_postfix_str(_status_line(status, steps, results), refresh=False)
                 bar.update(done_before + steps_done.value - bar.n)
             time.sleep(0.2)
     bar.close()
@@ -529,6 +546,17 @@ def _in_processes(
         raise RestartsStopped(signals.signum or stops[0].signum, saved, steps)
     bar.close()
     return [results[r] for r in sorted(results)]
+
+
+def _status_line(status: Any, steps: int, results: dict[int, RestartResult]) -> str:
+    """Each restart's state for the progress bar: ``r0 1200/8000 loss 0.21``, or its end."""
+    parts = []
+    for r, (step, loss) in enumerate(zip(*status, strict=True)):
+        if r in results:
+            parts.append(f"r{r} {results[r].status}")
+        else:
+            parts.append(f"r{r} {step}/{steps}" + ("" if math.isnan(loss) else f" loss {loss:.3g}"))
+    return " | ".join(parts)
 
 
 def _checkpoint_step(directory: Path) -> int:

@@ -473,6 +473,7 @@ def fit(
     progress: bool = True,
     on_step: Callable[[int], int | None] | None = None,
     announce: bool | None = None,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train until ``trainer.config.steps``; metrics every ``log_every`` steps to
     ``run_dir/metrics.jsonl``, a checkpoint every ``save_every`` steps and at the end (rank 0
@@ -483,7 +484,8 @@ def fit(
     saved and :class:`TrainingStopped` is raised; resuming from it continues the same run. On a
     non-finite loss, gradient or update the last finite state is saved and
     :class:`TrainingDiverged` is raised. ``on_step(step)``, called after each update, may
-    return a signal number: the run then stops as if this process had received it."""
+    return a signal number: the run then stops as if this process had received it;
+    ``on_metrics(metrics)`` receives each metrics line as it is logged."""
     from tqdm.auto import tqdm
 
     main = trainer.group.is_main
@@ -543,6 +545,8 @@ def fit(
                     window = []
                     still_home()
                     log(last)
+                    if on_metrics is not None:
+                        on_metrics(last)
                     bar.set_postfix(
                         loss=f"{last['loss']:.4f}",
                         acc=f"{last['accuracy']:.3f}",

@@ -112,3 +112,30 @@ def test_json_and_plot_are_written(tmp_path):
     plot(tmp_path / "e.png", "copy", results, 8)
     assert (tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "e.png"]
+
+
+def test_progress_counts_every_decoded_token(monkeypatch):
+    """The progress bar of a long evaluation (once silent for ten minutes) counts each decoded
+    token of every sample, across lengths and batches, and reaches its total."""
+    import tqdm.auto
+
+    seen = {}
+
+    class Bar:
+        def __init__(self, total, disable, **kwargs):
+            seen.update(total=total, disable=disable, done=0)
+
+        def update(self, n):
+            seen["done"] += n
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    task = tasks.get("copy")
+    evaluate(OracleModel(task), None, task, [2, 7], samples=5, batch_size=2, progress=True)
+    answers = sum(task.sequence_length(n) - task.prompt_length(n) for n in (2, 7))
+    assert seen == {"total": 5 * answers, "disable": None, "done": 5 * answers}

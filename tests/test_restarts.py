@@ -5,6 +5,7 @@ diverged restarts are passed over, and a plan with other settings is refused."""
 from __future__ import annotations
 
 import json
+import math
 import signal
 
 import numpy as np
@@ -198,12 +199,12 @@ def test_a_stopped_run_resumes_to_the_same_end(tmp_path, monkeypatch):
 
     real_fit = restarts.fit
 
-    def stopping_fit(trainer, run_dir, progress=True, on_step=None, announce=None):
+    def stopping_fit(trainer, run_dir, progress=True, on_step=None, announce=None, **kw):
         # restart 1 is stopped after its 7th update, as by SIGTERM
         stop = (
             (lambda s: signal.SIGTERM if s == 7 else None) if "restart-1" in str(run_dir) else None
         )
-        return real_fit(trainer, run_dir, progress, on_step=stop, announce=announce)
+        return real_fit(trainer, run_dir, progress, on_step=stop, announce=announce, **kw)
 
     monkeypatch.setattr(restarts, "fit", stopping_fit)
     with pytest.raises(TrainingStopped) as stopped:
@@ -229,10 +230,10 @@ def test_diverged_restarts_are_passed_over(tmp_path, monkeypatch):
     real_fit = restarts.fit
     diverging = {"restart-0", "restart-2"}
 
-    def fit_or_diverge(trainer, run_dir, progress=True, on_step=None, announce=None):
+    def fit_or_diverge(trainer, run_dir, progress=True, on_step=None, announce=None, **kw):
         if run_dir.name in diverging:
             raise TrainingDiverged(3, "the loss is nan")
-        return real_fit(trainer, run_dir, progress, on_step, announce)
+        return real_fit(trainer, run_dir, progress, on_step, announce, **kw)
 
     monkeypatch.setattr(restarts, "fit", fit_or_diverge)
     results, kept = restarts.train_restarts(plan, tmp_path / "a", "torch", ops, workers=1)
@@ -275,3 +276,15 @@ def test_a_restart_killed_before_its_first_checkpoint_starts_again(tmp_path):
     assert [r.validation_loss for r in again] == [r.validation_loss for r in whole]
     metrics = (cut / "restart-1" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in metrics] == list(range(2, 13, 2))
+
+
+def test_the_progress_bar_shows_each_restart():
+    """A restarts run's bar says where each restart is and its last logged loss (once only a
+    combined step count, for 27 minutes of multiplication), and how the finished ones ended."""
+    finished = restarts.RestartResult(
+        restart=2, seed=9, status="diverged", step=40, validation_loss=math.inf,
+        final_loss=None, train_seconds=1.0, validation_misses=None,
+    )  # fmt: skip
+    status = ([1200, 0, 40], [0.2134, math.nan, 3.0])
+    line = restarts._status_line(status, 8000, {2: finished})
+    assert line == "r0 1200/8000 loss 0.213 | r1 0/8000 | r2 diverged"
