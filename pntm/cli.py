@@ -581,9 +581,14 @@ def _run_errors(run_dir: Path, group: Any) -> Any:
     except RunDirectoryLost as exc:
         raise click.ClickException(str(exc)) from exc
     except TrainingDead as exc:
-        saved = any(run_dir.glob(f"**/{CHECKPOINT_NAME}"))
+        discarded = group.is_main and run.discard_unsaved(run_dir)
         raise click.ClickException(
-            f"{exc}" + (f" ({run_dir} keeps it)" if saved else " (none was written)")
+            f"{exc}"
+            + (
+                " (none had been written, so the run's files were removed)"
+                if discarded
+                else f" ({run_dir} keeps it)"
+            )
         ) from exc
     except backends.ProcessGroupError as exc:
         raise click.ClickException(f"{exc}; the last checkpoint in {run_dir} is kept") from exc

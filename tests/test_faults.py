@@ -290,17 +290,23 @@ def test_a_deleted_run_directory_stops_the_run(tmp_path, then):
     assert (not out.exists()) if then == "deleted" else list(out.iterdir()) == []
 
 
-def test_a_dead_model_is_an_error_not_a_success(tmp_path):
+@pytest.mark.parametrize("save_every", [5, 1000], ids=["saved-before", "none-saved"])
+def test_a_dead_model_is_an_error_not_a_success(tmp_path, save_every):
     """`--lr 1e6` saturates the model: from some step on the gradient is exactly zero and
     the loss sits at ln V (uniform guesses). Training stops with an error naming the step
     and the likely cause, exit 1, instead of finishing with exit 0."""
     result = cli(
         "train", *TINY, "--backend", TRAINABLE[0], "--lr", "1e6", "--warmup-steps", "0",
-        "--steps", "200", "--no-eval", "--out", tmp_path,
+        "--steps", "200", "--no-eval", "--out", tmp_path, "--save-every", str(save_every),
     )  # fmt: skip
     assert_refused(result, "the gradient was exactly zero for the last 20 updates", "dead")
-    steps = [json.loads(line) for line in (tmp_path / METRICS_NAME).open()]
-    assert steps[-1]["step"] < 200 and steps[-1]["grad_norm"] == 0.0
+    assert (tmp_path / CHECKPOINT_NAME).exists() == (save_every == 5)
+    if (tmp_path / CHECKPOINT_NAME).exists():  # kept as it was; the metrics show the death
+        steps = [json.loads(line) for line in (tmp_path / METRICS_NAME).open()]
+        assert steps[-1]["step"] < 200 and steps[-1]["grad_norm"] == 0.0
+    else:  # died before its first checkpoint: nothing left to block the same command
+        assert "the run's files were removed" in result.output
+        assert not (tmp_path / METRICS_NAME).exists()
 
 
 def test_a_zero_gradient_at_a_perfect_fit_is_not_death():
