@@ -178,13 +178,7 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
             "m": tree_unflatten(_section(tensors, "optimizer.m.", expected, path), like),
             "v": tree_unflatten(_section(tensors, "optimizer.v.", expected, path), like),
         }
-        for name, v in tree_flatten(optimizer["v"]).items():
-            if v.size and v.min() < 0:  # an average of squared gradients: never negative
-                raise CheckpointError(
-                    f"checkpoint {str(path)!r} holds a damaged optimizer state: "
-                    f"optimizer.v.{name}, AdamW's average of squared gradients, has negative "
-                    f"values (down to {float(v.min()):.3g})"
-                )
+
     return Checkpoint(
         model=model_class.name,
         model_config=config.to_dict(),

@@ -205,6 +205,14 @@ class Trainer:
         else:
             if resume_from.optimizer is None:
                 raise ValueError("the checkpoint holds no optimizer state to resume from")
+            for name, v in tree_flatten(resume_from.optimizer["v"]).items():
+                if v.size and v.min() < 0:  # an average of squared gradients: never negative
+                    raise ValueError(
+                        "the checkpoint holds a damaged optimizer state: "
+                        f"optimizer.v.{name}, AdamW's average of squared gradients, has "
+                        f"negative values (down to {float(v.min()):.3g}); it can be evaluated "
+                        "but not resumed"
+                    )
             self.step = resume_from.step
             self.params = self.model.params_from_numpy(resume_from.params)
             self.opt_state = {

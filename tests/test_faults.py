@@ -362,18 +362,21 @@ def test_parameter_counts_match_the_parameters_drawn(model):
 def test_a_damaged_optimizer_state_is_refused_on_resume(fresh_run):
     """AdamW's second moment set to -1 (finite, so the finiteness check passes): resuming is
     refused naming the tensor, instead of diverging later with advice about the learning
-    rate; the checkpoint is left as it was."""
+    rate; the checkpoint is left as it was, and can still be evaluated."""
     path = fresh_run / CHECKPOINT_NAME
     with safe_open(str(path), framework="np") as f:
         metadata = dict(f.metadata())
     tensors = load_file(str(path))
     name = next(k for k in tensors if k.startswith("optimizer.v."))
     tensors[name] = np.full_like(tensors[name], -1.0)
-    save_file(tensors, str(path), metadata=metadata)
+    # a run stopped half-way, so that there is something to resume
+    save_file(tensors, str(path), metadata=metadata | {"step": "6", "optimizer_step": "6"})
     before = snapshot(fresh_run)
     result = cli("train", "--resume", fresh_run, "--quiet")
-    assert_refused(result, "damaged optimizer state", name, "negative")
+    assert_refused(result, "damaged optimizer state", name[len("optimizer.") :], "negative")
     assert snapshot(fresh_run) == before
+    evaluated = cli("eval", fresh_run, "--samples", "2", "--lengths", "2")  # needs no optimizer
+    assert evaluated.exit_code == 0, evaluated.output
 
 
 def test_a_full_disk_at_the_first_save_leaves_nothing_behind(tmp_path, monkeypatch):
