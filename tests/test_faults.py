@@ -18,7 +18,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from pntm import checkpoint, run
+from pntm import backends, checkpoint, run
 from pntm.train import CHECKPOINT_NAME, METRICS_NAME
 from tests.test_cli import TINY, TRAINABLE, assert_refused, fresh_run, run_dir, snapshot
 from tests.test_cli import run as cli
@@ -450,3 +450,41 @@ def test_output_that_cannot_be_written_is_an_error_line():
         )  # fmt: skip
     assert done.returncode == 1
     assert done.stderr.strip() == "Error: cannot write the output: No space left on device"
+
+
+# ---------------------------------------------------------------------- faults of our own
+
+
+@pytest.mark.parametrize(
+    "env, said",
+    [
+        ({"NUMBA_NUM_THREADS": "0"}, "NUMBA_NUM_THREADS='0': numba needs a number of threads"),
+        ({"NUMBA_THREADING_LAYER": "nonsense"}, "NUMBA_THREADING_LAYER='nonsense' is not one"),
+    ],
+    ids=["threads-0", "unknown-layer"],
+)
+def test_a_bad_numba_setting_is_named_not_a_traceback(tmp_path, env, said):
+    """numba's own environment set wrong: the kernels' backend says which variable and why
+    (numba raised at import, or at the first kernel's launch mid-training, with a traceback),
+    and `pntm backends` lists it as not running."""
+    if not {i.name: i.runs for i in backends.available()}.get("numba"):
+        pytest.skip("the numba backend does not run here")
+    base = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    train = [sys.executable, "-m", "pntm", "train", *TINY, "--backend", "numba", "--no-eval"]
+    done = subprocess.run([*train, "--out", str(tmp_path / "run")], env=base, text=True,
+                          capture_output=True, timeout=300)  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert said in done.stderr and not (tmp_path / "run").exists()
+    listed = subprocess.run([sys.executable, "-m", "pntm", "backends"], env=base, text=True,
+                            capture_output=True, timeout=300)  # fmt: skip
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("numba "))
+    assert row.split()[1] == "no" and said in row
+
+
+def test_more_threads_than_cores_is_refused(tmp_path):
+    """`--threads 1000` on a 2-core machine: refused (PyTorch took 1000 threads and thrashed),
+    naming the cores."""
+    cores = os.cpu_count() or 1
+    result = cli("train", *TINY, "--threads", str(cores + 1), "--out", tmp_path / "run")
+    assert_refused(result, f"threads {cores + 1}: this machine has {cores} cores")
+    assert not (tmp_path / "run").exists()

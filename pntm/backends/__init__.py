@@ -86,6 +86,8 @@ def _load(spec: BackendSpec) -> tuple[type[Backend], Any]:
             f"backend {spec.name!r} cannot run: {exc.name or exc} is not installed "
             f"(pip install 'pntm[{spec.extra}]')"
         ) from exc
+    except (ValueError, RuntimeError) as exc:  # e.g. numba refusing NUMBA_NUM_THREADS=0
+        raise RuntimeError(f"backend {spec.name!r} cannot run: {exc}") from exc
     try:
         return framework, load_scans(spec.scan, framework.framework)
     except RuntimeError as exc:  # the scan module says why it cannot run here
@@ -153,6 +155,8 @@ def set_threads(ops: Backend, threads: int | None = None) -> str:
     cores = os.cpu_count() or 1
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
+    if threads is not None and threads > cores:  # more would only thrash (docs/performance.md)
+        raise ValueError(f"threads {threads}: this machine has {cores} cores; at most {cores}")
     framework = threads if threads is not None else (None if "OMP_NUM_THREADS" in os.environ else 1)
     if framework is not None:
         ops.set_framework_threads(framework)

@@ -37,11 +37,16 @@ import os
 import sys
 from typing import Any
 
-import numba
-import numpy as np
-from numba import njit, prange
+_raw_threads = os.environ.get("NUMBA_NUM_THREADS")
+if _raw_threads is not None and not (_raw_threads.isdigit() and int(_raw_threads) > 0):
+    # numba's own refusal at import does not name the variable
+    raise ValueError(f"NUMBA_NUM_THREADS={_raw_threads!r}: numba needs a number of threads >= 1")
 
-from pntm.backends.base import COSINE_EPS, Array, Backend, step_block
+import numba  # noqa: E402 - after the check above
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
+
+from pntm.backends.base import COSINE_EPS, Array, Backend, step_block  # noqa: E402
 
 FRAMEWORKS = ("torch", "mlx")
 DEFAULT_CHUNK = 16  # steps between checkpoints (and the backward's recompute span)
@@ -60,6 +65,19 @@ _JIT = dict(fastmath=_MATH, cache=True, nogil=True)
 # to thrash a loaded machine); NUMBA_THREADING_LAYER still overrides it.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
+
+
+#: numba's threading layers (``NUMBA_THREADING_LAYER``)
+_LAYERS = ("default", "safe", "forksafe", "threadsafe", "tbb", "omp", "workqueue")
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot run here, where a setting numba would reject at the first
+    kernel's launch (mid-training) can be read now."""
+    layer = os.environ.get("NUMBA_THREADING_LAYER")
+    if layer is not None and layer not in _LAYERS:
+        return f"NUMBA_THREADING_LAYER={layer!r} is not one of numba's: {', '.join(_LAYERS)}"
+    return None
 
 
 def describe() -> str:
