@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -714,6 +715,32 @@ def _checked(check: Any, paths: Any) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
+class _Interrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Any:
+    """Within the block, Ctrl-C and the other stop signals interrupt it at once (work with
+    nothing to save, such as an evaluation) as :class:`_Interrupted`, instead of Python's
+    default: a bare traceback, or a silent death by SIGTERM."""
+    from pntm.train import STOP_SIGNALS
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise _Interrupted(signum)
+
+    try:
+        previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}
+    except ValueError:  # not the main thread
+        previous = {}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 class Stopped(click.ClickException):
     """Training stopped by a signal: one ``Error:`` line and the signal's exit code."""
 
@@ -928,11 +955,18 @@ def _evaluate_and_report(
 
     start = time.perf_counter()
     try:
-        results = evaluate(
-            model, params, task, lengths, samples, seed, mode, capacity, progress=progress
-        )
+        with _signals_interrupt():
+            results = evaluate(
+                model, params, task, lengths, samples, seed, mode, capacity, progress=progress
+            )
     except MemoryError as exc:
         raise click.ClickException(str(exc)) from exc
+    except _Interrupted as exc:  # a Ctrl-C, kill or closed terminal while it decodes
+        raise Stopped(
+            f"the evaluation was stopped by {signal.Signals(exc.signum).name}; nothing of it was "
+            f"written, and {info['checkpoint']} is as it was (`pntm eval` evaluates it)",
+            128 + exc.signum,
+        ) from None
     described = "".join(f", {k} {v}" for k, v in mode.items())
     click.echo(
         f"\nlength generalization of {model.name}, task {task.name}, trained on lengths "

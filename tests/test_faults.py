@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -488,3 +489,23 @@ def test_more_threads_than_cores_is_refused(tmp_path):
     result = cli("train", *TINY, "--threads", str(cores + 1), "--out", tmp_path / "run")
     assert_refused(result, f"threads {cores + 1}: this machine has {cores} cores")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_during_an_evaluation_says_what_is_kept(fresh_run, tmp_path, monkeypatch, signum):
+    """Ctrl-C, kill or a closed terminal while `pntm eval` (or training's final evaluation)
+    decodes: one Error line saying that nothing of the evaluation was written and the
+    checkpoint is as it was, exit 128 + the signal (before: click's bare "Aborted!", or a
+    silent death by SIGTERM)."""
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # interrupted before this ends
+        raise AssertionError("the signal did not interrupt the evaluation")
+
+    monkeypatch.setattr("pntm.evaluate.evaluate", signalled)
+    before = snapshot(fresh_run)
+    result = cli("eval", fresh_run, "--samples", "2", "--json", tmp_path / "e.json")
+    assert_refused(result, f"stopped by {signal.Signals(signum).name}", "nothing of it was written",
+                   code=128 + signum)  # fmt: skip
+    assert snapshot(fresh_run) == before and not (tmp_path / "e.json").exists()
