@@ -32,6 +32,7 @@ from pntm.backends.base import Backend
 from pntm.checkpoint import atomic_write
 from pntm.config import check_finite, check_ints, option
 from pntm.evaluate import greedy_decode
+from pntm.models.base import sequences_that_fit
 
 TRAIN_LENGTHS = (64, 128, 256, 512, 1024, 2048)
 DECODE_LENGTHS = (64, 256, 1024)
@@ -216,8 +217,11 @@ def run(
     backend_name: str,
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Every measurement of the bench; a JSON-able dict (see :func:`format_report`)."""
+    """Every measurement of the bench; a JSON-able dict (see :func:`format_report`). Raises
+    :class:`MemoryError` before measuring anything when a training step of the batch does
+    not fit in the backend's memory at one of the lengths."""
     configs = model_configs(cfg)
+    check_memory(cfg, configs, ops)
     measurements: list[Measurement] = []
     for length in cfg.lengths:
         for name in cfg.models:
@@ -246,6 +250,21 @@ def run(
         },
         "measurements": [asdict(m) for m in measurements],
     }
+
+
+def check_memory(cfg: BenchConfig, configs: dict[str, Any], ops: Backend) -> None:
+    """Every training step of the bench fits in memory (the models' own estimates, as
+    training uses them), or :class:`MemoryError` naming the model and length that do not."""
+    for name in cfg.models:
+        model = models.get(name)(configs[name], ops)
+        for length in cfg.lengths:
+            fits = sequences_that_fit(model, length, length, True, cfg.batch_size)
+            if fits < cfg.batch_size:
+                raise MemoryError(
+                    f"a training step of {name} at T = {length} with a batch of "
+                    f"{cfg.batch_size} does not fit in the memory of {ops.describe()} ({fits} "
+                    "sequences would): choose shorter lengths or a smaller batch"
+                )
 
 
 def _index(report: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Any]]:

@@ -1037,6 +1037,10 @@ def bench_command(**opts: Any) -> None:
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     backend_name, ops = _ops(opts["backend"], train=True, threads=opts["threads"])
+    try:
+        bench.check_memory(cfg, bench.model_configs(cfg), ops)  # before anything is written
+    except MemoryError as exc:
+        raise click.ClickException(str(exc)) from exc
     out = opts["out"] or Path("runs") / f"bench-{backend_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     _checked(run.check_writable, out)  # now, not after the measurements
     say = (lambda _: None) if opts["quiet"] else (lambda line: click.echo(line, err=True))

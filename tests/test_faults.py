@@ -509,3 +509,13 @@ def test_a_signal_during_an_evaluation_says_what_is_kept(fresh_run, tmp_path, mo
     assert_refused(result, f"stopped by {signal.Signals(signum).name}", "nothing of it was written",
                    code=128 + signum)  # fmt: skip
     assert snapshot(fresh_run) == before and not (tmp_path / "e.json").exists()
+
+
+def test_a_bench_too_big_for_memory_is_refused_before_measuring(tmp_path):
+    """`pntm bench --lengths 200000`: refused with the estimate before anything runs or is
+    written (before: a NumPy traceback asking for 2.33 TiB inside the first kernel call)."""
+    out = tmp_path / "bench"
+    result = cli("bench", "--models", "pntm", "--lengths", "200000", "--decode-lengths", "8",
+                 "--repeats", "1", "--warmup", "0", "--out", out)  # fmt: skip
+    assert_refused(result, "one sequence of 200000 tokens", "GiB")
+    assert not out.exists()
