@@ -218,8 +218,8 @@ def run(
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Every measurement of the bench; a JSON-able dict (see :func:`format_report`). Raises
-    :class:`MemoryError` before measuring anything when a training step of the batch does
-    not fit in the backend's memory at one of the lengths."""
+    :class:`MemoryError` before measuring anything where one of the lengths cannot fit in
+    the backend's memory (:func:`check_memory`)."""
     configs = model_configs(cfg)
     check_memory(cfg, configs, ops)
     measurements: list[Measurement] = []
@@ -253,18 +253,15 @@ def run(
 
 
 def check_memory(cfg: BenchConfig, configs: dict[str, Any], ops: Backend) -> None:
-    """Every training step of the bench fits in memory (the models' own estimates, as
-    training uses them), or :class:`MemoryError` naming the model and length that do not."""
+    """:class:`MemoryError`, naming the model and length, where not even one sequence of a
+    training step fits in memory by the model's own estimate (as training checks). The
+    estimates are the framework path's peaks, above the fused kernels' (the default bench at
+    T = 2048 runs on numba where they allow 5 of its 8 sequences), so a whole batch is not
+    required."""
     for name in cfg.models:
         model = models.get(name)(configs[name], ops)
         for length in cfg.lengths:
-            fits = sequences_that_fit(model, length, length, True, cfg.batch_size)
-            if fits < cfg.batch_size:
-                raise MemoryError(
-                    f"a training step of {name} at T = {length} with a batch of "
-                    f"{cfg.batch_size} does not fit in the memory of {ops.describe()} ({fits} "
-                    "sequences would): choose shorter lengths or a smaller batch"
-                )
+            sequences_that_fit(model, length, length, True, cfg.batch_size)
 
 
 def _index(report: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Any]]:
