@@ -87,6 +87,7 @@ def describe() -> str:
         "reads in one kernel, the head distributions never stored; with content reads, the "
         "heads and the memory scan each fused; state in cache, checkpoints every "
         f"{DEFAULT_CHUNK} steps, backward by recomputation; controller in the framework"
+        + ("; with MLX, its large dense-layer multiplies by NumPy's BLAS" if BLAS_FOR_MLX else "")
     )
 
 
