@@ -33,16 +33,16 @@ TINY = [
 
 def test_grid_trains_reports_and_reads_back(tmp_path):
     grid, report = tmp_path / "grid", tmp_path / "results.md"
-    args = ["--grid", str(grid), "--tasks", "reverse", "--seeds", "0,1", *TINY]
+    args = ["--grid", str(grid), "--tasks", "copy", "--seeds", "0,1", *TINY]
     grid_script.main([*args, "--results", str(report)])
     for seed in (0, 1):
-        cell = grid / "pntm" / "reverse" / f"seed-{seed}"
+        cell = grid / "pntm" / "copy" / f"seed-{seed}"
         result = json.loads((cell / "result.json").read_text())
         assert result["steps"] == 4 and result["seed"] == seed
         assert [r["length"] for r in result["results"]] == [2, 4, 8, 16, 32]
         assert result["model_config"]["head_noise"] == 3.0  # the recipe, under the overrides
     text = report.read_text()
-    assert "| reverse | pntm | 0, 1 |" in text
+    assert "| copy | pntm | 0, 1 |" in text
     assert "| pntm | 0 | 4 |" in text and "| pntm | 1 | 4 |" in text
     assert report.with_suffix(".png").stat().st_size > 0
     # finished cells are read back, not trained again
@@ -56,9 +56,9 @@ def test_a_report_keeps_the_rows_of_cells_another_grid_ran(tmp_path):
     """The report's records (results.json beside it) keep every cell's row: a grid run over
     some cells replaces theirs and keeps the others, and the report names both commands."""
     report = tmp_path / "results.md"
-    first = ["--grid", str(tmp_path / "a"), "--tasks", "reverse", "--seeds", "0,1", *TINY]
+    first = ["--grid", str(tmp_path / "a"), "--tasks", "copy", "--seeds", "0,1", *TINY]
     grid_script.main([*first, "--results", str(report)])
-    again = ["--grid", str(tmp_path / "b"), "--tasks", "reverse", "--seeds", "1", *TINY]
+    again = ["--grid", str(tmp_path / "b"), "--tasks", "copy", "--seeds", "1", *TINY]
     grid_script.main([*again, "--set", "train.steps=5", "--results", str(report)])
     text = report.read_text()
     assert "| pntm | 0 | 4 |" in text and "| pntm | 1 | 5 |" in text
