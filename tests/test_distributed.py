@@ -80,11 +80,31 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return done
 
 
-def start(cmd: list[str]) -> subprocess.Popen:
+def start(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cmd, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,  # its own process group, signalled as a terminal would
     )  # fmt: skip
+
+
+def signal_rank_1(engine: str, out: Path, signum: int, within: float, **env: str) -> str:
+    """Start a 2-process run, send ``signum`` to rank 1 once 3 steps are logged, and return
+    the job's output; fail if the job has not ended ``within`` seconds later. Rank 1 is
+    killed afterwards whatever happened (a stopped process would linger)."""
+    cmd = command(engine, 2, out, "--steps", "2000", "--save-every", "2")
+    proc = start(cmd, {**ENV, **env})
+    wait_for_step(out, 3, proc)
+    pids = _rank_pids(out)
+    assert set(pids) == {0, 1}, pids
+    os.kill(pids[1], signum)
+    try:
+        return proc.communicate(timeout=within)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the job still ran {within} s after {signal.Signals(signum).name} to rank 1")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pids[1], signal.SIGKILL)
 
 
 def wait_for_step(out: Path, step: int, proc: subprocess.Popen) -> None:
@@ -199,16 +219,7 @@ def test_killing_one_process_ends_the_job(engine, tmp_path):
     traceback from pntm, and the last checkpoint is intact. Under torchrun rank 0 reports that
     it lost contact; mlx.launch stops the other processes as soon as one exits, reports the
     killed rank, and may stop relaying rank 0's output before its last line."""
-    proc = start(command(engine, 2, tmp_path, "--steps", "2000", "--save-every", "2"))
-    wait_for_step(tmp_path, 3, proc)
-    pids = _rank_pids(tmp_path)
-    assert set(pids) == {0, 1}, pids
-    os.kill(pids[1], signal.SIGKILL)
-    try:
-        output = proc.communicate(timeout=60)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("the job still ran a minute after one of its processes was killed")
+    output = signal_rank_1(engine, tmp_path, signal.SIGKILL, 60)
     said = "lost contact with the others" if engine == "torch" else "rank 1 exited with code -9"
     assert said in output, output
     assert 'File "' + str(ROOT / "pntm") not in output, output  # no traceback of ours
@@ -262,24 +273,7 @@ def test_a_stopped_process_ends_the_job(engine, tmp_path):
     its collective after the timeout (``PNTM_COLLECTIVE_TIMEOUT``, 15 s here; 300 s by
     default) and the job ends saying it lost contact, with the last checkpoint kept. MLX's
     collectives have no timeout of their own; before the watchdog such a job hung for good."""
-    env = {**ENV, "PNTM_COLLECTIVE_TIMEOUT": "15"}
-    cmd = command(engine, 2, tmp_path, "--steps", "2000", "--save-every", "2")
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    wait_for_step(tmp_path, 3, proc)
-    pids = _rank_pids(tmp_path)
-    assert set(pids) == {0, 1}, pids
-    os.kill(pids[1], signal.SIGSTOP)
-    try:
-        output = proc.communicate(timeout=90)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("the job still ran 90 s after one of its processes was stopped")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pids[1], signal.SIGKILL)
+    output = signal_rank_1(engine, tmp_path, signal.SIGSTOP, 90, PNTM_COLLECTIVE_TIMEOUT="15")
     assert "lost contact with the others" in output, output
     assert 'File "' + str(ROOT / "pntm") not in output, output  # no traceback of ours
     assert checkpoint.load(tmp_path / CHECKPOINT_NAME).step >= 2
