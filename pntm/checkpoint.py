@@ -178,7 +178,6 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
             "m": tree_unflatten(_section(tensors, "optimizer.m.", expected, path), like),
             "v": tree_unflatten(_section(tensors, "optimizer.v.", expected, path), like),
         }
-
     return Checkpoint(
         model=model_class.name,
         model_config=config.to_dict(),

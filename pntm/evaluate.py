@@ -65,18 +65,16 @@ def greedy_decode(
     """``n_new`` greedily decoded tokens (B, n_new) after ``prompts`` (B, P): the prompt by the
     parallel form, then one step per token; ``mode`` is the model's :meth:`decode_mode`;
     ``on_token()`` after each token (a progress display)."""
-    ops = model.ops
+    ops, tick = model.ops, on_token or (lambda: None)
     logits, state = model.forward(params, ops.asarray(prompts), capacity, return_state=True, **mode)
     token = ops.argmax(logits[:, -1], -1)
     out = [ops.to_numpy(token)]
+    tick()
     for _ in range(n_new - 1):
-        if on_token is not None:
-            on_token()
         logits, state = model.step(params, state, token, **mode)
         token = ops.argmax(logits, -1)
         out.append(ops.to_numpy(token))
-    if on_token is not None:
-        on_token()
+        tick()
     return np.stack(out, axis=1).astype(np.int64)
 
 
@@ -126,11 +124,11 @@ def evaluate(
         seqs = np.array([task.sequence(rng, length) for _ in range(samples)])
         prompt_len = task.prompt_length(length)
         size = capacity or task.sequence_length(length)
+        n_new = seqs.shape[1] - prompt_len
         batches = []
         for i in range(0, samples, per_pass[length]):
             prompts = seqs[i : i + per_pass[length], :prompt_len]
             step = functools.partial(bar.update, len(prompts))
-            n_new = seqs.shape[1] - prompt_len
             batches.append(greedy_decode(model, params, prompts, n_new, size, mode, step))
         predicted = np.concatenate(batches)
         correct = predicted == seqs[:, prompt_len:]

@@ -421,14 +421,13 @@ def _describe(result: RestartResult) -> str:
 
 # ------------------------------------------------------------------ restarts in processes
 
-_steps_done: Any = None  # per-worker: a shared counter of optimizer steps, for the progress bar
 _stop: Any = None  # per-worker: set by the parent when it is asked to stop
-_status: Any = None  # per-worker: shared (step, last logged loss) of every restart
+_status: Any = None  # per-worker: shared (step, last logged loss) of every restart, for the bar
 
 
-def _init_worker(steps_done: Any, stop: Any, status: Any, threads: int, parent: int) -> None:
-    global _steps_done, _stop, _status
-    _steps_done, _stop, _status = steps_done, stop, status
+def _init_worker(stop: Any, status: Any, threads: int, parent: int) -> None:
+    global _stop, _status
+    _stop, _status = stop, status
     run.exit_with_parent(parent)  # no orphan training on if the parent is killed
     os.environ["OMP_NUM_THREADS"] = str(threads)
     # a worker between restarts ignores Ctrl-C and the other stop signals (no traceback from
@@ -452,8 +451,6 @@ def _worker(
     steps, losses = _status
 
     def on_step(step: int) -> int | None:
-        with _steps_done.get_lock():
-            _steps_done.value += 1
         steps[restart] = step
         return signal.SIGTERM if _stop.is_set() else None
 
@@ -477,11 +474,10 @@ def _in_processes(
     from tqdm.auto import tqdm
 
     ctx = get_context("spawn")  # no fork of a process that may hold framework threads
-    steps_done, stop = ctx.Value("q", 0), ctx.Event()
+    stop = ctx.Event()
     threads = max(1, (os.cpu_count() or 1) // workers)
     steps = plan.config(0).steps
     saved = [_checkpoint_step(restart_dir(run_dir, r)) for r in range(plan.restarts)]
-    done_before = sum(saved)
     # each restart's step and last logged loss, for the progress bar
     status = (ctx.Array("q", saved), ctx.Array("d", [math.nan] * plan.restarts))
     say(
@@ -490,14 +486,14 @@ def _in_processes(
         + ", ".join(str(plan.config(r).seed) for r in range(plan.restarts))
     )
     results: dict[int, RestartResult] = {}
-    bar = tqdm(total=plan.restarts * steps, initial=done_before, disable=not progress, unit="step")
+    bar = tqdm(total=plan.restarts * steps, initial=sum(saved), disable=not progress, unit="step")
     with (
         StopSignals(announce=True) as signals,
         ProcessPoolExecutor(
             workers,
             mp_context=ctx,
             initializer=_init_worker,
-            initargs=(steps_done, stop, status, threads, os.getpid()),
+            initargs=(stop, status, threads, os.getpid()),
         ) as pool,
     ):
         futures = {
@@ -529,9 +525,10 @@ def _in_processes(
                 stop.set()  # each restart under way saves at its next step boundary
                 for future in pending:
                     future.cancel()  # those not started: nothing to save
-            if done_before + steps_done.value > bar.n:
+            done = sum(status[0])
+            if done > bar.n:
                 bar.set_postfix_str(_status_line(status, steps, results), refresh=False)
-                bar.update(done_before + steps_done.value - bar.n)
+                bar.update(done - bar.n)
             time.sleep(0.2)
     bar.close()
     if any(isinstance(e, BrokenProcessPool) for e in errors):

@@ -21,7 +21,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -599,25 +599,32 @@ def check_attention_shapes(q, k, v, causal: bool) -> None:
         )
 
 
+def exit_now(message: str | None = None) -> NoReturn:
+    """End this process at once (exit code 1, no cleanup: for a watching thread whose main
+    thread cannot be told to stop), saying ``message`` on stderr first where it can."""
+    import sys
+
+    try:
+        if message:
+            print(message, file=sys.stderr, flush=True)
+    except OSError:  # stderr was a pipe to a parent or launcher that is gone
+        pass
+    finally:
+        os._exit(1)
+
+
 def exit_with_parent(parent: int, message: str | None = None, poll_s: float = 2.0) -> None:
     """End this process once ``parent`` (the process that started it) is gone, killed rather
-    than interrupted (``message``, if any, to stderr first), so that no orphan goes on
-    training into a run directory: a watching thread, for worker processes and data-parallel
-    ranks. Checkpoints are written by rename, so the run resumes cleanly next time."""
-    import sys
+    than interrupted (:func:`exit_now` with ``message``), so that no orphan goes on training
+    into a run directory: a watching thread, for worker processes and data-parallel ranks.
+    Checkpoints are written by rename, so the run resumes cleanly next time."""
     import threading
     import time
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
-        try:
-            if message:
-                print(message, file=sys.stderr, flush=True)
-        except OSError:  # stderr was a pipe to the parent, now closed
-            pass
-        finally:
-            os._exit(1)
+        exit_now(message)
 
     threading.Thread(target=watch, daemon=True).start()
 

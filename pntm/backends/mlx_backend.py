@@ -9,7 +9,6 @@ import contextlib
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 import zlib
@@ -27,6 +26,7 @@ from pntm.backends.base import (
     check_attention_shapes,
     check_lstm_shapes,
     collective_timeout_s,
+    exit_now,
 )
 
 # set by mlx.launch (ring) and by MPI launchers: this process is one rank of several
@@ -303,27 +303,20 @@ class MLXProcessGroup(ProcessGroup):
             deadline = self._deadline
             if deadline is None or time.monotonic() < deadline:
                 continue
-            try:
-                ended = (
-                    f"; its {len(self._local_peers)} other process(es) on this machine ended"
-                    if self._local_peers
-                    else ""
-                )
-                print(
-                    f"Error: process {self.rank} of {self.size} lost contact with the others "
-                    f"({self.engine}: no answer within {self.timeout_s:g} s); another process "
-                    f"of the run has probably died or stopped{ended}; the run's last "
-                    "checkpoint is kept",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            except OSError:  # stderr was a pipe to a launcher that is gone
-                pass
-            finally:
-                for pid in self._local_peers:  # a stopped process ends by SIGKILL alone
-                    with contextlib.suppress(OSError):
-                        os.kill(pid, signal.SIGKILL)
-                os._exit(1)
+            for pid in self._local_peers:  # a stopped process ends by SIGKILL alone
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            ended = (
+                f"; its {len(self._local_peers)} other process(es) on this machine ended"
+                if self._local_peers
+                else ""
+            )
+            exit_now(
+                f"Error: process {self.rank} of {self.size} lost contact with the others "
+                f"({self.engine}: no answer within {self.timeout_s:g} s); another process of "
+                f"the run has probably died or stopped{ended}; the run's last checkpoint is "
+                "kept"
+            )
 
     def _sum_flat(self, pieces: list[Array]) -> Array:
         return self._all_sum(mx.concatenate(pieces))
